@@ -1,0 +1,47 @@
+"""`python -m training` / `dimml-train`: the training-side commands.
+
+Each command lives in its own module exposing `register(subparsers)`, which adds an
+argparse sub-parser whose `func(args) -> int` runs it. Modules are imported lazily so that a
+light command (inspect) does not pay for importing torch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> module that registers it
+COMMANDS: dict[str, str] = {
+    "synth": "training.synth",
+    "inspect": "training.inspect_cmd",
+    "fit": "training.fit_cmd",
+    "evaluate": "training.fit_cmd",
+    "compare": "training.compare",
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dimml-train", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    wanted = [a for a in argv if a in COMMANDS][:1]
+    # Import only the module of the command given (all of them for --help or no command).
+    modules = {COMMANDS[w] for w in wanted} or set(COMMANDS.values())
+    for mod in dict.fromkeys(COMMANDS.values()):
+        if mod not in modules:
+            continue
+        try:
+            importlib.import_module(mod).register(sub)
+        except ModuleNotFoundError as e:
+            if e.name != mod:   # a real missing dependency, not a command not written yet
+                raise
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
