@@ -1,0 +1,217 @@
+"""Loss and statistics math of DI-MML and MLB: pure, vectorised torch functions.
+
+DI-MML (Fan et al., ACM MM 2024; reference code github.com/fanyunfeng-bit/DI-MML):
+    class_centroids / dimension_scores   Eq. 3-4  per-dimension nearest-centroid accuracy r_m
+    separate_dimensions                  Eq. 5    effective dims: r_m > mean(r)
+    transfer_dimensions / TransferSets            dims where one modality learns from the other
+    duc_loss                             Eq. 6    dimension-decoupled unidirectional InfoNCE
+MLB (Kontras et al., BMVC 2024; reference code github.com/kkontras/MLB):
+    mlb_coefficients                     Eq. 4-7  per-modality gradient coefficients k_i
+Metrics:
+    expected_calibration_error                    ECE of Guo et al. 2017 (equal-width bins)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Default DUC temperature per distance. The released code uses the unnormalised dot product
+# with --temperature 50 for CREMA-D / ModelNet and 10 for AVE / UCF (README and run.sh of
+# fanyunfeng-bit/DI-MML, main_CFT.py); our encoders are the same ResNet18 + average pool
+# without normalisation, so the feature scale (and thus T) carries over. Squared Euclidean
+# logits are -(|s|^2 - 2 s.t + |t|^2)/T = 2 s.t/T - |t|^2/T + const(s), i.e. the dot product at
+# T/2 plus a teacher-norm bias, so T = 100 matches the authors' dot-product loss at T = 50.
+DUC_TEMPERATURE = {"dot": 50.0, "euclidean": 100.0}
+DUC_DISTANCES = ("euclidean", "dot")
+_CHUNK_ELEMENTS = 1 << 24  # N*K*D floats held at once by dimension_scores (64 MB in float32)
+
+
+def _check_features_labels(features: Tensor, labels: Tensor, num_classes: int) -> None:
+    if features.dim() != 2:
+        raise ValueError(f"features must be [N, D], got shape {tuple(features.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+        raise ValueError(f"labels must be [N] with N={features.shape[0]}, got shape {tuple(labels.shape)}")
+    if features.shape[0] == 0:
+        raise ValueError("no samples: features is empty")
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"labels must be integer class indices, got {labels.dtype}")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes - 1}], got range [{lo}, {hi}]")
+
+
+@torch.no_grad()
+def class_centroids(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Eq. 3: [N, D] features -> [K, D] per-class means; classes absent from labels get 0 rows."""
+    _check_features_labels(features, labels, num_classes)
+    x = features.detach()
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    labels = labels.long()
+    sums = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
+    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).to(x.dtype)
+    return sums / counts[:, None]
+
+
+@torch.no_grad()
+def _correct_counts(features: Tensor, labels: Tensor, num_classes: int,
+                    chunk_size: int | None = None) -> Tensor:
+    """[D] int64: per dimension, how many samples' nearest present-class centroid is their own class."""
+    mu = class_centroids(features, labels, num_classes)                   # [K, D]
+    x = features.detach().to(mu.dtype)
+    labels = labels.long()
+    n, d = x.shape
+    # Absent classes have no centroid: an +inf distance means argmin never picks them.
+    absent = torch.bincount(labels, minlength=num_classes) == 0           # [K]
+    penalty = torch.zeros(num_classes, 1, dtype=mu.dtype, device=mu.device)
+    penalty[absent] = math.inf
+    if chunk_size is None:
+        chunk_size = max(1, _CHUNK_ELEMENTS // max(1, num_classes * d))
+    counts = torch.zeros(d, dtype=torch.int64, device=x.device)
+    for start in range(0, n, chunk_size):
+        xc, yc = x[start:start + chunk_size], labels[start:start + chunk_size]
+        dist = (xc[:, None, :] - mu[None]).abs_().add_(penalty)          # [n, K, D], 1-D Euclidean
+        nearest = dist.argmin(dim=1)                                      # [n, D], first on ties
+        counts += (nearest == yc[:, None]).sum(dim=0)
+    return counts
+
+
+def dimension_scores(features: Tensor, labels: Tensor, num_classes: int, *,
+                     chunk_size: int | None = None) -> Tensor:
+    """Eq. 4: r_m = fraction of samples whose nearest class centroid on dimension m alone is their class."""
+    counts = _correct_counts(features, labels, num_classes, chunk_size)
+    return counts.to(torch.float32) / features.shape[0]
+
+
+def separate_dimensions(features: Tensor, labels: Tensor, num_classes: int, *,
+                        chunk_size: int | None = None) -> Tensor:
+    """Eq. 5: [D] bool, True where r_m > mean(r) (the modality's effective dimensions)."""
+    counts = _correct_counts(features, labels, num_classes, chunk_size)
+    # r_m > mean(r)  <=>  c_m * D > sum(c), in exact integers: with float means, equal scores
+    # (e.g. dead all-zero features) would land on either side of the mean by rounding.
+    return counts * counts.numel() > counts.sum()
+
+
+@dataclass
+class TransferSets:
+    """Dimensions of DUC transfer (index tensors, int64).
+
+    a_to_v: effective for audio, not for visual -> the visual student learns there from audio.
+    v_to_a: effective for visual, not for audio -> the audio student learns there from visual.
+    "Not effective" is ~effective (r_m <= mean), as in the reference code's set difference.
+    """
+
+    a_to_v: Tensor
+    v_to_a: Tensor
+
+    @classmethod
+    def from_effective(cls, effective_a: Tensor, effective_v: Tensor) -> "TransferSets":
+        if effective_a.shape != effective_v.shape or effective_a.dim() != 1:
+            raise ValueError(f"effective masks must both be [D], got {tuple(effective_a.shape)} "
+                             f"and {tuple(effective_v.shape)}")
+        ea, ev = effective_a.bool(), effective_v.bool()
+        return cls(a_to_v=torch.nonzero(ea & ~ev).flatten(), v_to_a=torch.nonzero(ev & ~ea).flatten())
+
+    def by_student(self) -> dict[str, Tensor]:
+        """{student modality: dims it learns on}."""
+        return {"audio": self.v_to_a, "visual": self.a_to_v}
+
+
+def transfer_dimensions(effective_a: Tensor, effective_v: Tensor) -> dict[str, Tensor]:
+    """{"audio": dims ineffective for audio & effective for visual, "visual": the converse}."""
+    return TransferSets.from_effective(effective_a, effective_v).by_student()
+
+
+def duc_loss(h_student: Tensor, h_teacher: Tensor, dims: Tensor, temperature: float | None = None,
+             distance: str = "euclidean", *, squared: bool = True) -> Tensor:
+    """Eq. 6: InfoNCE of student sub-vectors against the (detached) teacher's, same sample positive.
+
+    logits[k, j] = -|s_k - t_j|^2 / T  ("euclidean"; plain |s_k - t_j| with squared=False)
+                 =  s_k . t_j / T      ("dot", unnormalised, as the released code)
+    temperature None -> DUC_TEMPERATURE[distance]. Mean over the batch. Empty dims -> a zero
+    that stays in the student's graph.
+    """
+    if distance not in DUC_DISTANCES:
+        raise ValueError(f"distance must be one of {DUC_DISTANCES}, got {distance!r}")
+    if h_student.dim() != 2 or h_student.shape != h_teacher.shape:
+        raise ValueError(f"student and teacher features must both be [B, D], got "
+                         f"{tuple(h_student.shape)} and {tuple(h_teacher.shape)}")
+    if temperature is None:
+        if distance == "euclidean" and not squared:
+            raise ValueError("no reference temperature for plain Euclidean DUC: pass temperature=")
+        temperature = DUC_TEMPERATURE[distance]
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    dims = torch.as_tensor(dims, dtype=torch.long, device=h_student.device).flatten()
+    if dims.numel() == 0:
+        return h_student.sum() * 0.0
+    # at least float32 (also under autocast): B x B x m squared differences overflow half precision
+    dtype = torch.promote_types(torch.promote_types(h_student.dtype, h_teacher.dtype), torch.float32)
+    s = h_student[:, dims].to(dtype)
+    t = h_teacher[:, dims].detach().to(dtype)    # unidirectional: the teacher never moves
+    if distance == "dot":
+        logits = s @ t.T
+    else:
+        # Explicit differences (not |s|^2 - 2 s.t + |t|^2): exact, and >= 0 without cancellation.
+        d2 = (s[:, None, :] - t[None, :, :]).pow(2).sum(-1)                   # [B, B]
+        # clamp: sqrt has an infinite slope at 0 (e.g. dead ReLU dims equal in both modalities)
+        logits = -(d2 if squared else d2.clamp_min(1e-12).sqrt())
+    target = torch.arange(s.shape[0], device=s.device)
+    return F.cross_entropy(logits / temperature, target)
+
+
+def mlb_coefficients(probs_true: Mapping[str, Tensor], alpha: float, beta_max: float, *,
+                     mode: str = "paper", eps: float = 1e-12) -> dict[str, float]:
+    """MLB Eq. 4-7: {modality: k_i}, k_i = 1 + (beta_i - 1) tanh(alpha (r_i - 1)).
+
+    s_i = sum over the batch of modality i's softmax probability of the true class;
+    r_i = mean_{j != i} s_j / s_i (> 1: the others do better, so i is accelerated).
+    mode "paper":   beta_i = beta_max if r_i > 1 else 2 (paper Eq. 6 = code tanh_mode=2).
+    mode "tanh":    beta_i = 2 always, k_i in (0, 2) (the released code's default, tanh_mode
+                    unset, which its published MLB configs use); beta_max is ignored.
+    """
+    if mode not in ("paper", "tanh"):
+        raise ValueError(f"mode must be 'paper' or 'tanh', got {mode!r}")
+    if len(probs_true) < 2:
+        raise ValueError(f"MLB needs at least two modalities, got {list(probs_true)}")
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    if mode == "paper" and not beta_max >= 1:
+        raise ValueError(f"beta_max must be >= 1, got {beta_max}")
+    names = list(probs_true)
+    sizes = {n: int(torch.as_tensor(p).numel()) for n, p in probs_true.items()}
+    if len(set(sizes.values())) != 1 or 0 in sizes.values():
+        raise ValueError(f"true-class probabilities must be non-empty and of equal batch size, got {sizes}")
+    s = torch.stack([torch.as_tensor(probs_true[n]).detach().double().sum().cpu() for n in names])  # [M]
+    others = (s.sum() - s) / (len(names) - 1)
+    r = others / s.clamp_min(eps)
+    beta = torch.where(r > 1, torch.tensor(beta_max if mode == "paper" else 2.0, dtype=r.dtype),
+                       torch.tensor(2.0, dtype=r.dtype))
+    k = 1 + (beta - 1) * torch.tanh(alpha * (r - 1))
+    return {n: float(k[i]) for i, n in enumerate(names)}
+
+
+@torch.no_grad()
+def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
+    """ECE (Guo et al. 2017): sum_b |B_b|/N |acc(B_b) - conf(B_b)|, confidence = max prob.
+
+    Equal-width bins ((b-1)/n, b/n] as in the paper (a confidence of exactly 0 goes to the first bin).
+    """
+    if probs.dim() != 2 or labels.dim() != 1 or probs.shape[0] != labels.shape[0]:
+        raise ValueError(f"probs must be [N, K] and labels [N], got {tuple(probs.shape)} and {tuple(labels.shape)}")
+    if probs.shape[0] == 0:
+        raise ValueError("no samples: probs is empty")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    conf, pred = probs.detach().double().max(dim=1)
+    correct = (pred == labels.to(pred.device)).double()
+    # Inner edges as i/n in Python: correctly rounded, so 0.6 falls in (0.4, 0.6] for n=5.
+    edges = torch.tensor([i / n_bins for i in range(1, n_bins)], dtype=torch.float64, device=conf.device)
+    bins = torch.bucketize(conf, edges, right=False)                      # (lo, hi] -> 0..n-1
+    gap = torch.zeros(n_bins, dtype=torch.float64, device=conf.device)
+    gap.index_add_(0, bins, correct - conf)                               # sum(acc) - sum(conf) per bin
+    return float(gap.abs().sum() / conf.shape[0])
