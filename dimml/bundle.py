@@ -1,0 +1,296 @@
+"""The exported-model bundle: one folder that serving and scoring load, checked on every load.
+
+BUNDLE/
+  manifest.json      schema version, classes, preprocessing, model facts, versions, sha256 of every file
+  audio.onnx         spectrogram float32 [B, 1, F, T]   -> features [B, D], logits [B, K]
+  visual.onnx        frames uint8 [B, N, H, W, 3]       -> features [B, D], logits [B, K]
+  fusion.onnx        audio_features, visual_features    -> logits [B, K]
+  torch/             the run's config.json + model.pt (+ report.json): the PyTorch fallback and
+                     the reference that `python -m export verify` compares against
+  tensorrt/          optional engines, one per module, named by TensorRT version and GPU
+
+A bundle is either this folder or a model in the BentoML model store (`register_bundle`),
+named by its tag "name:version"; `load_bundle` takes either. Light on imports (json, hashlib):
+serving imports it before deciding which inference backend to load.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dimml.config import PreprocessConfig
+
+MANIFEST = "manifest.json"
+FORMAT = "dimml-bundle"
+SCHEMA_VERSION = 1   # bump on any change a loader of the old version would misread
+# module -> (input names, output names); the contract between export and every engine
+MODULE_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "audio": (("spectrogram",), ("features", "logits")),
+    "visual": (("frames",), ("features", "logits")),
+    "fusion": (("audio_features", "visual_features"), ("logits",)),
+}
+REQUIRED = ("schema_version", "format", "name", "version", "classes", "modalities", "preprocess",
+            "feature_dim", "num_frames", "fusion", "lw_temperature", "onnx", "files")
+# BentoML model names: lowercase letters, digits, and . _ - inside
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used: missing, tampered, incomplete or of another schema version."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_name(text: str) -> str:
+    """A valid BentoML model name from free text (a run folder name): lowercase, '-' for others."""
+    name = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")[:63].strip("-._")
+    return name or "dimml-model"
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise BundleError(f"invalid model name {name!r}: use lowercase letters, digits and . _ - "
+                          "(starting and ending with a letter or digit, at most 63 characters)")
+    return name
+
+
+def _safe_relpath(bundle: Path, rel: str) -> Path:
+    """A manifest path, refused if it could point outside the bundle folder."""
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts or rel.startswith(("/", "\\")):
+        raise BundleError(f"{bundle / MANIFEST}: file entry {rel!r} points outside the bundle")
+    return bundle / p
+
+
+def list_files(folder: Path) -> list[str]:
+    """Every file under folder except the manifest, as sorted POSIX paths relative to it."""
+    out = []
+    for dirpath, _, filenames in os.walk(folder):
+        for n in filenames:
+            rel = Path(dirpath, n).relative_to(folder).as_posix()
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def write_manifest(folder: str | os.PathLike, fields: dict[str, Any]) -> dict[str, Any]:
+    """Checksum every file in folder, add schema/version fields, write manifest.json atomically.
+
+    `version` is a short digest of the checksums, so two bundles with the same files have
+    the same version and any change to a file gives a new one.
+    """
+    folder = Path(folder)
+    files = {rel: {"sha256": sha256_file(folder / rel), "bytes": (folder / rel).stat().st_size}
+             for rel in list_files(folder)}
+    digest = hashlib.sha256(json.dumps({k: v["sha256"] for k, v in files.items()},
+                                       sort_keys=True).encode()).hexdigest()
+    manifest = {"schema_version": SCHEMA_VERSION, "format": FORMAT, **fields,
+                "version": digest[:12], "files": files}
+    manifest["name"] = check_name(manifest.get("name") or "dimml-model")
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise BundleError(f"{folder}: manifest lacks {missing}")
+    _atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)   # mkstemp makes it owner-only; a bundle is read by servers
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class Bundle:
+    """A loaded, verified bundle: its folder, manifest, and (from the model store) its tag."""
+
+    path: Path
+    manifest: dict[str, Any]
+    tag: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.manifest["modalities"])
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.manifest["preprocess"])
+
+    @property
+    def temperature(self) -> float:
+        """Certainty-weighting temperature T (DI-MML Eq. 9)."""
+        return float(self.manifest["lw_temperature"])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.manifest["feature_dim"])
+
+    @property
+    def engines(self) -> list[dict[str, Any]]:
+        """TensorRT engine entries (module, file, tensorrt_version, compute_capability, ...)."""
+        return list((self.manifest.get("tensorrt") or {}).get("engines", []))
+
+    def onnx_path(self, module: str) -> Path:
+        return _safe_relpath(self.path, self.manifest["onnx"]["modules"][module]["file"])
+
+    def file(self, rel: str) -> Path:
+        """A file listed in the manifest (KeyError-free: BundleError if not listed)."""
+        if rel not in self.manifest["files"]:
+            raise BundleError(f"{self.path}: {rel} is not part of this bundle")
+        return _safe_relpath(self.path, rel)
+
+    @property
+    def torch_dir(self) -> Path:
+        return self.path / "torch"
+
+    def model_info(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version}
+
+
+def _referenced_files(m: dict[str, Any]) -> list[str]:
+    """Files the manifest tells a loader to open: each must also be checksummed."""
+    refs = [e["file"] for e in m["onnx"]["modules"].values()]
+    refs += list((m.get("torch") or {}).values())
+    refs += [e["file"] for e in (m.get("tensorrt") or {}).get("engines", [])]
+    return refs
+
+
+def check_bundle(path: str | os.PathLike, *, checksums: bool = True) -> dict[str, Any]:
+    """Read and validate BUNDLE/manifest.json and every file's sha256; returns the manifest."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not path.is_dir():
+        raise BundleError(f"{path}: no such bundle folder")
+    if not mpath.is_file():
+        raise BundleError(f"{path}: not a bundle ({MANIFEST} missing)")
+    try:
+        m = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{mpath}: not valid JSON ({e})") from None
+    try:
+        return _check_manifest(path, mpath, m, checksums)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise BundleError(f"{mpath}: malformed manifest ({type(e).__name__}: {e})") from None
+
+
+def _check_manifest(path: Path, mpath: Path, m: Any, checksums: bool) -> dict[str, Any]:
+    """check_bundle past the JSON parse: format, schema, required fields, file checksums."""
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise BundleError(f"{mpath}: not a dimml bundle manifest (format is not {FORMAT!r})")
+    sv = m.get("schema_version")
+    if sv != SCHEMA_VERSION:
+        raise BundleError(f"{mpath}: bundle schema version {sv!r} is not supported by this dimml "
+                          f"(reads version {SCHEMA_VERSION}); re-export the run with this dimml "
+                          "or use the dimml version that wrote it")
+    missing = [k for k in REQUIRED if k not in m]
+    if missing:
+        raise BundleError(f"{mpath}: incomplete manifest, missing {missing}")
+    if set(m["onnx"].get("modules", {})) != set(MODULE_IO):
+        raise BundleError(f"{mpath}: onnx modules must be {sorted(MODULE_IO)}")
+    try:
+        PreprocessConfig.from_dict(m["preprocess"])
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{mpath}: preprocessing config not readable ({e})") from None
+    files: dict[str, Any] = m["files"]
+    unlisted = [r for r in _referenced_files(m) if r not in files]
+    if unlisted:
+        raise BundleError(f"{mpath}: files {unlisted} are used but have no checksum")
+    for rel, entry in files.items():
+        p = _safe_relpath(path, rel)
+        if not p.is_file():
+            raise BundleError(f"{p}: file of the bundle is missing")
+        if not checksums:
+            continue
+        if p.stat().st_size != entry.get("bytes") or sha256_file(p) != entry.get("sha256"):
+            raise BundleError(f"{p}: checksum mismatch; the bundle was modified after export "
+                              "(re-export it, do not edit bundle files)")
+    return m
+
+
+# ---------------------------------------------------------------------------------------
+# BentoML model store
+
+def _is_tag(source: str) -> bool:
+    """'name' or 'name:version' (no path separators): a candidate model-store tag."""
+    name, _, version = source.partition(":")
+    return bool(_NAME_RE.match(name)) and "/" not in source and "\\" not in source and \
+        (not version or re.match(r"^[A-Za-z0-9._-]+$", version) is not None)
+
+
+def load_bundle(source: str | os.PathLike | Bundle, *, checksums: bool = True) -> Bundle:
+    """A bundle folder, or a BentoML model-store tag ("name" = latest, or "name:version").
+
+    Checks the schema version and every file's checksum; raises BundleError naming the
+    file and the cause on anything missing, modified or incompatible.
+    """
+    if isinstance(source, Bundle):
+        return source
+    path = Path(source)
+    if path.exists() or not _is_tag(str(source)):
+        return Bundle(path, check_bundle(path, checksums=checksums))
+    import bentoml
+    from bentoml.exceptions import NotFound
+    try:
+        model = bentoml.models.get(str(source))
+    except NotFound:
+        raise BundleError(f"{source}: neither a bundle folder nor a model in the BentoML model "
+                          f"store (BENTOML_HOME={os.environ.get('BENTOML_HOME', '~/bentoml')})") from None
+    return Bundle(Path(model.path), check_bundle(model.path, checksums=checksums), str(model.tag))
+
+
+def register_bundle(source: str | os.PathLike, name: str | None = None,
+                    labels: dict[str, str] | None = None) -> str:
+    """Copy a verified bundle into the BentoML model store (so `bentoml build` packs it); returns the tag."""
+    import bentoml
+
+    bundle = load_bundle(source)
+    name = check_name(name or bundle.name)
+    m = bundle.manifest
+    metadata = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "bundle_version": m["version"],
+                "classes": list(m["classes"]), "modalities": list(m["modalities"]),
+                "fusion": m["fusion"], "lw_temperature": m["lw_temperature"]}
+    all_labels = {"framework": "dimml", "bundle-version": m["version"], **(labels or {})}
+    with bentoml.models.create(name, labels=all_labels, metadata=metadata) as model:
+        for rel in [MANIFEST, *m["files"]]:
+            dst = Path(model.path) / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(bundle.path / rel, dst)
+    return str(model.tag)
+
+
+__all__ = ["Bundle", "BundleError", "load_bundle", "check_bundle", "register_bundle",
+           "write_manifest", "sha256_file", "model_name", "check_name", "list_files",
+           "MODULE_IO", "SCHEMA_VERSION", "MANIFEST"]

@@ -1,0 +1,332 @@
+"""Inference backends over a bundle: TensorRT, ONNX Runtime (CUDA / CPU), PyTorch fallback.
+
+Every engine runs the three bundle modules on numpy arrays and returns float32 numpy:
+    engine.audio(spec [B, 1, F, T] float32)        -> (features [B, D], logits [B, K])
+    engine.visual(frames [B, N, H, W, 3] uint8)    -> (features [B, D], logits [B, K])
+    engine.fusion(a [B, D], v [B, D])              -> logits [B, K]
+and names itself in `backend` ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu",
+"torch-cpu", "torch-cuda"). `open_engine` picks the best one that really works here.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from dimml.bundle import MODULE_IO, Bundle, BundleError, load_bundle
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "torch-cuda", "torch-cpu")
+# what `prefer` may name: a backend, a family (best of it), or "auto" (best of all)
+FAMILIES = {"auto": BACKENDS,
+            "onnxruntime": ("onnxruntime-cuda", "onnxruntime-cpu"),
+            "torch": ("torch-cuda", "torch-cpu")}
+
+
+class EngineError(RuntimeError):
+    """A requested backend that cannot run here (missing package, no GPU, no engine for this GPU)."""
+
+
+class Engine:
+    """Base: subclasses implement `run(module, *inputs) -> list of outputs` (MODULE_IO order)."""
+
+    backend: str = "?"
+    max_batch: int | None = None   # largest batch accepted (TensorRT profile); None: any
+
+    def run(self, module: str, *inputs: np.ndarray) -> list[np.ndarray]:  # pragma: no cover
+        raise NotImplementedError
+
+    def audio(self, spec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        f, z = self.run("audio", np.ascontiguousarray(spec, dtype=np.float32))
+        return f, z
+
+    def visual(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        f, z = self.run("visual", np.ascontiguousarray(frames, dtype=np.uint8))
+        return f, z
+
+    def fusion(self, a: np.ndarray, v: np.ndarray) -> np.ndarray:
+        (z,) = self.run("fusion", np.ascontiguousarray(a, dtype=np.float32),
+                        np.ascontiguousarray(v, dtype=np.float32))
+        return z
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(backend={self.backend!r})"
+
+
+# ---------------------------------------------------------------------------------------
+# ONNX Runtime
+
+class OrtEngine(Engine):
+    """The bundle's ONNX files in ONNX Runtime on the CPU or one CUDA GPU."""
+
+    def __init__(self, bundle: Bundle, device: str = "cpu", device_id: int = 0,
+                 threads: int | None = None):
+        import onnxruntime as ort
+
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        self.backend = f"onnxruntime-{device}"
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise EngineError("onnxruntime-cuda: this onnxruntime has no CUDAExecutionProvider "
+                                  "(install onnxruntime-gpu)")
+            # TF32 off: fp32 results must match the PyTorch reference to 1e-4
+            providers: list[Any] = [("CUDAExecutionProvider", {"device_id": device_id, "use_tf32": 0}),
+                                    "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3   # a provider falling back is checked below, not logged
+        self.sessions = {}
+        for module in MODULE_IO:
+            path = bundle.onnx_path(module)
+            try:
+                sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            except Exception as e:   # ORT raises its own exception types (Fail, InvalidGraph...)
+                raise EngineError(f"{self.backend}: cannot load {path} ({e})") from None
+            wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+            if sess.get_providers()[0] != wanted:
+                # a GPU provider that silently fell back to CPU is an error, not a slow success
+                raise EngineError(f"{self.backend}: {wanted} did not load for {path.name} "
+                                  f"(session runs on {sess.get_providers()}); check CUDA/cuDNN libraries")
+            self.sessions[module] = sess
+
+    def run(self, module: str, *inputs: np.ndarray) -> list[np.ndarray]:
+        names, _ = MODULE_IO[module]
+        return self.sessions[module].run(None, dict(zip(names, inputs)))
+
+
+# ---------------------------------------------------------------------------------------
+# PyTorch (the run's weights, saved in BUNDLE/torch/)
+
+class TorchEngine(Engine):
+    """The run's modules rebuilt in PyTorch: the fallback backend and the parity reference."""
+
+    def __init__(self, bundle: Bundle, device: str = "cpu"):
+        import torch
+        from training.run import load_run
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise EngineError("torch-cuda: torch sees no CUDA GPU")
+        self.backend = f"torch-{'cuda' if device.startswith('cuda') else 'cpu'}"
+        self.device = torch.device(device)
+        run = load_run(bundle.torch_dir)
+        if run.classes != bundle.classes:
+            raise BundleError(f"{bundle.torch_dir}: classes {run.classes} differ from the manifest's")
+        self.modules = {k: m.to(self.device).eval() for k, m in run.model.modules().items()}
+        self._torch = torch
+
+    def run(self, module: str, *inputs: np.ndarray) -> list[np.ndarray]:
+        torch = self._torch
+        with torch.inference_mode():
+            out = self.modules[module](*(torch.from_numpy(x).to(self.device) for x in inputs))
+        out = out if isinstance(out, tuple) else (out,)
+        return [o.float().cpu().numpy() for o in out]
+
+
+# ---------------------------------------------------------------------------------------
+# TensorRT (runtime only; engines are built by export/tensorrt_build.py)
+
+def _import_tensorrt():
+    """The full `tensorrt` package, else the lean runtime (which runs version-compatible engines)."""
+    for name in ("tensorrt", "tensorrt_lean"):
+        if importlib.util.find_spec(name) is not None:
+            return importlib.import_module(name)
+    raise EngineError("tensorrt: neither tensorrt nor tensorrt_lean is installed")
+
+
+def cuda_compute_capability(device_id: int = 0) -> str | None:
+    """'9.0' for an H100, from torch; None without a CUDA GPU (never touches TensorRT)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(device_id)
+    return f"{major}.{minor}"
+
+
+class TrtModule:
+    """One TensorRT engine run on CUDA memory (torch tensors) on its own non-default stream."""
+
+    def __init__(self, path: Path, trt, device_id: int = 0, version_compatible: bool = False):
+        import torch
+
+        self.torch, self.trt = torch, trt
+        self.device = torch.device("cuda", device_id)
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        if version_compatible:   # such plans carry their own lean runtime, run as host code
+            self.runtime.engine_host_code_allowed = True
+        self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise EngineError(f"tensorrt: cannot deserialize {path} (built by another TensorRT "
+                              "version or for another GPU?)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.dtypes = {n: self._torch_dtype(self.engine.get_tensor_dtype(n)) for n in names}
+        self.stream = torch.cuda.Stream(device=self.device)
+        self.lock = threading.Lock()   # one execution context: one batch at a time
+
+    def _torch_dtype(self, dt):
+        t, trt = self.torch, self.trt
+        table = {trt.DataType.FLOAT: t.float32, trt.DataType.HALF: t.float16,
+                 trt.DataType.UINT8: t.uint8, trt.DataType.INT8: t.int8,
+                 trt.DataType.INT32: t.int32, trt.DataType.INT64: t.int64, trt.DataType.BOOL: t.bool}
+        return table[dt]
+
+    def __call__(self, *inputs) -> list:
+        """Torch tensors (any device) or numpy arrays in, CUDA torch tensors out."""
+        torch = self.torch
+        with self.lock, torch.cuda.stream(self.stream):
+            feeds = []
+            for name, x in zip(self.inputs, inputs):
+                x = torch.as_tensor(x).to(self.device, self.dtypes[name], non_blocking=True).contiguous()
+                feeds.append(x)   # kept alive until the stream is done with it
+                if not self.context.set_input_shape(name, tuple(x.shape)):
+                    raise ValueError(f"tensorrt: input {name} of shape {tuple(x.shape)} is outside "
+                                     "the engine's optimisation profile")
+                self.context.set_tensor_address(name, x.data_ptr())
+            outs = []
+            for name in self.outputs:
+                y = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name],
+                                device=self.device)
+                self.context.set_tensor_address(name, y.data_ptr())
+                outs.append(y)
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("tensorrt: execute_async_v3 failed")
+            self.stream.synchronize()
+        return outs
+
+
+def usable_engines(bundle: Bundle, device_id: int = 0) -> tuple[dict[str, dict], str]:
+    """The bundle's engines for this GPU and TensorRT, by module; or ({}, why not)."""
+    if not bundle.engines:
+        return {}, "the bundle has no TensorRT engines (export with --tensorrt)"
+    for name in ("tensorrt", "tensorrt_lean"):
+        if importlib.util.find_spec(name) is not None:
+            break
+    else:
+        return {}, "tensorrt is not installed"
+    cc = cuda_compute_capability(device_id)
+    if cc is None:
+        return {}, "no CUDA GPU visible to torch"
+    trt = _import_tensorrt()
+    found = {e["module"]: e for e in bundle.engines if _runs_here(e, trt.__version__, cc)}
+    if set(found) != set(MODULE_IO):
+        have = sorted({(e["tensorrt_version"], e["compute_capability"]) for e in bundle.engines})
+        return {}, (f"no complete engine set for TensorRT {trt.__version__} on compute capability "
+                    f"{cc} (bundle has {have})")
+    return found, ""
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in v.split(".") if p.isdigit())
+
+
+def _runs_here(entry: dict, trt_version: str, cc: str) -> bool:
+    """Engines are specific to a GPU architecture and, unless built version-compatible, to
+    the exact TensorRT version (version-compatible ones run on later runtimes of that major)."""
+    if entry["compute_capability"] != cc:
+        return False
+    built, here = _version(entry["tensorrt_version"]), _version(trt_version)
+    if built == here:
+        return True
+    return bool(entry.get("version_compatible")) and built[:1] == here[:1] and here > built
+
+
+class TensorRTEngine(Engine):
+    """The bundle's TensorRT engines for this GPU; numpy in, numpy out (via CUDA torch tensors)."""
+
+    backend = "tensorrt"
+
+    def __init__(self, bundle: Bundle, device_id: int = 0):
+        found, why = usable_engines(bundle, device_id)
+        if not found:
+            raise EngineError(f"tensorrt: {why}")
+        trt = _import_tensorrt()
+        self.modules = {m: TrtModule(bundle.file(e["file"]), trt, device_id, bool(e.get("version_compatible")))
+                        for m, e in found.items()}
+        self.max_batch = min(int(e["max_batch"]) for e in found.values())
+        self.precision = found["audio"].get("precision", "fp32")
+
+    def run(self, module: str, *inputs: np.ndarray) -> list[np.ndarray]:
+        return [y.float().cpu().numpy() for y in self.modules[module](*inputs)]
+
+
+# ---------------------------------------------------------------------------------------
+# selection
+
+def _make(backend: str, bundle: Bundle, device_id: int, threads: int | None) -> Engine:
+    if backend == "tensorrt":
+        return TensorRTEngine(bundle, device_id)
+    if backend.startswith("onnxruntime-"):
+        return OrtEngine(bundle, backend.split("-", 1)[1], device_id, threads)
+    if backend == "torch-cuda":
+        return TorchEngine(bundle, f"cuda:{device_id}")
+    if backend == "torch-cpu":
+        return TorchEngine(bundle, "cpu")
+    raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+
+
+def open_engine(bundle: Bundle | str, prefer: str | Sequence[str] = "auto", *, device_id: int = 0,
+                threads: int | None = None) -> Engine:
+    """The first backend of `prefer` that loads here.
+
+    prefer: "auto" (tensorrt > onnxruntime-cuda > onnxruntime-cpu > torch-cuda > torch-cpu),
+    a family ("onnxruntime", "torch"), one backend name, or a sequence of them. A backend
+    named alone that cannot run raises EngineError with the reason; in a list, failures
+    are logged and the next one is tried.
+    """
+    bundle = load_bundle(bundle)
+    names = [prefer] if isinstance(prefer, str) else list(prefer)
+    order: list[str] = []
+    for n in names:
+        if n not in FAMILIES and n not in BACKENDS:
+            raise ValueError(f"unknown backend {n!r}; choose from {('auto', *FAMILIES, *BACKENDS)}")
+        order += [b for b in FAMILIES.get(n, (n,)) if b not in order]
+    reasons = []
+    for backend in order:
+        why = _unavailable(backend, bundle, device_id) if len(order) > 1 else ""
+        if why:   # in a list, skip cheaply what cannot work here
+            reasons.append(f"{backend}: {why}")
+            continue
+        try:
+            engine = _make(backend, bundle, device_id, threads)
+        except (EngineError, ImportError, OSError) as e:
+            reasons.append(str(e))
+            log.info("backend %s unavailable: %s", backend, e)
+            continue
+        if reasons:
+            log.info("using %s (skipped: %s)", engine.backend, "; ".join(reasons))
+        return engine
+    raise EngineError(f"no inference backend of {names} works here: " + "; ".join(reasons))
+
+
+def _unavailable(backend: str, bundle: Bundle, device_id: int) -> str:
+    """Why a backend cannot run here, from cheap checks (no session, no GPU context); '' if it may."""
+    if backend == "tensorrt":
+        return usable_engines(bundle, device_id)[1]
+    if backend == "onnxruntime-cuda":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return "onnxruntime is not installed"
+        return "" if "CUDAExecutionProvider" in ort.get_available_providers() else "no CUDAExecutionProvider"
+    if backend == "torch-cuda":
+        return "" if cuda_compute_capability(device_id) else "no CUDA GPU visible to torch"
+    return ""
+
+
+__all__ = ["Engine", "EngineError", "OrtEngine", "TorchEngine", "TensorRTEngine", "TrtModule",
+           "open_engine", "usable_engines", "cuda_compute_capability", "BACKENDS"]

@@ -1,0 +1,138 @@
+"""A finished run -> a bundle folder (see dimml/bundle.py for the layout).
+
+Everything is written into a hidden temporary folder beside the target and renamed into
+place at the end, so a bundle folder that exists is always complete and verified.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from dimml.bundle import BundleError, load_bundle, model_name, write_manifest
+from export.tensorrt_build import TrtOptions
+
+
+@dataclass
+class BundleOptions:
+    """What `python -m export bundle` can change."""
+
+    name: str | None = None            # model name (BentoML-valid); default from the run folder
+    opset: int = 18
+    exporter: str = "dynamo"           # "dynamo" (torch.export) or "torchscript" (legacy)
+    max_batch: int = 32                # largest batch TensorRT engines accept (profile max)
+    tensorrt: bool = False
+    trt: TrtOptions = field(default_factory=TrtOptions)
+    force: bool = False                # replace an existing bundle folder
+
+
+def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Versions of what made (and what can read) the bundle."""
+    out = {"python": platform.python_version()}
+    for pkg in ("dimml", "torch", "onnx", "onnxruntime", "onnxscript", *extra):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _metrics(report: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's test metrics from report.json (training.evaluate's "metrics", with its split)."""
+    if not report:
+        return {}
+    if isinstance(report.get("metrics"), dict):
+        extra = {k: report[k] for k in ("eval_split", "primary") if k in report}
+        return {**extra, **report["metrics"]}
+    return {k: v for k, v in report.items() if k != "lw_temperature"}
+
+
+def build_bundle(run_dir: str | os.PathLike, out: str | os.PathLike, opts: BundleOptions = BundleOptions(),
+                 progress: bool = True) -> Path:
+    """Export the run's modules, copy its weights, optionally build engines, write the manifest."""
+    from export.onnx_export import OPSET, check_parity, export_model
+    from training.run import CONFIG, REPORT, WEIGHTS, load_run
+
+    run = load_run(run_dir)
+    if opts.tensorrt:
+        from export.tensorrt_build import preflight
+        preflight(opts.trt.device_id)
+    out = Path(out)
+    if out.exists() and not opts.force:
+        raise FileExistsError(f"{out}: already exists; choose another --out or pass --force to replace it")
+    if opts.opset != OPSET:
+        print(f"note: exporting with opset {opts.opset} (tested with {OPSET})", file=sys.stderr)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    steps = 3 + (3 if opts.tensorrt else 0)
+    try:
+        with tqdm(total=steps, desc=f"export {out.name}", unit="module", file=sys.stderr,
+                  disable=not progress) as bar:
+            modules = export_model(run.model, run.preprocess, run.model_cfg.feature_dim, tmp,
+                                   opset=opts.opset, exporter=opts.exporter, progress=bar)
+            check_parity(run.model, run.preprocess, run.model_cfg.feature_dim, tmp)
+            (tmp / "torch").mkdir()
+            torch_files = {"config": f"torch/{CONFIG}", "weights": f"torch/{WEIGHTS}"}
+            if (run.path / REPORT).is_file():
+                torch_files["report"] = f"torch/{REPORT}"
+            for rel in torch_files.values():
+                shutil.copyfile(run.path / Path(rel).name, tmp / rel)
+            trt_entry = None
+            if opts.tensorrt:
+                from export.tensorrt_build import build_engines
+
+                trt_opts = TrtOptions(**{**opts.trt.__dict__, "max_batch": opts.max_batch})
+                trt_entry = build_engines(tmp, {m: tmp / e["file"] for m, e in modules.items()},
+                                          trt_opts, progress=bar)
+        fields = {
+            "name": model_name(opts.name or run.path.resolve().name),
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "classes": run.classes,
+            "modalities": ["audio", "visual"],
+            "preprocess": run.preprocess.to_dict(),
+            "feature_dim": run.model_cfg.feature_dim,
+            "num_frames": run.model_cfg.num_frames,
+            "fusion": run.model_cfg.fusion,
+            "method": run.config.get("method"),
+            "lw_temperature": run.lw_temperature,
+            "metrics": _metrics(run.report),
+            "onnx": {"opset": opts.opset, "exporter": opts.exporter, "modules": modules},
+            "torch": torch_files,
+            "max_batch": opts.max_batch,
+            "versions": package_versions(("tensorrt",) if opts.tensorrt else ()),
+        }
+        if trt_entry is not None:
+            fields["tensorrt"] = trt_entry
+        write_manifest(tmp, fields)
+        load_bundle(tmp)   # what we wrote must load
+        _install(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Rename tmp to out; an existing out (with --force) is moved aside first, then deleted."""
+    if out.exists():
+        if not (out / "manifest.json").is_file() and any(out.iterdir()):
+            raise BundleError(f"{out}: exists and is not a bundle; refusing to replace it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+
+
+__all__ = ["BundleOptions", "build_bundle", "package_versions"]

@@ -1,0 +1,201 @@
+"""`python -m export verify`: PyTorch vs the bundle's engines on real decoded clips.
+
+fp32 ONNX Runtime: max |logits difference| <= 1e-4 for every branch and the fusion, the same
+top-1 on every clip, and the same weighted answer (combined logits, label). TensorRT
+engines (fp32 with other kernels, or fp16): top-1 agreement >= 99% and feature cosine
+>= 0.999. Each at batch sizes 1 and several. The PyTorch reference is the run's weights
+saved in the bundle (torch/), run on the CPU.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from dimml.bundle import Bundle, load_bundle
+from dimml.engines import Engine, TorchEngine, open_engine, usable_engines
+from dimml.media import Clip, MediaError, decode_clip
+from dimml.predict import Outputs, Predictor
+
+ATOL = 1e-4
+MIN_TOP1 = 0.99
+MIN_COSINE = 0.999
+# what a plain media folder is searched for (datasets are read by training.datasets instead)
+MEDIA_EXTS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".ts", ".3gp",
+              ".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac", ".opus"}
+
+
+@dataclass
+class Check:
+    """One comparison: backend at one batch size."""
+
+    backend: str
+    batch_size: int
+    strict: bool
+    passed: bool
+    max_abs_diff: float
+    top1_agreement: float
+    min_cosine: float
+    combined_max_diff: float
+    clips: int
+    problems: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        mode = "fp32 strict" if self.strict else "loose"
+        return (f"{'PASS' if self.passed else 'FAIL'}  {self.backend:<17} batch {self.batch_size:<3} "
+                f"({mode}): max|dlogits| {self.max_abs_diff:.2e}  top-1 {self.top1_agreement:.2%}  "
+                f"cos {self.min_cosine:.6f}  max|dZ| {self.combined_max_diff:.2e}"
+                + ("".join(f"\n      - {p}" for p in self.problems)))
+
+
+# ---------------------------------------------------------------------------------------
+# data
+
+def media_sources(data: str | os.PathLike, limit: int | None = None) -> list[tuple[str, str | None]]:
+    """(media path, separate audio path or None) for the clips of a dataset or media folder.
+
+    A dataset layout training can read (manifest.csv, class folders, CREMA-D, AVE) is read
+    with training.datasets; any other folder is walked for media files; a file is one clip.
+    """
+    data = Path(data)
+    if data.is_file() and data.suffix.lower() != ".csv":
+        return [(str(data), None)]
+    found: list[tuple[str, str | None]] = []
+    try:
+        from training.datasets import DatasetError, load_dataset
+    except ImportError:
+        load_dataset = None
+    if load_dataset is not None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                spec = load_dataset(data)
+            # test split first: the clips the model did not train on
+            samples = sorted(spec.samples, key=lambda s: (s.split != "test", s.path))
+            found = [(s.path, s.audio_path) for s in samples]
+        except DatasetError:
+            found = []
+    if not found:
+        if not data.is_dir():
+            raise FileNotFoundError(f"{data}: no such media folder or dataset")
+        for dirpath, dirnames, filenames in os.walk(data):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            found += [(str(Path(dirpath, n)), None) for n in sorted(filenames)
+                      if not n.startswith(".") and Path(n).suffix.lower() in MEDIA_EXTS]
+    if not found:
+        raise FileNotFoundError(f"{data}: no media files found")
+    return found[:limit] if limit else found
+
+
+def decode_all(sources: list[tuple[str, str | None]], bundle: Bundle, progress: bool = True) -> tuple[list[Clip], list[str]]:
+    """Decode every source with the bundle's preprocessing; undecodable ones are listed, not fatal."""
+    clips, skipped = [], []
+    cfg = bundle.preprocess
+    for path, audio in tqdm(sources, desc="decode", unit="clip", file=sys.stderr, disable=not progress):
+        try:
+            clips.append(decode_clip(path, cfg, audio=audio, allow_missing=True))
+        except MediaError as e:
+            skipped.append(str(e))
+    return clips, skipped
+
+
+# ---------------------------------------------------------------------------------------
+# comparison
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
+def compare(ref: list[Outputs], got: list[Outputs], backend: str, batch_size: int, strict: bool) -> Check:
+    """Compare per-group Outputs of the reference and an engine (same grouping, same order)."""
+    diffs, combined, cos, agree, total, problems = [0.0], [0.0], [1.0], 0, 0, []
+    for r, g in zip(ref, got):
+        for b in r.logits:
+            d = float(np.abs(r.logits[b] - g.logits[b]).max())
+            diffs.append(d)
+            same = r.logits[b].argmax(1) == g.logits[b].argmax(1)
+            agree, total = agree + int(same.sum()), total + len(same)
+            if strict and not same.all():
+                problems.append(f"{b}: top-1 differs on {int((~same).sum())} clip(s)")
+        for b in r.features:
+            cos.append(float(_cosine(r.features[b], g.features[b]).min()))
+        combined.append(float(np.abs(r.combined - g.combined).max()))
+        same = r.combined.argmax(1) == g.combined.argmax(1)
+        agree, total = agree + int(same.sum()), total + len(same)
+        if strict and not same.all():
+            problems.append(f"weighted answer: label differs on {int((~same).sum())} clip(s)")
+    top1 = agree / max(total, 1)
+    if strict:
+        if max(diffs) > ATOL:
+            problems.append(f"logits differ by {max(diffs):.3g} > {ATOL}")
+        if max(combined) > ATOL:
+            problems.append(f"weighted logits differ by {max(combined):.3g} > {ATOL}")
+    else:
+        if top1 < MIN_TOP1:
+            problems.append(f"top-1 agreement {top1:.2%} < {MIN_TOP1:.0%}")
+        if min(cos) < MIN_COSINE:
+            problems.append(f"feature cosine {min(cos):.6f} < {MIN_COSINE}")
+    return Check(backend, batch_size, strict, not problems, max(diffs), top1, min(cos), max(combined),
+                 sum(len(r) for r in ref), problems)
+
+
+def _run(predictor: Predictor, clips: list[Clip]) -> list[Outputs]:
+    return [out for _, out in predictor.forward_clips(clips)]
+
+
+def default_backends(bundle: Bundle) -> list[str]:
+    """ONNX Runtime CPU always; CUDA and TensorRT where this machine can run them."""
+    import onnxruntime as ort
+
+    backends = ["onnxruntime-cpu"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        backends.append("onnxruntime-cuda")
+    if usable_engines(bundle)[0]:
+        backends.append("tensorrt")
+    return backends
+
+
+def verify_clips(bundle: Bundle, clips: list[Clip], *, backends: Sequence[str] | None = None,
+                 batch_sizes: Sequence[int] = (1, 4, 16), engines: dict[str, Engine] | None = None) -> list[Check]:
+    """All checks for these clips: every backend at every batch size against PyTorch (CPU)."""
+    reference = Predictor(bundle, TorchEngine(bundle, "cpu"), max_batch=64)
+    ref = _run(reference, clips)
+    checks = []
+    for backend in backends or default_backends(bundle):
+        engine = (engines or {}).get(backend) or open_engine(bundle, backend)
+        strict = engine.backend.startswith("onnxruntime")   # fp32 graphs; TensorRT: loose
+        sizes = sorted({min(b, engine.max_batch or b, len(clips)) for b in batch_sizes})
+        for bs in sizes:
+            got = _run(Predictor(bundle, engine, max_batch=bs), clips)
+            checks.append(compare(ref, got, engine.backend, bs, strict))
+    return checks
+
+
+def verify_bundle(source: str | os.PathLike, data: str | os.PathLike, *, backends: Sequence[str] | None = None,
+                  batch_sizes: Sequence[int] = (1, 4, 16), limit: int | None = 64,
+                  progress: bool = True) -> tuple[list[Check], dict[str, Any]]:
+    """Load (and checksum) the bundle, decode up to `limit` clips of data, run every check."""
+    bundle = load_bundle(source)
+    clips, skipped = decode_all(media_sources(data, limit), bundle, progress)
+    if not clips:
+        raise ValueError(f"{data}: none of the clips could be decoded ({len(skipped)} failed)")
+    checks = verify_clips(bundle, clips, backends=backends, batch_sizes=batch_sizes)
+    groups = {}
+    for c in clips:
+        key = "+".join(c.modalities)
+        groups[key] = groups.get(key, 0) + 1
+    summary = {"bundle": str(bundle.path), "model": bundle.model_info(), "clips": len(clips),
+               "modalities": groups, "skipped": skipped,
+               "passed": all(c.passed for c in checks), "checks": [c.__dict__ for c in checks]}
+    return checks, summary
+
+
+__all__ = ["verify_bundle", "verify_clips", "compare", "media_sources", "decode_all", "Check",
+           "ATOL", "MIN_TOP1", "MIN_COSINE"]
