@@ -1,0 +1,158 @@
+"""`python -m clients` / `dimml-score`: score media files with a bundle or a server.
+
+    dimml-score score INPUT [INPUT ...] --out results.csv|results.jsonl (--server URL | --bundle BUNDLE)
+    dimml-score predict VIDEO [--audio AUDIO] (--server URL | --bundle BUNDLE)
+`dimml-score INPUT ...` (no command) means `score`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+from clients.http import ClientError
+from clients.inputs import DEFAULT_EXTS, InputError, parse_exts
+from clients.output import OutputError
+
+COMMANDS = ("score", "predict")
+
+# exit codes
+EXIT_FAILED_FILES = 1   # with --fail-on-error: some file could not be scored
+EXIT_USAGE = 2          # bad arguments, INPUT, --out, bundle or server at start
+EXIT_SERVER_LOST = 3    # the server stopped answering mid-run (rows so far are kept)
+
+SCORE_EPILOG = f"""\
+output: one row per file: path, label, confidence, prob_<class>..., weight_audio, weight_visual,
+  weight_fusion, modalities_used ('+'-joined in CSV), error (empty when scored; else "<cause>: <message>").
+  Rows are appended as results arrive; an interrupted run leaves a valid file.
+paths: relative to the INPUT (a manifest .csv: to its folder; a single file: its name). With
+  several INPUTs each path starts with its INPUT's folder name (data/a, data/b -> a/..., b/...).
+labels: class sub-folders, a manifest.csv (path,label[,audio_path]) or a CREMA-D/AVE layout in an
+  INPUT give true labels: accuracy and a confusion matrix are printed at the end.
+exit codes: 0 done; {EXIT_FAILED_FILES} some file failed (--fail-on-error); {EXIT_USAGE} bad arguments, inputs, --out,
+  bundle or server; {EXIT_SERVER_LOST} server lost mid-run; 130 / 143 interrupted by SIGINT / SIGTERM
+  (finish with --resume).
+default extensions: {','.join(DEFAULT_EXTS)}
+"""
+
+
+def _at_least(kind, low, strict: bool = False):
+    """argparse type: a number >= low (> low when strict)."""
+    def parse(text: str):
+        v = kind(text)
+        if v < low or (strict and v == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        return v
+    return parse
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--server", metavar="URL", help="score through a running server (http://host:port)")
+    src.add_argument("--bundle", metavar="BUNDLE", help="score in-process with a bundle folder or model-store tag")
+    p.add_argument("--backend", default="auto",
+                   help="local mode: inference backend or family (auto, onnxruntime, torch, onnxruntime-cpu, ...)")
+    p.add_argument("--timeout", type=_at_least(float, 0, strict=True), default=120.0, help="remote mode: seconds per request")
+    p.add_argument("--retries", type=_at_least(int, 0), default=3, help="remote mode: retries on 429/503/connection errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dimml-score", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("score", help="score every media file of folders into a CSV / JSONL file",
+                       description="Score every media file of the INPUTs (folders, media files or manifest "
+                                   ".csv files), one row per file.",
+                       epilog=SCORE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--out", required=True, type=Path, help="results file: .csv or .jsonl")
+    _add_model_args(p)
+    p.add_argument("--workers", type=_at_least(int, 0), default=0,
+                   help="decode threads (local; default: CPU count) or concurrent requests (remote; default 8)")
+    p.add_argument("--batch-size", type=_at_least(int, 1), default=32, help="local mode: clips per inference batch")
+    p.add_argument("--recursive", "-r", action="store_true", help="walk sub-folders too")
+    p.add_argument("--ext", default=None, help="comma-separated extensions to score (default: video formats)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="keep the rows of an existing --out; score the rest")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--fail-on-error", action="store_true", help=f"exit {EXIT_FAILED_FILES} when any file failed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("predict", help="classify one clip and print the result as JSON")
+    p.add_argument("video", help="media file (video with its audio track, or audio / video alone)")
+    p.add_argument("--audio", help="separate audio file for the video")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from clients.score import ScoreOptions, Stop, format_summary, graceful_stop, run_score
+
+    opts = ScoreOptions(inputs=args.inputs, out=args.out, server=args.server, bundle=args.bundle,
+                        workers=args.workers, recursive=args.recursive, exts=parse_exts(args.ext),
+                        resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size,
+                        backend=args.backend, timeout=args.timeout, retries=args.retries,
+                        progress=not args.no_progress)
+    with graceful_stop(Stop()) as stop:
+        summary = run_score(opts, stop)
+    print(format_summary(summary, args.out), flush=True)
+    if summary.server_lost:
+        return EXIT_SERVER_LOST
+    if summary.interrupted is not None:
+        return 128 + (summary.interrupted or signal.SIGINT)
+    if args.fail_on_error and summary.failed:
+        return EXIT_FAILED_FILES
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    if args.server:
+        from clients.http import Client, RetryPolicy
+
+        with Client(args.server, timeout=args.timeout, retry=RetryPolicy(retries=args.retries)) as c:
+            pred = c.predict(args.video, audio=args.audio)
+        answer = pred.to_dict()
+    else:
+        from dimml.predict import Predictor
+
+        predictor = Predictor(args.bundle, prefer=args.backend)
+        [answer] = predictor.predict_clips([predictor.decode(args.video, audio=args.audio)])
+    print(json.dumps(answer, indent=2))
+    return 0
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can cause (bad input, bundle, server): shown as one line, no traceback.
+
+    Evaluated when an exception is being handled: only modules already imported can have raised.
+    """
+    errors: list[type[BaseException]] = [InputError, OutputError, ClientError, FileNotFoundError]
+    for module, name in (("dimml.bundle", "BundleError"), ("dimml.media", "MediaError"),
+                         ("dimml.engines", "EngineError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv.insert(0, "score")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except _known_errors() as e:
+        print(f"dimml-score {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:   # a second Ctrl-C: rows written so far are complete
+        print(f"dimml-score {args.command}: aborted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

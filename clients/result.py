@@ -1,0 +1,80 @@
+"""Typed prediction results, parsed from the JSON that `dimml.predict.Predictor` and the server return.
+
+The wire format (one dict per clip):
+    {"label": str, "probabilities": {class: p},
+     "branches": {"audio" | "visual" | "fusion": {"probabilities": {class: p}, "certainty": c, "weight": w}},
+     "modalities_used": ["audio", "visual"], "model": {"name": str, "version": str}, "backend": str}
+A clip missing a modality is answered by the other branch alone, so `branches` may hold one entry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+BRANCHES = ("audio", "visual", "fusion")
+
+
+@dataclass(frozen=True)
+class BranchResult:
+    """One branch's view of a clip: its class probabilities, certainty (max p) and fusion weight."""
+
+    probabilities: dict[str, float]
+    certainty: float
+    weight: float
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "BranchResult":
+        return cls({str(k): float(v) for k, v in d["probabilities"].items()},
+                   float(d["certainty"]), float(d["weight"]))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A model's answer for one clip."""
+
+    label: str
+    probabilities: dict[str, float]
+    branches: dict[str, BranchResult]
+    modalities_used: tuple[str, ...]
+    model_name: str = ""
+    model_version: str = ""
+    backend: str = ""
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def confidence(self) -> float:
+        """Probability of the predicted label."""
+        return self.probabilities[self.label]
+
+    def weight(self, branch: str) -> float | None:
+        """The branch's fusion weight, None when the branch did not take part."""
+        b = self.branches.get(branch)
+        return None if b is None else b.weight
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Prediction":
+        """Parse the wire format; a malformed answer raises ValueError saying what is wrong."""
+        try:
+            model = d.get("model") or {}
+            pred = cls(label=str(d["label"]),
+                       probabilities={str(k): float(v) for k, v in d["probabilities"].items()},
+                       branches={str(k): BranchResult.from_dict(v) for k, v in (d.get("branches") or {}).items()},
+                       modalities_used=tuple(str(m) for m in d.get("modalities_used") or ()),
+                       model_name=str(model.get("name", "")), model_version=str(model.get("version", "")),
+                       backend=str(d.get("backend", "")), raw=dict(d))
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"malformed prediction ({type(e).__name__}: {e}): {str(dict(d))[:300]}") from None
+        if pred.label not in pred.probabilities:
+            raise ValueError(f"malformed prediction: label {pred.label!r} has no probability")
+        return pred
+
+    def to_dict(self) -> dict[str, Any]:
+        """Back to the wire format."""
+        return {"label": self.label, "probabilities": dict(self.probabilities),
+                "branches": {k: {"probabilities": dict(b.probabilities), "certainty": b.certainty,
+                                 "weight": b.weight} for k, b in self.branches.items()},
+                "modalities_used": list(self.modalities_used),
+                "model": {"name": self.model_name, "version": self.model_version}, "backend": self.backend}
+
+
+__all__ = ["BranchResult", "Prediction", "BRANCHES"]

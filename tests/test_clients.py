@@ -1,0 +1,533 @@
+"""clients/: the typed HTTP client and batch scoring, against a real bundle and a real server.
+
+A synthetic corpus (real mp4 files) with corrupt files mixed in is scored in-process with a
+tiny exported bundle and through `bentoml serve`; the two must agree row by row. Runs are
+interrupted with real signals and resumed; every file must end up exactly once. Client
+retry behaviour (429 / 503 / refused connections / timeouts), which a healthy server never
+shows on demand, is checked against a small scripted HTTP server.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+from clients import AsyncClient, Client, Prediction, RequestTimeout, RetryPolicy, ServerError, ServerUnreachable
+from clients.cli import main
+from clients.inputs import InputError, find_jobs
+from clients.output import OutputError, ResultWriter, error_row, read_results
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CLASSES = ["class0", "class1", "class2"]
+UPLOAD_LIMIT_MB = 1
+# corrupt files mixed into the class folders -> the cause their row must report
+BROKEN = {"class0/garbage.mp4": "not_media", "class1/empty.mp4": "empty", "class2/truncated.mp4": "not_media"}
+VIDEO_ONLY = "class0/silent.mp4"
+
+
+# ---------------------------------------------------------------------------------------
+# fixtures
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """3 classes x 4 synthetic clips (manifest.csv gives labels) + 3 corrupt files + 1 silent video."""
+    from training.synth import SynthConfig, synthesize, write_clip
+
+    d = tmp_path_factory.mktemp("corpus")
+    synthesize(d, SynthConfig(classes=3, per_class=4, seed=0, duration_s=1.0), progress=False)
+    rng = np.random.default_rng(0)
+    (d / "class0/garbage.mp4").write_bytes(rng.bytes(4096))
+    (d / "class1/empty.mp4").write_bytes(b"")
+    whole = (d / "class2/0000.mp4").read_bytes()
+    (d / "class2/truncated.mp4").write_bytes(whole[: len(whole) // 2])   # the mp4 index is at the end
+    write_clip(d / VIDEO_ONLY, rng.integers(0, 256, (15, 64, 64, 3), dtype=np.uint8), 15, None)
+    return d
+
+
+def media_keys(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*.mp4")}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """A tiny run with random weights, exported by the real CLI."""
+    import torch
+
+    from dimml.config import PREPROCESS_PRESETS
+    from training.models import build_av_model, build_model_config
+    from training.run import run_config_fields, save_run_model
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("export")
+    pre = PREPROCESS_PRESETS["tiny"]
+    cfg = build_model_config("tiny", len(CLASSES), pre.num_frames)
+    save_run_model(root / "run", {"method": "dimml", **run_config_fields(pre, cfg, CLASSES)}, build_av_model(cfg))
+    r = subprocess.run([sys.executable, "-m", "export", "bundle", "--run", str(root / "run"),
+                        "--out", str(root / "bundle"), "--quiet"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root / "bundle"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_tree(proc: subprocess.Popen) -> None:
+    """SIGTERM the server, then SIGKILL whatever of its process tree is left."""
+    try:
+        tree = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        tree = [proc.pid]
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=20)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(bundle, tmp_path_factory):
+    """`bentoml serve serving.service:DIMML` on a free port, serving the bundle folder."""
+    port = _free_port()
+    tmp = tmp_path_factory.mktemp("serve")
+    env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "DIMML_BUNDLE": str(bundle),
+           "DIMML_MAX_UPLOAD_MB": str(UPLOAD_LIMIT_MB), "DIMML_MAX_LATENCY_MS": "30000"}
+    with open(tmp / "serve.log", "wb") as log:
+        proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "serving.service:DIMML", "--host", "127.0.0.1",
+                                 "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with Client(url) as c:
+            deadline = time.monotonic() + 120
+            while not c.ready():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"server did not start:\n{(tmp / 'serve.log').read_text()[-4000:]}")
+                time.sleep(0.3)
+        yield url
+    finally:
+        _stop_tree(proc)
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """clients.cli.main in-process -> (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def local_run(corpus, bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local") / "results.csv"
+    rc, stdout, stderr = run_cli("score", corpus, "--recursive", "--bundle", bundle, "--out", out,
+                                 "--workers", "2", "--batch-size", "4", "--no-progress")
+    assert rc == 0, stderr
+    return {r["path"]: r for r in read_results(out)}, stdout, out
+
+
+# ---------------------------------------------------------------------------------------
+# batch scoring
+
+def test_local_scoring_rows(local_run, corpus):
+    rows, stdout, out = local_run
+    assert set(rows) == media_keys(corpus)
+    lines = out.read_text().splitlines()
+    assert len(lines) == len(rows) + 1          # header + exactly one row per file
+    assert lines[0] == ",".join(["path", "label", "confidence", *[f"prob_{c}" for c in CLASSES], "weight_audio",
+                                 "weight_visual", "weight_fusion", "modalities_used", "error"])
+    for key, row in rows.items():
+        if key in BROKEN:
+            assert row["error"].startswith(BROKEN[key] + ": ") and key in row["error"], row
+            assert row["label"] == "" and row["confidence"] is None
+            continue
+        assert row["error"] == "", row
+        probs = {c: row[f"prob_{c}"] for c in CLASSES}
+        assert row["label"] == max(probs, key=probs.get) and row["confidence"] == probs[row["label"]]
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+        weights = [row[f"weight_{b}"] for b in ("audio", "visual", "fusion")]
+        if key == VIDEO_ONLY:   # no audio track: answered by the visual branch alone
+            assert row["modalities_used"] == ["visual"] and weights == [None, 1.0, None]
+        else:
+            assert row["modalities_used"] == ["audio", "visual"]
+            assert sum(weights) == pytest.approx(1.0, abs=1e-5) and min(weights) > 0
+
+    # summary: counts, and accuracy + confusion matrix from the manifest's labels
+    n_ok = len(rows) - len(BROKEN)
+    assert f"{len(rows)} rows, {n_ok} succeeded, {len(BROKEN)} failed" in stdout
+    labelled = [k for k in rows if k not in BROKEN and k != VIDEO_ONLY]   # the manifest's files
+    correct = sum(rows[k]["label"] == k.split("/")[0] for k in labelled)
+    assert f"accuracy {correct / len(labelled):.4f} ({correct}/{len(labelled)} labelled files)" in stdout
+    matrix = stdout[stdout.index("true \\ predicted"):].splitlines()[1:1 + len(CLASSES)]
+    counts = [[int(x) for x in line.split()[1:]] for line in matrix]
+    assert sum(map(sum, counts)) == len(labelled) and sum(counts[i][i] for i in range(len(CLASSES))) == correct
+
+
+def test_remote_scoring_matches_local(local_run, corpus, server, tmp_path):
+    local, _, _ = local_run
+    out = tmp_path / "remote.jsonl"
+    rc, stdout, stderr = run_cli("score", corpus, "-r", "--server", server, "--out", out, "--workers", "4",
+                                 "--no-progress")
+    assert rc == 0, stderr
+    lines = out.read_text().splitlines()
+    remote = {r["path"]: r for r in map(json.loads, lines)}
+    assert len(lines) == len(remote) and set(remote) == set(local)
+    for key, want in local.items():
+        got = remote[key]
+        assert got["error"].split(":")[0] == want["error"].split(":")[0], (key, got["error"], want["error"])
+        assert got["label"] == want["label"] and got["modalities_used"] == want["modalities_used"], key
+        for col, v in want.items():
+            if isinstance(v, float) or isinstance(got[col], float):
+                assert got[col] == pytest.approx(v, abs=2e-6), (key, col)
+    assert f"{len(local)} rows, {len(local) - len(BROKEN)} succeeded" in stdout
+
+
+def test_fail_on_error_resume_and_refusals(corpus, bundle, tmp_path):
+    out = tmp_path / "r.csv"
+    args = ("score", corpus / "class0/garbage.mp4", corpus / "class1/0001.mp4", "--bundle", bundle,
+            "--out", out, "--no-progress")
+    rc, stdout, _ = run_cli(*args, "--fail-on-error")
+    assert rc == 1 and "2 rows, 1 succeeded, 1 failed (not_media: 1)" in stdout
+    assert {r["path"] for r in read_results(out)} == {"garbage.mp4", "0001.mp4"}   # single files: their names
+    rc, _, stderr = run_cli(*args)                         # never overwrite silently
+    assert rc == 2 and "--resume" in stderr
+    rc, stdout, _ = run_cli(*args, "--resume")             # nothing left to do; no duplicate row
+    assert rc == 0 and "2 already in" in stdout and len(out.read_text().splitlines()) == 3
+    rc, _, stderr = run_cli("score", tmp_path / "nope", "--bundle", bundle, "--out", tmp_path / "x.csv")
+    assert rc == 2 and "no such file or folder" in stderr
+    rc, _, stderr = run_cli("score", corpus, "--bundle", bundle, "--out", tmp_path / "x.csv")
+    assert rc == 2 and "--recursive" in stderr             # class folders, no -r: say so
+
+
+def _copies(corpus: Path, dest: Path, n: int) -> set[str]:
+    """n copies of the corpus's good clips plus one corrupt file: enough work to interrupt."""
+    good = sorted(p for p in corpus.rglob("0*.mp4"))
+    for i in range(n):
+        src = good[i % len(good)]
+        (dest / src.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest / src.parent.name / f"{i:03d}.mp4")
+    shutil.copyfile(corpus / "class0/garbage.mp4", dest / "class0/garbage.mp4")
+    return media_keys(dest)
+
+
+def _interrupt(cmd: list[str], out: Path, signum: int, min_rows: int = 2) -> tuple[int, str]:
+    """Start a scoring subprocess, send `signum` once min_rows rows are on disk; (exit code, stdout)."""
+    header = 1 if out.suffix == ".csv" else 0
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.exists() and out.read_bytes().count(b"\n") >= header + min_rows):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no rows written in 60 s"
+            time.sleep(0.005)
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, stdout
+
+
+def test_sigterm_then_resume_local(corpus, bundle, tmp_path):
+    keys = _copies(corpus, tmp_path / "data", 40)
+    out = tmp_path / "out" / "results.csv"
+    cmd = [sys.executable, "-m", "clients", "score", str(tmp_path / "data"), "-r", "--bundle", str(bundle),
+           "--out", str(out), "--workers", "1", "--batch-size", "1", "--no-progress"]
+    rc, stdout = _interrupt(cmd, out, signal.SIGTERM)
+    assert rc == 128 + signal.SIGTERM and "interrupted (SIGTERM)" in stdout and "--resume" in stdout
+    first = read_results(out)
+    assert 2 <= len(first) < len(keys)
+    assert out.read_bytes().endswith(b"\n")                # only whole rows
+    with open(out, "a") as f:                               # as if a hard kill cut a row in half
+        f.write('class1/017.mp4,class1,0.5')
+    rc, stdout, _ = run_cli(*cmd[3:], "--resume")
+    assert rc == 0 and f"{len(first)} already in" in stdout
+    paths = [r["path"] for r in read_results(out)]
+    assert sorted(paths) == sorted(keys)                    # every file exactly once
+    assert len(out.read_text().splitlines()) == len(keys) + 1
+    assert os.listdir(tmp_path / "out") == ["results.csv"]   # nothing written beside --out
+
+
+def test_sigint_then_resume_remote(corpus, server, tmp_path):
+    keys = _copies(corpus, tmp_path / "data", 40)
+    out = tmp_path / "results.jsonl"
+    cmd = [sys.executable, "-m", "clients", "score", str(tmp_path / "data"), "-r", "--server", server,
+           "--out", str(out), "--workers", "1", "--no-progress"]
+    rc, stdout = _interrupt(cmd, out, signal.SIGINT)
+    assert rc == 128 + signal.SIGINT and "interrupted (SIGINT)" in stdout
+    first = read_results(out)
+    assert 2 <= len(first) < len(keys)
+    rc, stdout, _ = run_cli(*cmd[3:], "--resume", "--workers", "4")
+    assert rc == 0
+    paths = [json.loads(line)["path"] for line in out.read_text().splitlines()]
+    assert sorted(paths) == sorted(keys)
+    assert [r["error"].split(":")[0] for r in read_results(out) if r["error"]] == ["not_media"]
+
+
+# ---------------------------------------------------------------------------------------
+# inputs and the output file
+
+def test_find_jobs_path_rules(tmp_path):
+    for rel in ("a/x.mp4", "a/sub/y.mp4", "b/x.mp4", "b/z.wav", "p/data/q.mp4", "r/data/q.mp4", "one.flv"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    keys = lambda jobs: sorted(j.key for j in jobs)
+    assert keys(find_jobs([tmp_path / "a"])) == ["x.mp4"]
+    assert keys(find_jobs([tmp_path / "a"], recursive=True)) == ["sub/y.mp4", "x.mp4"]
+    assert keys(find_jobs([tmp_path / "a", tmp_path / "b", tmp_path / "one.flv"])) == ["a/x.mp4", "b/x.mp4", "one.flv"]
+    assert keys(find_jobs([tmp_path / "b"], exts=["wav"])) == ["z.wav"]
+    # overlapping INPUTs: each file once, under the first INPUT that reaches it
+    assert keys(find_jobs([tmp_path / "a", tmp_path / "a/sub"], recursive=True)) == ["a/sub/y.mp4", "a/x.mp4"]
+    with pytest.raises(InputError, match="distinct names"):
+        find_jobs([tmp_path / "p/data", tmp_path / "r/data"])
+    with pytest.raises(InputError, match="--recursive"):
+        find_jobs([tmp_path / "p"])
+
+
+def test_find_jobs_labels_from_layouts(corpus, tmp_path):
+    jobs = {j.key: j for j in find_jobs([corpus], recursive=True)}
+    assert jobs["class1/0002.mp4"].truth == "class1"
+    assert jobs[VIDEO_ONLY].truth is None                  # not in the manifest
+    # a manifest given as INPUT: its rows, paths relative to its folder, audio_path honoured
+    (tmp_path / "m.csv").write_text(f"path,label,audio_path\n{corpus / 'class2/0001.mp4'},class2,"
+                                    f"{corpus / 'class0/0001.mp4'}\n")
+    [job] = find_jobs([tmp_path / "m.csv"])
+    assert job.truth == "class2" and job.audio_path == str(corpus / "class0/0001.mp4")
+    assert job.key == os.path.relpath(corpus / "class2/0001.mp4", tmp_path)
+    # class sub-folders without a manifest
+    shutil.copytree(corpus / "class1", tmp_path / "plain/dog")
+    assert {j.truth for j in find_jobs([tmp_path / "plain"], recursive=True)} == {"dog"}
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_result_writer_resume_cuts_partial_row(tmp_path, suffix):
+    out = tmp_path / f"r{suffix}"
+    odd = 'we,ird "name"\nwith newline.mp4'   # quoting and a newline survive, and resume sees one record
+    with ResultWriter(out, CLASSES) as w:
+        w.write(error_row(odd, "not_media: x", CLASSES))
+        w.write(error_row("b.mp4", "empty:\n two lines", CLASSES))
+    with pytest.raises(OutputError, match="--resume"):
+        ResultWriter(out, CLASSES)
+    with open(out, "ab") as f:
+        f.write(b'"c.mp4,,' if suffix == ".csv" else b'{"path": "c.mp4", "lab')
+    with ResultWriter(out, CLASSES, resume=True) as w:
+        assert w.done == {odd, "b.mp4"}
+        with pytest.raises(OutputError, match="another scoring run"):
+            ResultWriter(out, CLASSES, resume=True)   # locked while open
+        with pytest.raises(OutputError, match="already has a row"):
+            w.write(error_row("b.mp4", "x", CLASSES))
+        w.write(error_row("c.mp4", "empty: y", CLASSES))
+    rows = read_results(out)
+    assert [r["path"] for r in rows] == [odd, "b.mp4", "c.mp4"]
+    assert rows[1]["error"] == "empty: two lines" and rows[0]["confidence"] is None
+    with pytest.raises(OutputError, match="another model"):
+        ResultWriter(out, ["cat", "dog"], resume=True)
+    # damage before the last row is not a hard kill's doing: refused, nothing cut
+    lines = out.read_bytes().split(b"\n")
+    lines[-3] = b"damaged"
+    out.write_bytes(b"\n".join(lines))
+    with pytest.raises(OutputError, match="not a result row"):
+        ResultWriter(out, CLASSES, resume=True)
+    other = tmp_path / f"notes{suffix}"
+    other.write_bytes(b"my own notes")   # no line end: must not be taken for a cut-off row
+    with pytest.raises(OutputError):
+        ResultWriter(other, CLASSES, resume=True)
+    assert other.read_bytes() == b"my own notes"
+
+
+# ---------------------------------------------------------------------------------------
+# the client against the real server
+
+def test_client_typed_results(server, corpus):
+    clip, other = corpus / "class1/0001.mp4", corpus / "class2/0003.mp4"
+    with Client(server, timeout=60) as c:
+        meta = c.metadata()
+        assert meta["classes"] == CLASSES
+        by_path = c.predict(clip)
+        assert isinstance(by_path, Prediction) and by_path.label in CLASSES
+        assert set(by_path.branches) == {"audio", "visual", "fusion"}
+        assert sum(b.weight for b in by_path.branches.values()) == pytest.approx(1.0)
+        assert by_path.confidence == max(by_path.probabilities.values())
+        assert by_path.model_version == meta["model"]["version"] and by_path.backend == meta["backend"]
+        with open(clip, "rb") as f:
+            for same in (c.predict(clip.read_bytes(), filename="x.mp4"), c.predict(f)):
+                assert same.label == by_path.label
+                assert same.probabilities == pytest.approx(by_path.probabilities, abs=1e-6)
+        av = c.predict(clip, audio=other)                  # this video, another clip's sound
+        assert av.modalities_used == ("audio", "visual")
+        assert av.branches["visual"].probabilities == pytest.approx(by_path.branches["visual"].probabilities, abs=1e-6)
+        assert av.branches["audio"].probabilities != pytest.approx(by_path.branches["audio"].probabilities, abs=1e-6)
+        batch = c.predict_batch([clip, other])
+        assert [p.label for p in batch] == [by_path.label, c.predict(other).label]
+        with pytest.raises(ServerError) as e:
+            c.predict(corpus / "class0/garbage.mp4")
+        assert e.value.status == 422 and "garbage.mp4" in e.value.message and "not a decodable" in e.value.message
+        with pytest.raises(ServerError) as e:
+            c.predict(os.urandom(int(1.5 * UPLOAD_LIMIT_MB * 2**20)), filename="big.mp4")
+        assert e.value.status == 413 and "limit" in e.value.message
+
+    async def both():
+        async with AsyncClient(server, timeout=60) as ac:
+            return await asyncio.gather(ac.predict(clip), ac.predict(other.read_bytes()))
+
+    a, b = asyncio.run(both())
+    assert a.label == by_path.label and a.probabilities == pytest.approx(by_path.probabilities, abs=1e-6)
+    assert b.label == batch[1].label
+
+
+# ---------------------------------------------------------------------------------------
+# retries, errors and timeouts against a scripted server
+
+ANSWER = {"label": "cat", "probabilities": {"cat": 0.75, "dog": 0.25},
+          "branches": {"audio": {"probabilities": {"cat": 0.75, "dog": 0.25}, "certainty": 0.75, "weight": 1.0}},
+          "modalities_used": ["audio"], "model": {"name": "m", "version": "1"}, "backend": "test"}
+
+
+class Scripted:
+    """An HTTP server answering each request with the next (status, body, headers, delay) of a script."""
+
+    def __init__(self):
+        self.script: list[tuple[int, object, dict, float]] = []
+        self.seen: list[tuple[str, bytes]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                outer.seen.append((self.path, body))
+                status, payload, headers, delay = outer.script.pop(0)
+                time.sleep(delay)
+                data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+                self.send_response(status)
+                for k, v in {"content-type": "application/json", **headers}.items():
+                    self.send_header(k, v)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.handle_error = lambda *a: None   # the client hung up on purpose (timeouts)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def run(self, *steps):
+        """Steps: (status, body[, headers[, delay_s]])."""
+        self.script = [(st[0], st[1], st[2] if len(st) > 2 else {}, st[3] if len(st) > 3 else 0.0) for st in steps]
+        self.seen = []
+        return self
+
+
+@pytest.fixture
+def scripted():
+    s = Scripted()
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+FAST = RetryPolicy(retries=2, backoff_s=0.01)
+
+
+def test_client_retries_then_succeeds(scripted):
+    scripted.run((503, {"error": "warming up"}, {"Retry-After": "0"}), (429, [{"error": "slow down"}]), (200, ANSWER))
+    with Client(scripted.url, retry=FAST) as c:
+        p = c.predict(b"VIDEO-BYTES", filename="v.mp4")
+    assert p.label == "cat" and p.confidence == 0.75 and p.weight("audio") == 1.0 and p.weight("visual") is None
+    assert [path for path, _ in scripted.seen] == ["/predict"] * 3
+    assert all(b"VIDEO-BYTES" in body and b'name="video"' in body for _, body in scripted.seen)   # resent whole
+
+
+def test_client_errors_carry_status_and_message(scripted):
+    with Client(scripted.url, retry=FAST) as c:
+        scripted.run(*[(503, [{"error": "busy"}])] * 3)
+        with pytest.raises(ServerError) as e:
+            c.predict(b"x")
+        assert e.value.status == 503 and e.value.message == "busy" and len(scripted.seen) == 3   # 1 + 2 retries
+        scripted.run((400, {"detail": "bad field"}), (200, ANSWER))
+        with pytest.raises(ServerError, match="HTTP 400 from /predict: bad field"):
+            c.predict(b"x")
+        assert len(scripted.seen) == 1                    # a 4xx other than 429 is not retried
+        scripted.run((500, "boom: <traceback>"))
+        with pytest.raises(ServerError) as e:
+            c.predict(b"x", audio=b"y")
+        assert e.value.status == 500 and e.value.message == "boom: <traceback>"
+        assert scripted.seen[0][0] == "/predict_av"
+        scripted.run((200, {"label": "cat"}))
+        with pytest.raises(ServerError, match="malformed prediction"):
+            c.predict(b"x")
+    with Client(scripted.url, timeout=0.2, retry=FAST) as c:
+        scripted.run((200, ANSWER, {}, 1.0))
+        with pytest.raises(RequestTimeout):
+            c.predict(b"x")
+        assert len(scripted.seen) == 1                    # a read timeout is not resent
+
+
+def test_client_unreachable_and_async(scripted):
+    dead = f"http://127.0.0.1:{_free_port()}"
+    with Client(dead, retry=FAST) as c:
+        with pytest.raises(ServerUnreachable) as e:
+            c.predict(b"x")
+        assert e.value.attempts == 3 and isinstance(e.value.cause, httpx.ConnectError)
+        assert not c.ready()
+
+    async def go():
+        async with AsyncClient(scripted.url, retry=FAST) as ac:
+            scripted.run((503, {"error": "later"}), (200, ANSWER))
+            p = await ac.predict(b"x")
+            scripted.run((422, {"error": "video 'x.mp4': empty file (0 bytes)", "cause": "empty"}))
+            with pytest.raises(ServerError) as e:
+                await ac.predict(b"")
+            assert e.value.status == 422 and e.value.body["cause"] == "empty"
+            async with AsyncClient(dead, retry=FAST) as gone:
+                with pytest.raises(ServerUnreachable):
+                    await gone.predict(b"x")
+            return p
+
+    assert asyncio.run(go()).label == "cat"
+
+
+def test_server_lost_mid_run_stops_and_resumes(scripted, tmp_path):
+    """A server that stops answering is no file's fault: no error rows, exit 3, then --resume finishes."""
+    for i in range(4):
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / f"{i}.mp4").write_bytes(b"x")   # the scripted server never decodes
+    meta = {"classes": ["cat", "dog"], "model": {"name": "m", "version": "1"}, "backend": "test"}
+    out = tmp_path / "r.csv"
+    args = ("score", tmp_path / "in", "--server", scripted.url, "--out", out, "--workers", "1", "--retries", "1",
+            "--no-progress")
+    scripted.run((200, meta), (200, ANSWER), (200, ANSWER), (503, {"error": "overloaded"}), (503, {"error": "still"}))
+    rc, stdout, _ = run_cli(*args)
+    assert rc == 3 and "HTTP 503 from /predict: still" in stdout and "--resume" in stdout
+    assert [r["error"] for r in read_results(out)] == ["", ""]
+    scripted.run((200, meta), (200, ANSWER), (200, ANSWER))
+    rc, stdout, _ = run_cli(*args, "--resume")
+    assert rc == 0 and sorted(r["path"] for r in read_results(out)) == ["0.mp4", "1.mp4", "2.mp4", "3.mp4"]
+    dead = f"http://127.0.0.1:{_free_port()}"
+    rc, _, stderr = run_cli("score", tmp_path / "in", "--server", dead, "--out", tmp_path / "x.csv", "--retries", "0")
+    assert rc == 2 and "unreachable" in stderr             # found out at start: nothing written
+    assert not (tmp_path / "x.csv").exists()
