@@ -1,0 +1,63 @@
+"""Serving configuration, read from the environment (documented in serving/README.md)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Mapping
+
+from dimml.engines import BACKENDS, FAMILIES
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything an operator can tune; each field has an env variable DIMML_<FIELD upper-cased>."""
+
+    bundle: str = ""                  # DIMML_BUNDLE: bundle directory or BentoML model-store tag
+    backend: str = "auto"             # DIMML_BACKEND: a backend, a family, or a comma-separated order
+    max_batch_size: int = 32          # DIMML_MAX_BATCH_SIZE: clips per inference batch
+    max_latency_ms: int = 10_000      # DIMML_MAX_LATENCY_MS: longest a clip may queue for a batch (then 503)
+    max_upload_mb: float = 100.0      # DIMML_MAX_UPLOAD_MB: request body limit (413 beyond it)
+    max_batch_videos: int = 64        # DIMML_MAX_BATCH_VIDEOS: videos per /predict_batch request
+    max_duration_s: float = 0.0       # DIMML_MAX_DURATION_S: media length limit; 0 = the bundle's own
+    decode_threads: int = 4           # DIMML_DECODE_THREADS: concurrent decodes per API worker
+    api_workers: int = 1              # DIMML_API_WORKERS: processes that accept uploads and decode
+
+    @property
+    def backend_order(self) -> list[str]:
+        """DIMML_BACKEND as dimml.engines.open_engine's `prefer` list."""
+        return [b.strip() for b in self.backend.split(",") if b.strip()]
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
+        """Parse DIMML_* variables; a malformed value is an error naming the variable."""
+        values = {}
+        for f in fields(cls):
+            key = f"DIMML_{f.name.upper()}"
+            raw = env.get(key, "").strip()
+            if not raw:
+                continue
+            kind = type(f.default)
+            try:
+                values[f.name] = kind(raw)
+            except ValueError:
+                raise ValueError(f"{key}={raw!r}: expected {kind.__name__}") from None
+        s = cls(**values)
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        known = (*FAMILIES, *BACKENDS)
+        bad = [b for b in self.backend_order if b not in known] or ([] if self.backend_order else [""])
+        if bad:
+            raise ValueError(f"DIMML_BACKEND={self.backend!r}: {bad[0]!r} is not one of {', '.join(known)}")
+        for name in ("max_batch_size", "max_latency_ms", "max_batch_videos", "decode_threads", "api_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DIMML_{name.upper()} must be >= 1, got {getattr(self, name)}")
+        if self.max_upload_mb <= 0:
+            raise ValueError(f"DIMML_MAX_UPLOAD_MB must be > 0, got {self.max_upload_mb}")
+        if self.max_duration_s < 0:
+            raise ValueError(f"DIMML_MAX_DURATION_S must be >= 0, got {self.max_duration_s}")

@@ -1,0 +1,434 @@
+"""The BentoML service end to end: a real `bentoml serve` on a free port, real media, real HTTP.
+
+One server (module fixture) serves a tiny exported bundle from the BentoML model store; the
+tests call it with bentoml.SyncHTTPClient and with raw multipart HTTP (httpx) and compare
+every answer with offline prediction on the same files.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+UPLOAD_LIMIT_MB = 1          # DIMML_MAX_UPLOAD_MB for the server under test
+MAX_DURATION_S = 2.0         # DIMML_MAX_DURATION_S: long.mp4 (3 s) is refused
+MODEL_NAME = "dimml-serving-test"
+
+pytestmark = pytest.mark.slow
+
+
+# ---------------------------------------------------------------------------------------
+# fixtures: media, bundle, server
+
+def _frames(n: int, seed: int, size: int = 64) -> np.ndarray:
+    """Random-coloured blocks, different per seed (so clips get different answers)."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (n, size // 8, size // 8, 3), dtype=np.uint8)
+    return blocks.repeat(8, axis=1).repeat(8, axis=2)
+
+
+def _tone(seconds: float, freq: float, sr: int = 16000) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    return (0.4 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict[str, Path]:
+    """Real files written with PyAV: good, degraded and broken."""
+    from training.synth import write_clip
+
+    d = tmp_path_factory.mktemp("media")
+    f = {
+        "av": write_clip(d / "av.mp4", _frames(15, 1), 15, _tone(1.0, 440)),
+        "av2": write_clip(d / "av2.mp4", _frames(15, 2), 15, _tone(1.5, 1200)),
+        "silent": write_clip(d / "silent.mp4", _frames(15, 3), 15, None),
+        "wav": write_clip(d / "tone.wav", None, audio=_tone(1.0, 660)),
+        "long": write_clip(d / "long.mp4", _frames(45, 4, 32), 15, _tone(3.0, 440)),
+        "empty": d / "empty.mp4",
+        "garbage": d / "garbage.mp4",
+        "truncated": d / "truncated.mp4",
+        "big": d / "big.mp4",
+    }
+    rng = np.random.default_rng(0)
+    f["empty"].write_bytes(b"")
+    f["garbage"].write_bytes(rng.bytes(4096))
+    whole = f["av"].read_bytes()
+    f["truncated"].write_bytes(whole[: len(whole) // 2])   # mp4 index (moov) is at the end: gone
+    f["big"].write_bytes(rng.bytes(int(1.5 * UPLOAD_LIMIT_MB * 2**20)))
+    return f
+
+
+@pytest.fixture(scope="module")
+def bentoml_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bentoml_home")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, bentoml_home) -> Path:
+    """A tiny run with random weights, exported by the real CLI and registered in the model store."""
+    from dimml.config import PREPROCESS_PRESETS
+    from training.models import build_av_model, build_model_config
+    from training.run import run_config_fields, save_run_model
+
+    import torch
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("export")
+    pre, classes = PREPROCESS_PRESETS["tiny"], ["bark", "chime", "drum"]
+    cfg = build_model_config("tiny", len(classes), pre.num_frames)
+    save_run_model(root / "run", {"method": "dimml", **run_config_fields(pre, cfg, classes)},
+                   build_av_model(cfg))
+    out = root / "bundle"
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
+    r = subprocess.run([sys.executable, "-m", "export", "bundle", "--run", str(root / "run"),
+                        "--out", str(out), "--register", MODEL_NAME, "--quiet"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tree(pid: int) -> set[int]:
+    try:
+        return {pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server (it stops its workers); SIGKILL whatever of its tree is left after 15 s."""
+    tree = _tree(proc.pid)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+    for pid in tree | _tree(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=10)
+
+
+def _start(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str]:
+    """`bentoml serve serving.service:DIMML` from the repository root on a free port."""
+    port = _free_port()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "serving.service:DIMML",
+                                 "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def server(bundle, bentoml_home, tmp_path_factory):
+    """The server under test, serving the bundle by its model-store tag; yields its base URL."""
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "DIMML_BUNDLE": f"{MODEL_NAME}:latest",
+           "DIMML_MAX_UPLOAD_MB": str(UPLOAD_LIMIT_MB), "DIMML_MAX_DURATION_S": str(MAX_DURATION_S),
+           "DIMML_MAX_BATCH_SIZE": "8", "DIMML_MAX_LATENCY_MS": "30000", "DIMML_MAX_BATCH_VIDEOS": "6"}
+    proc, url = _start(env, log_path)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"bentoml serve exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready in 120 s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def offline(bundle):
+    """Offline prediction on files: same decoding contract, same bundle, same backend choice."""
+    from dimml.bundle import load_bundle
+    from dimml.media import decode_clip
+    from dimml.predict import Predictor
+
+    predictor = Predictor(load_bundle(bundle))
+    cfg = predictor.preprocess.replace(max_duration_s=MAX_DURATION_S)
+
+    def run(path: Path, audio: Path | None = None) -> dict:
+        clip = decode_clip(path, cfg, audio=audio, allow_missing=True)
+        return predictor.predict_clips([clip])[0]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import bentoml
+
+    with bentoml.SyncHTTPClient(server, timeout=60) as c:
+        yield c
+
+
+def _post(url: str, files, timeout: float = 60) -> httpx.Response:
+    return httpx.post(url, files=files, timeout=timeout)
+
+
+def _file(path: Path, field: str = "video"):
+    return (field, (path.name, path.read_bytes(), "application/octet-stream"))
+
+
+def assert_same_answer(got: dict, want: dict) -> None:
+    """Server answer == offline answer (labels, modalities exact; numbers up to the float noise
+    of a different batch composition, far below what any preprocessing difference causes)."""
+    assert got["label"] == want["label"]
+    assert got["modalities_used"] == want["modalities_used"]
+    assert got["model"] == want["model"] and got["backend"] == want["backend"]
+    assert list(got["probabilities"]) == list(want["probabilities"])
+    np.testing.assert_allclose(list(got["probabilities"].values()),
+                               list(want["probabilities"].values()), rtol=1e-5, atol=1e-6)
+    assert set(got["branches"]) == set(want["branches"])
+    for b, g in got["branches"].items():
+        np.testing.assert_allclose([g["weight"], g["certainty"]],
+                                   [want["branches"][b]["weight"], want["branches"][b]["certainty"]],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def assert_well_formed(answer: dict) -> None:
+    """Weights sum to 1; probabilities = softmax(sum_i w_i z_i) with z_i recovered from each branch."""
+    branches = answer["branches"]
+    assert math.isclose(sum(b["weight"] for b in branches.values()), 1.0, abs_tol=1e-9)
+    # log-probabilities equal logits up to a per-branch constant, which softmax removes
+    z = sum(b["weight"] * np.log(np.clip(list(b["probabilities"].values()), 1e-300, None))
+            for b in branches.values())
+    p = np.exp(z - z.max())
+    np.testing.assert_allclose(list(answer["probabilities"].values()), p / p.sum(), atol=1e-6)
+    assert answer["label"] == max(answer["probabilities"], key=answer["probabilities"].get)
+
+
+# ---------------------------------------------------------------------------------------
+# answers
+
+def test_predict_with_typed_client_matches_offline(client, media, offline):
+    got = client.predict(video=media["av"])
+    assert got["modalities_used"] == ["audio", "visual"]
+    assert set(got["branches"]) == {"audio", "visual", "fusion"}
+    assert_well_formed(got)
+    assert_same_answer(got, offline(media["av"]))
+
+
+def test_predict_av_raw_multipart_matches_offline(server, media, offline):
+    r = _post(f"{server}/predict_av", [_file(media["silent"], "video"), _file(media["wav"], "audio")])
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["modalities_used"] == ["audio", "visual"]
+    assert_well_formed(got)
+    assert_same_answer(got, offline(media["silent"], audio=media["wav"]))
+
+
+def test_predict_batch_keeps_order_and_mixes_modalities(client, server, media, offline):
+    order = ["av2", "silent", "av", "wav", "av2"]
+    got = client.predict_batch(videos=[media[k] for k in order])
+    assert len(got) == len(order)
+    for k, answer in zip(order, got):
+        assert_well_formed(answer)
+        assert_same_answer(answer, offline(media[k]))
+    # the same request as raw multipart (repeated field) gives the same answers
+    r = _post(f"{server}/predict_batch", [_file(media[k], "videos") for k in order])
+    assert r.status_code == 200, r.text
+    for a, b in zip(r.json(), got):
+        assert_same_answer(a, b)
+
+
+@pytest.mark.parametrize("key,used", [("silent", ["visual"]), ("wav", ["audio"])])
+def test_one_modality_is_answered_by_its_branch_alone(server, media, offline, key, used):
+    r = _post(f"{server}/predict", [_file(media[key])])
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["modalities_used"] == used
+    assert list(got["branches"]) == used and got["branches"][used[0]]["weight"] == 1.0
+    np.testing.assert_allclose(list(got["probabilities"].values()),
+                               list(got["branches"][used[0]]["probabilities"].values()), rtol=1e-12)
+    assert_same_answer(got, offline(media[key]))
+
+
+def test_32_concurrent_requests_all_succeed(server, media, offline):
+    keys = ["av", "av2", "silent", "wav"] * 8
+    want = {k: offline(media[k]) for k in set(keys)}
+
+    def call(k: str) -> tuple[str, httpx.Response]:
+        return k, _post(f"{server}/predict", [_file(media[k])], timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(call, keys))
+    assert [r.status_code for _, r in results] == [200] * 32, [r.text for _, r in results if r.status_code != 200]
+    for k, r in results:
+        assert_same_answer(r.json(), want[k])
+
+
+# ---------------------------------------------------------------------------------------
+# bad input: 4xx JSON naming the cause, and the server keeps serving
+
+@pytest.mark.parametrize("key,cause,words", [
+    ("empty", "empty", "empty file"),
+    ("garbage", "not_media", "not a decodable media file"),
+    ("truncated", "not_media", "not a decodable media file"),
+    ("long", "too_long", "exceeds the maximum"),
+])
+def test_bad_media_is_a_422_naming_file_and_cause(server, media, key, cause, words):
+    r = _post(f"{server}/predict", [_file(media[key])])
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["cause"] == cause
+    assert words in body["error"] and media[key].name in body["error"]
+
+
+def test_bad_file_in_a_batch_is_named(server, media):
+    r = _post(f"{server}/predict_batch", [_file(media[k], "videos") for k in ("av", "garbage", "empty")])
+    assert r.status_code == 422
+    assert r.json()["cause"] == "not_media" and "videos[1] 'garbage.mp4'" in r.json()["error"]
+
+
+def test_too_many_files_in_a_batch_is_413(server, media):
+    r = _post(f"{server}/predict_batch", [_file(media["wav"], "videos")] * 7)
+    assert r.status_code == 413 and r.json()["cause"] == "too_many_files"
+    assert "at most 6" in r.json()["error"]
+
+
+def test_predict_av_needs_audio_in_the_audio_file(server, media):
+    r = _post(f"{server}/predict_av", [_file(media["av"], "video"), _file(media["silent"], "audio")])
+    assert r.status_code == 422
+    assert r.json()["cause"] == "no_audio" and "silent.mp4" in r.json()["error"]
+
+
+def test_oversize_upload_is_413_before_reading(server, media):
+    r = _post(f"{server}/predict", [_file(media["big"])])
+    assert r.status_code == 413 and r.json()["cause"] == "too_large"
+    assert "upload limit" in r.json()["error"]
+
+
+def test_oversize_chunked_upload_is_cut_off(server, media):
+    """No Content-Length: the guard counts the streamed body and stops at the limit."""
+    boundary = "dimmltestboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"video\"; filename=\"big.mp4\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode()
+    payload = media["big"].read_bytes()
+
+    def body():
+        yield head
+        for i in range(0, len(payload), 64 * 1024):
+            yield payload[i:i + 64 * 1024]
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = httpx.post(f"{server}/predict", content=body(), timeout=60,
+                   headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert r.request.headers.get("transfer-encoding") == "chunked"
+    assert r.status_code == 413 and r.json()["cause"] == "too_large"
+
+
+def test_server_side_paths_are_never_opened(server, media):
+    """A JSON string (or a text form field) naming a file on the server is refused, not read."""
+    secret = str(media["av"])   # a real, decodable file on the server's disk
+    r = httpx.post(f"{server}/predict", json={"video": secret}, timeout=30)
+    assert 400 <= r.status_code < 500 and "label" not in r.json()
+    assert "multipart/form-data" in r.json()["error"]
+    r = httpx.post(f"{server}/predict", data={"video": secret}, files=[_file(media["wav"], "other")],
+                   timeout=30)
+    assert r.status_code == 400 and r.json()["cause"] == "not_a_file"
+    r = httpx.post(f"{server}/predict_batch", json={"videos": [secret]}, timeout=30)
+    assert 400 <= r.status_code < 500 and isinstance(r.json(), dict) and "label" not in r.text
+
+
+def test_typed_client_sees_4xx_errors(client, media):
+    import bentoml
+
+    with pytest.raises(bentoml.exceptions.BentoMLException) as e:
+        client.predict(video=media["garbage"])
+    assert e.value.error_code == 422 and "not_media" in str(e.value)
+
+
+def test_still_serving_after_bad_requests(client, server, media, offline):
+    """Runs after the error tests (file order): the same server still answers correctly."""
+    assert httpx.get(f"{server}/readyz", timeout=10).status_code == 200
+    assert_same_answer(client.predict(video=media["av2"]), offline(media["av2"]))
+
+
+# ---------------------------------------------------------------------------------------
+# metadata, readiness, metrics, build
+
+def test_metadata_reports_model_and_backend(client, bundle):
+    from dimml.engines import open_engine
+
+    meta = client.metadata()
+    assert meta["backend"] == open_engine(str(bundle)).backend
+    assert meta["tag"].startswith(f"{MODEL_NAME}:")
+    assert meta["classes"] == ["bark", "chime", "drum"]
+    assert meta["limits"]["max_upload_bytes"] == UPLOAD_LIMIT_MB * 2**20
+    assert meta["batching"]["max_batch_size"] == 8
+
+
+def test_metrics_expose_requests_latency_and_inference_time(server, client, media):
+    client.predict(video=media["av"])
+    text = httpx.get(f"{server}/metrics", timeout=10).text
+    backend = client.metadata()["backend"]
+    assert re.search(r'bentoml_service_request_total\{[^}]*endpoint="/predict"[^}]*http_response_code="200"', text)
+    assert re.search(r'bentoml_service_request_duration_seconds_bucket\{[^}]*endpoint="/predict"', text)
+    m = re.search(rf'dimml_inference_seconds_count\{{backend="{re.escape(backend)}"\}} (\S+)', text)
+    assert m and float(m.group(1)) >= 1
+
+
+def test_bentoml_build_from_repo_root(tmp_path):
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home")}
+    r = subprocess.run([str(BIN / "bentoml"), "build", "--output", "tag"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    src = next((tmp_path / "home" / "bentos" / "dimml").glob("*/src"))
+    assert (src / "serving" / "service.py").is_file() and (src / "dimml" / "media.py").is_file()
+    assert not (src / ".venv").exists() and not (src / "tests").exists()
+
+
+def test_never_ready_without_a_model(tmp_path, bentoml_home):
+    """A bundle that cannot load: the entry service is alive, /readyz stays 503, the log says why."""
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "DIMML_BUNDLE": str(tmp_path / "no-bundle")}
+    log_path = tmp_path / "serve.log"
+    proc, url = _start(env, log_path)
+    try:
+        deadline = time.monotonic() + 60
+        while "no such bundle folder" not in log_path.read_text(errors="replace"):
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.3)
+        while True:
+            try:
+                if httpx.get(f"{url}/livez", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.3)
+        for _ in range(3):
+            assert httpx.get(f"{url}/readyz", timeout=10).status_code == 503
+            time.sleep(0.5)
+    finally:
+        _stop(proc)
