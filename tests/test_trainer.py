@@ -1,0 +1,231 @@
+"""The trainer end to end on a synthetic corpus (tiny preset, CPU): every method learns, the run
+folder and report, the certainty weighting by hand, reproducibility, SIGKILL + resume, DDP with
+gloo, re-evaluation, and DI-MML against joint training on an imbalanced corpus."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.cli import main as cli_main
+from training.evaluate import collect, macro_f1
+from training.methods import REGISTRY
+from training.run import load_run
+from training.synth import SynthConfig, synthesize
+from training.trainer import TrainConfig, fit, make_loader, prepare_data
+
+K = 4
+# Clean audio, weaker video: the imbalance of the papers. 20 clips per class: 11 train, 3 val, 6 test.
+CORPUS = SynthConfig(classes=K, per_class=20, audio_noise=0.0, visual_noise=0.2, val_frac=0.15, test_frac=0.3)
+# Enough tiny-preset training for the modality competition to show (seconds per run).
+BASE = dict(preset="tiny", batch_size=8, lr=0.02, epochs=12, lr_step_epoch=9, stage2_epochs=4)
+SHORT = dict(BASE, epochs=6, lr_step_epoch=5, stage2_epochs=3)
+CLI_BASE = ["--preset", "tiny", "--batch-size", "8", "--lr", "0.02", "--epochs", "12", "--lr-step-epoch", "9",
+            "--stage2-epochs", "4", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    synthesize(root, CORPUS, workers=2, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tmp_path_factory):
+    """Trained runs shared between tests, by (method, settings)."""
+    base = tmp_path_factory.mktemp("runs")
+    done: dict = {}
+
+    def train(method: str, settings: str = "base", **extra) -> tuple[Path, dict]:
+        key = (method, settings, tuple(sorted(extra.items())))
+        if key not in done:
+            out = base / f"{method}-{settings}-{len(done)}"
+            kw = {**(BASE if settings == "base" else SHORT), **extra}
+            report = fit(TrainConfig(data=str(corpus), out=str(out), method=method, **kw), progress=False)
+            done[key] = (out, report)
+        return done[key]
+
+    return train
+
+
+def primary(report: dict) -> dict:
+    return report["metrics"][report["primary"]]
+
+
+# ---------------------------------------------------------------------------------------
+
+def test_defaults_are_the_papers():
+    c = TrainConfig(data="d", out="o").resolve()
+    assert (c.epochs, c.lr, c.momentum, c.weight_decay, c.lr_step_epoch, c.lr_gamma, c.batch_size) == \
+        (150, 1e-3, 0.9, 1e-4, 70, 0.1, 16)
+    assert (c.stage2_epochs, c.stage2_lr, c.stage2_step) == (20, 1e-3, 10)
+    assert c.method == "dimml" and c.fusion == "concat" and c.lw_temperature is None
+    with pytest.raises(ValueError, match="preset"):
+        TrainConfig(data="d", out="o", preset="huge").resolve()
+    with pytest.raises(ValueError, match="amp"):
+        TrainConfig(data="d", out="o", amp="fp8").resolve()
+    with pytest.raises(ValueError, match="preprocessing field"):
+        TrainConfig(data="d", out="o", preprocess={"fps": 3}).resolve()
+
+
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_every_method_beats_chance(runs, method):
+    settings = "base" if method in ("dimml", "joint") else "short"   # those two are shared
+    out, report = runs(method, settings)
+    n = report["sizes"]["test"]
+    assert n == 6 * K
+    assert primary(report)["accuracy"] >= 2 / K, report["metrics"]   # chance is 1/K
+    assert report["metrics"]["probe"]["audio"] >= 2 / K
+    assert (out / "model.pt").is_file() and not (out / "checkpoint.pt").exists()
+
+
+def test_run_folder_report_and_log(runs):
+    out, report = runs("dimml")
+    for name in ("config.json", "model.pt", "report.json", "metrics.csv", "curves.png", "confusion.png", "train.log"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "report.json").read_text()) == report
+    m = report["metrics"]
+    assert set(m) == {"fused", "weighted", "audio", "visual", "probe"}
+    for name in ("fused", "weighted", "audio", "visual"):
+        assert set(m[name]) == {"accuracy", "macro_f1", "ece"} and 0 <= m[name]["ece"] <= 1
+    assert report["primary"] == "weighted" and report["lw_temperature"] > 0
+    assert report["lw_temperature_source"] == "val"
+    assert sum(map(sum, report["confusion"])) == report["sizes"]["test"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "dimml" and config["inference"] == "weighted"
+    assert config["hparams"]["warmup"] == 2 and config["train"]["epochs"] == 12   # resolved: 20/150 of 12
+    run = load_run(out)
+    assert run.lw_temperature == report["lw_temperature"] and run.classes == [f"class{k}" for k in range(K)]
+    rows = (out / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert len(rows) == 1 + 12 + 4
+    assert {"loss_audio", "loss_visual", "loss_fused", "train_acc_audio", "val_acc_fusion", "duc_audio"} <= set(header)
+    assert "dimension separation at epoch 2" in (out / "train.log").read_text()
+    # a method without weighting reports the fused output only, its heads being probes
+    _, joint = runs("joint")
+    assert joint["primary"] == "fused" and "weighted" not in joint["metrics"] and joint["lw_temperature"] is None
+    assert joint["unimodal_heads"] == "probe"
+    assert joint["metrics"]["visual"]["accuracy"] == joint["metrics"]["probe"]["visual"]
+
+
+def test_weighted_output_equals_a_hand_computation(runs, corpus):
+    out, report = runs("dimml")
+    run = load_run(out)
+    data = prepare_data(TrainConfig(data=str(corpus), out=str(out), preset="tiny"), run.preprocess, progress=False)
+    o = collect(run.model, make_loader(data, "test", 16, 0, False), torch.device("cpu"))
+    t = report["lw_temperature"]
+    preds = []
+    for j in range(len(o.labels)):
+        z = {b: o.logits[b][j].double().tolist() for b in ("audio", "visual", "fusion")}
+        c = {}
+        for b, zb in z.items():   # Eq. 8: certainty = max softmax
+            e = [math.exp(v - max(zb)) for v in zb]
+            c[b] = max(e) / sum(e)
+        w = {b: math.exp(c[b] / t) / sum(math.exp(c[x] / t) for x in c) for b in c}   # Eq. 9
+        weighted = [sum(w[b] * z[b][k] for b in z) for k in range(K)]
+        preds.append(max(range(K), key=lambda k: weighted[k]))
+    pred = torch.tensor(preds)
+    assert report["metrics"]["weighted"]["accuracy"] == pytest.approx(float((pred == o.labels).double().mean()))
+    assert report["metrics"]["weighted"]["macro_f1"] == pytest.approx(macro_f1(pred, o.labels, K))
+
+
+def test_cpu_runs_are_reproducible(runs):
+    out_a, a = runs("dimml")
+    out_b, b = runs("dimml", seed=0)   # same config, trained again
+    assert out_a != out_b and a["metrics"] == b["metrics"] and a["lw_temperature"] == b["lw_temperature"]
+    wa, wb = (torch.load(p / "model.pt", weights_only=True) for p in (out_a, out_b))
+    assert all(torch.equal(wa[m][k], wb[m][k]) for m in wa for k in wa[m])
+
+
+def test_dimml_weak_modality_probe_at_least_joint(runs):
+    """Visual is the weak modality here: joint training starves its encoder, DI-MML does not."""
+    _, joint = runs("joint")
+    _, dimml = runs("dimml")
+    assert dimml["metrics"]["probe"]["visual"] >= joint["metrics"]["probe"]["visual"], (dimml, joint)
+
+
+def _fit_cmd(corpus: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "training", "fit", "--data", str(corpus), "--out", str(out), "--method", "dimml",
+            *CLI_BASE]
+
+
+def test_sigkill_mid_run_then_resume(runs, corpus, tmp_path):
+    _, reference = runs("dimml")
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_fit_cmd(corpus, out), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists():
+        assert proc.poll() is None, "fit exited before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint after 120 s"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "report.json").exists(), "the run finished before it could be killed"
+    again = subprocess.run(_fit_cmd(corpus, out), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed at epoch" in again.stderr
+    resumed = json.loads((out / "report.json").read_text())
+    assert resumed["metrics"] == reference["metrics"]     # a resumed run equals an uninterrupted one
+    assert not (out / "checkpoint.pt").exists()
+    third = subprocess.run(_fit_cmd(corpus, out), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0 and "already finished" in third.stderr
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_with_gloo(corpus, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training",
+           "fit", "--data", str(corpus), "--out", str(out), "--method", "dimml", "--preset", "tiny",
+           "--batch-size", "8", "--epochs", "2", "--stage2-epochs", "1", "--set", "warmup=1", "--no-progress"]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = (out / "train.log").read_text()
+    assert "2 process(es)" in log and "dimension separation at epoch 1" in log
+    report = json.loads((out / "report.json").read_text())
+    assert report["sizes"]["test"] == 6 * K and "weighted" in report["metrics"]
+
+
+def test_evaluate_command_reproduces_the_report(runs, corpus, tmp_path, capsys):
+    import shutil
+    src, report = runs("dimml")
+    run = tmp_path / "copy"
+    shutil.copytree(src, run)
+    (run / "report.json").unlink()
+    assert cli_main(["evaluate", "--run", str(run), "--data", str(corpus)]) == 0
+    again = json.loads((run / "report.json").read_text())
+    assert again["metrics"] == report["metrics"] and again["lw_temperature"] == report["lw_temperature"]
+    assert "weighted" in capsys.readouterr().out
+
+
+def test_cli_rejects_bad_input_clearly(corpus, tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert cli_main(["fit", "--data", str(corpus), "--out", out, "--method", "nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert cli_main(["fit", "--data", str(corpus), "--out", out, "--preset", "tiny", "--set", "lambda_x=1"]) == 2
+    assert "no hyper-parameter(s) ['lambda_x']" in capsys.readouterr().err
+    assert cli_main(["fit", "--data", str(tmp_path / "missing"), "--out", out]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert cli_main(["fit", "--data", str(corpus), "--out", out, "--method", "preds-avg", "--fusion", "film"]) == 2
+    assert "fusion" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_compile_run(corpus, tmp_path):
+    from training.augment import augment_frames
+    frames = torch.randint(0, 256, (4, 2, 32, 32, 3), dtype=torch.uint8)
+    cpu = augment_frames(frames, generator=torch.Generator().manual_seed(3))
+    gpu = augment_frames(frames.cuda(), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-2, rtol=0)   # same crops on either device
+    report = fit(TrainConfig(data=str(corpus), out=str(tmp_path / "gpu"), method="dimml", device="cuda",
+                             **{**SHORT, "amp": "bf16", "compile": "on"}), progress=False)
+    assert primary(report)["accuracy"] >= 2 / K

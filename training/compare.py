@@ -1,0 +1,185 @@
+"""`python -m training compare`: every method under one budget, tabled like the DI-MML paper.
+
+Table 2 layout: per method, audio / visual / multimodal test accuracy (mean +- std over seeds).
+Unimodal accuracy is the method's own head for detached methods (their encoders never saw the
+other modality's objective) and the linear probe of the frozen encoder for the others (joint,
+MLB, DGL), as the papers measure modality competition. Multimodal accuracy is the method's
+final output: certainty-weighted where the method weights, else the fusion head.
+
+Table 3 (ablation) reuses runs: TS = `mmclf`, + S-Clf = `dimml-sclf`, + DUC = `dimml`'s fusion
+output, + LW = `dimml`'s weighted output (the last two differ only at inference).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from training.run import atomic_write_bytes, atomic_write_json
+
+ABLATION = [  # (row, TS, S-Clf, DUC, LW, method run, output)
+    ("Joint", "", "", "", "", "joint", "fused"),
+    ("TS (MM Clf)", "x", "", "", "", "mmclf", "fused"),
+    ("TS + S-Clf", "x", "x", "", "", "dimml-sclf", "fused"),
+    ("TS + S-Clf + DUC", "x", "x", "x", "", "dimml", "fused"),
+    ("TS + S-Clf + DUC + LW", "x", "x", "x", "x", "dimml", "weighted"),
+]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="train several methods on one corpus and table the results")
+    p.add_argument("--data", required=True, help="dataset folder or manifest")
+    p.add_argument("--methods", default="unimodal,joint,mlb,dgl,dimml",
+                   help="comma-separated registered methods (default: %(default)s)")
+    p.add_argument("--ablation", action="store_true",
+                   help="also train mmclf and dimml-sclf for the Table 3 ablation")
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..n-1 per method (default 1)")
+    p.add_argument("--out", required=True, help="output folder: runs/, compare.{md,json,png}")
+    p.add_argument("--preset", default="resnet18", choices=["resnet18", "tiny"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--epochs", type=int, help="stage-1 epochs for every method (same budget)")
+    p.add_argument("--stage2-epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def method_list(args: argparse.Namespace) -> list[str]:
+    from training.methods import get_method
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.ablation:
+        methods += [m for m in ("joint", "mmclf", "dimml-sclf", "dimml") if m not in methods]
+    for m in methods:
+        get_method(m)   # unknown names fail before any training
+    return methods
+
+
+def is_detached(method: str) -> bool:
+    """Encoders trained without a shared multimodal objective (DI-MML family, unimodal)."""
+    from training.methods import get_method
+
+    return "joint" not in get_method(method).stages
+
+
+def row_of(method: str, report: dict[str, Any]) -> dict[str, float]:
+    """Audio, visual, multimodal accuracy of one run, Table 2 style."""
+    m = report["metrics"]
+    if is_detached(method):
+        audio, visual = m["audio"]["accuracy"], m["visual"]["accuracy"]
+    else:
+        audio, visual = m["probe"]["audio"], m["probe"]["visual"]
+    final = "weighted" if m.get("weighted") and report.get("primary", "fused") == "weighted" else "fused"
+    return {"audio": audio, "visual": visual, "multi": m[final]["accuracy"],
+            "probe_audio": m["probe"]["audio"], "probe_visual": m["probe"]["visual"]}
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def fmt(xs: list[float]) -> str:
+    m, s = mean_std([100 * x for x in xs])
+    return f"{m:.2f} ± {s:.2f}" if len(xs) > 1 else f"{m:.2f}"
+
+
+def train_all(args: argparse.Namespace, methods: list[str]) -> dict[str, list[dict]]:
+    """Fit (or resume, or reuse) every (method, seed) run; return their reports."""
+    from training.trainer import TrainConfig, fit
+
+    reports: dict[str, list[dict]] = {m: [] for m in methods}
+    base = TrainConfig(data=args.data, out="", preset=args.preset, device=args.device)
+    for field in ("epochs", "stage2_epochs", "batch_size", "lr", "workers"):
+        if getattr(args, field) is not None:
+            base = replace(base, **{field: getattr(args, field)})
+    for method in methods:
+        for seed in range(args.seeds):
+            run_dir = Path(args.out) / "runs" / f"{method}-seed{seed}"
+            report_path = run_dir / "report.json"
+            if not report_path.is_file():
+                print(f"== {method}, seed {seed} -> {run_dir}", flush=True)
+                fit(replace(base, out=str(run_dir), method=method, seed=seed), progress=not args.quiet)
+            reports[method].append(json.loads(report_path.read_text()))
+    return reports
+
+
+def tables(reports: dict[str, list[dict]], seeds: int) -> tuple[str, dict]:
+    """Markdown (Table 2 + Table 3 where available) and the JSON summary."""
+    summary: dict[str, Any] = {"seeds": seeds, "methods": {}, "ablation": []}
+    lines = ["## Method comparison (test accuracy, %)", "",
+             "| Method | Audio | Visual | Multimodal | probe Audio | probe Visual |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for method, runs in reports.items():
+        rows = [row_of(method, r) for r in runs]
+        cols = {k: [r[k] for r in rows] for k in rows[0]}
+        summary["methods"][method] = {k: dict(zip(("mean", "std"), mean_std(v))) | {"values": v}
+                                      for k, v in cols.items()}
+        tag = "" if is_detached(method) else " (probe)"
+        lines.append(f"| {method}{tag} | {fmt(cols['audio'])} | {fmt(cols['visual'])} | {fmt(cols['multi'])} | "
+                     f"{fmt(cols['probe_audio'])} | {fmt(cols['probe_visual'])} |")
+    ablation = [a for a in ABLATION if a[5] in reports]
+    if len(ablation) > 1:
+        lines += ["", "## Ablation (DI-MML Table 3 layout; multimodal test accuracy, %)", "",
+                  "| Row | TS | S-Clf | DUC | LW | Audio | Visual | Multimodal |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name, ts, s, d, lw, method, output in ablation:
+            runs = reports[method]
+            multi = [r["metrics"][output]["accuracy"] for r in runs if r["metrics"].get(output)]
+            if not multi:
+                continue
+            audio = [row_of(method, r)["audio"] for r in runs]
+            visual = [row_of(method, r)["visual"] for r in runs]
+            summary["ablation"].append({"row": name, "method": method, "output": output,
+                                        "multi": dict(zip(("mean", "std"), mean_std(multi)))})
+            lines.append(f"| {name} | {ts} | {s} | {d} | {lw} | {fmt(audio)} | {fmt(visual)} | {fmt(multi)} |")
+    if seeds > 1:
+        lines += ["", f"mean ± sample standard deviation over {seeds} seeds."]
+    return "\n".join(lines) + "\n", summary
+
+
+def bar_chart(summary: dict, path: Path) -> None:
+    """Grouped bars: audio, visual, multimodal accuracy per method, std as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods = list(summary["methods"])
+    keys = [("audio", "audio"), ("visual", "visual"), ("multi", "multimodal")]
+    x = np.arange(len(methods))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(methods)), 4))
+    for i, (k, label) in enumerate(keys):
+        means = [100 * summary["methods"][m][k]["mean"] for m in methods]
+        stds = [100 * summary["methods"][m][k]["std"] for m in methods]
+        ax.bar(x + (i - 1) * 0.27, means, 0.27, yerr=stds, capsize=3, label=label)
+    ax.set_xticks(x, methods)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    methods = method_list(args)
+    if args.seeds < 1:
+        raise SystemExit("error: --seeds must be >= 1")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    reports = train_all(args, methods)
+    md, summary = tables(reports, args.seeds)
+    summary["config"] = {k: v for k, v in vars(args).items() if k != "func"}
+    atomic_write_bytes(out / "compare.md", md.encode())
+    atomic_write_json(out / "compare.json", summary)
+    bar_chart(summary, out / "compare.png")
+    print(md)
+    print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
+    return 0

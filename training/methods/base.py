@@ -1,0 +1,241 @@
+"""The Method interface: what one training method (DI-MML, joint, MLB, DGL, ...) is to the trainer.
+
+A method owns its losses and gradient routing; the trainer owns everything else (data,
+augmentation, optimiser, schedule, AMP, DDP, checkpoints, logging, evaluation). Per stage:
+
+    trainable(stage)   {name: module} trained in this stage (the trainer wraps each in DDP,
+                       puts it in train mode and gives it requires_grad; all else is eval/frozen)
+    param_groups(stage) named SGD parameter groups (default: one per trainable module)
+    on_epoch_start(stage, epoch, ctx)   e.g. DI-MML's dimension separation
+    step(stage, batch, nets) -> StepResult   the loss terms; the trainer back-propagates their
+                       sum once and takes one optimiser step. `nets` = self.nets(stage, wrap):
+                       every module by name, the trainable ones DDP-wrapped / compiled.
+    lr_scales()        per-step learning-rate multipliers by group name (MLB), read after backward
+    finalize(ctx) -> AVModel   the exported audio/visual branches and fusion head
+
+Gradient isolation is expressed with `.detach()` and `torch.no_grad()` inside `step`, so the
+single backward of the summed terms gives every parameter exactly its intended gradient.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Protocol
+
+import torch
+import torch.nn as nn
+
+from training.models import FUSIONS, AVModel, ConcatFusion, FusionHead, SumFusion
+
+MODALITIES = ("audio", "visual")
+OUTPUTS = ("audio", "visual", "fusion")
+
+
+@dataclass
+class Batch:
+    """One training batch on the device."""
+
+    audio: torch.Tensor    # spectrograms float32 [B, 1, F, T]
+    visual: torch.Tensor   # frames [B, N, H, W, 3]: uint8, or float pixels after augmentation
+    label: torch.Tensor    # int64 [B]
+
+
+@dataclass
+class StepResult:
+    """What a method's step produced."""
+
+    losses: dict[str, torch.Tensor]                       # terms; their sum is back-propagated
+    logits: dict[str, torch.Tensor]                       # output name -> [B, K] (train accuracy)
+    logs: dict[str, Any] = field(default_factory=dict)    # extra per-step scalars (floats or 0-d tensors)
+
+
+class Context(Protocol):
+    """What the trainer offers a method outside `step`."""
+
+    num_classes: int
+    device: torch.device
+
+    def features(self, split: str) -> dict[str, torch.Tensor]:
+        """{"audio": [N, D], "visual": [N, D], "labels": [N]} of a split (eval mode, no augmentation,
+        CPU) on rank 0; None on the other ranks (share results with `broadcast`)."""
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's object on every rank (identity without DDP)."""
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (identity without DDP)."""
+
+    def log(self, msg: str) -> None:
+        """A line for the user and RUN/train.log (rank 0 only)."""
+
+
+@dataclass
+class HParams:
+    """Base of a method's hyper-parameters; `resolve` fills defaults that depend on the run."""
+
+    def resolve(self, epochs: int) -> None:
+        """Fill None fields from the number of stage-1 epochs (default: nothing to fill)."""
+
+
+@dataclass
+class NoHParams(HParams):
+    pass
+
+
+class Method:
+    """Base class; see the module docstring. Subclasses set the ClassVars and `register` themselves."""
+
+    name: ClassVar[str] = ""
+    stages: ClassVar[tuple[str, ...]] = ()
+    hparams_cls: ClassVar[type[HParams]] = NoHParams
+    defaults: ClassVar[dict[str, Any]] = {}       # hyper-parameter defaults of this variant
+    weighting: ClassVar[bool] = False             # final output = certainty-aware weighting (Eq. 8-9)
+    fusions: ClassVar[tuple[str, ...]] = FUSIONS  # fusion heads the method can export
+    description: ClassVar[str] = ""
+
+    def __init__(self, model: AVModel, hp: HParams, num_classes: int):
+        self.model, self.hp, self.num_classes = model, hp, num_classes
+        self.extras: dict[str, nn.Module] = {}    # trained but not exported (e.g. DI-MML's S-Clf)
+        self.unimodal_heads = "trained"           # how finalize obtains the exported unimodal heads
+
+    @classmethod
+    def make_hparams(cls, overrides: dict[str, Any] | None = None, epochs: int | None = None) -> HParams:
+        """Hyper-parameters: dataclass defaults < this variant's defaults < overrides; then resolved."""
+        known = {f.name for f in dataclasses.fields(cls.hparams_cls)}
+        unknown = set(overrides or {}) - known
+        if unknown:
+            raise ValueError(f"method {cls.name!r} has no hyper-parameter(s) {sorted(unknown)}; "
+                             f"it has {sorted(known) or 'none'}")
+        hp = cls.hparams_cls(**{**cls.defaults, **(overrides or {})})
+        if epochs is not None:
+            hp.resolve(epochs)
+        return hp
+
+    # ----- structure
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Every module with state (checkpointed, moved to the device)."""
+        return {**self.model.modules(), **self.extras}
+
+    def trainable(self, stage: str) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def nets(self, stage: str, wrap: Callable[[nn.Module], Callable] | None = None) -> dict[str, Callable]:
+        """What `step` calls: every module by name, the stage's trainable ones through `wrap` (DDP, compile)."""
+        out: dict[str, Callable] = dict(self.modules())
+        for name, m in self.trainable(stage).items():
+            out[name] = wrap(m) if wrap else m
+        return out
+
+    def param_groups(self, stage: str) -> list[dict]:
+        return [{"name": n, "params": list(m.parameters())} for n, m in self.trainable(stage).items()]
+
+    def outputs(self, stage: str) -> tuple[str, ...]:
+        """Outputs meaningful after this stage (tracked as train/val accuracy)."""
+        return OUTPUTS
+
+    # ----- training
+
+    def on_epoch_start(self, stage: str, epoch: int, ctx: Context) -> None:
+        pass
+
+    def step(self, stage: str, batch: Batch, nets: dict[str, Callable]) -> StepResult:
+        raise NotImplementedError
+
+    def lr_scales(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state beyond module weights (checkpointed)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def finalize(self, ctx: Context) -> AVModel:
+        return self.model
+
+
+# ---------------------------------------------------------------------------------------
+# registry: every module of this package registers its methods on import
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if not cls.name or cls.name in REGISTRY:
+        raise ValueError(f"method name {cls.name!r} is empty or taken")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+# ---------------------------------------------------------------------------------------
+# helpers shared by methods
+
+def ce(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy in float32 (logits may be bf16 under autocast)."""
+    return nn.functional.cross_entropy(logits.float(), label)
+
+
+def true_class_probs(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """[B] softmax probability of the true class."""
+    return logits.detach().float().softmax(dim=1).gather(1, label[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def set_linear(layer: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    layer.weight.copy_(weight.to(layer.weight))
+    layer.bias.copy_(bias.to(layer.bias))
+
+
+@torch.no_grad()
+def averaging_fusion(audio_head: nn.Linear, visual_head: nn.Linear, fusion: FusionHead) -> None:
+    """Make `fusion` output the mean of the two heads' logits (Preds-Avg), exactly.
+
+    Concat: fc = [W_a, W_v] / 2, b = (b_a + b_v) / 2. Sum: fc_i = head_i / 2.
+    """
+    wa, ba, wv, bv = audio_head.weight, audio_head.bias, visual_head.weight, visual_head.bias
+    if isinstance(fusion, ConcatFusion):
+        set_linear(fusion.fc, torch.cat([wa, wv], dim=1) / 2, (ba + bv) / 2)
+    elif isinstance(fusion, SumFusion):
+        set_linear(fusion.fc_a, wa / 2, ba / 2)
+        set_linear(fusion.fc_v, wv / 2, bv / 2)
+    else:
+        raise ValueError(f"prediction averaging is exportable as a concat or sum fusion head, not {fusion.kind!r}")
+
+
+@torch.no_grad()
+def zero_modality_head(fusion: FusionHead, side: str, dim: int) -> nn.Linear | None:
+    """The fusion head with the other modality's features set to 0, as a Linear on `side`'s features.
+
+    DGL's unimodal prediction. Exact for fusions affine in one input when the other is 0
+    (concat, sum, FiLM); None when it is not (gated: a sigmoid of the audio features).
+    """
+    p = next(fusion.parameters())
+    zeros = torch.zeros(1, dim, dtype=p.dtype, device=p.device)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        z = torch.zeros_like(x)
+        return fusion(x, z) if side == "audio" else fusion(z, x)
+
+    bias = run(zeros)                                               # [1, K]
+    weight = run(torch.eye(dim, dtype=p.dtype, device=p.device)) - bias   # [D, K]: columns of W^T
+    probe = torch.randn(8, dim, generator=torch.Generator().manual_seed(0)).to(p) * 3
+    if not torch.allclose(run(probe), probe @ weight + bias, rtol=1e-4, atol=1e-4):
+        return None
+    head = nn.Linear(dim, bias.shape[1]).to(p)
+    set_linear(head, weight.T, bias[0])
+    return head
+
+
+@torch.no_grad()
+def fit_probe_heads(model: AVModel, ctx: Context, sides: tuple[str, ...] = MODALITIES) -> None:
+    """Replace the unimodal heads by linear probes fitted on the frozen encoders' train features."""
+    from training.evaluate import fit_probe
+
+    feats = ctx.features("train")
+    for side in sides:
+        probe = fit_probe(feats[side], feats["labels"], ctx.num_classes)
+        head: nn.Linear = getattr(model, side).head
+        set_linear(head, probe.weight, probe.bias)
+
