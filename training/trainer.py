@@ -53,7 +53,7 @@ RUN_FILES = (CHECKPOINT, METRICS, LOG, CONFIG, WEIGHTS, REPORT, "curves.png", "c
 # synthetic corpus in seconds on a CPU.
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     "resnet18": dict(epochs=150, lr=1e-3, stage2_epochs=20),
-    "tiny": dict(epochs=12, lr=2e-2, stage2_epochs=6),
+    "tiny": dict(epochs=30, lr=2e-2, stage2_epochs=10),
 }
 LR_STEP_FRACTION = 70 / 150       # the paper decays after 70 of 150 epochs
 # Fields that may change between a run and its resumption (how, not what, is computed).
