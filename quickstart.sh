@@ -11,7 +11,7 @@ python3 -m venv .venv
 .venv/bin/pip install -q -e .
 PY=.venv/bin/python
 
-$PY -m training synth --out "$OUT/data" --classes 4 --per-class 24 --seed 0
+$PY -m training synth --out "$OUT/data" --classes 4 --per-class 48 --seed 0
 $PY -m training fit --data "$OUT/data" --method dimml --preset tiny --out "$OUT/run"
 $PY -m export bundle --run "$OUT/run" --out "$OUT/bundle"
 $PY -m export verify "$OUT/bundle" --data "$OUT/data"

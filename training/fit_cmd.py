@@ -23,11 +23,11 @@ HELP = {
     "method": "training method (dimml, dimml-duc, dimml-sclf, mmclf, joint, mlb, dgl, unimodal, preds-avg)",
     "preset": "model and preprocessing preset: resnet18 (the paper) or tiny (CPU, seconds)",
     "device": "auto | cpu | cuda | cuda:N",
-    "epochs": "stage-1 / joint epochs (default: 150 for resnet18, 12 for tiny)",
-    "lr": "learning rate (default: 1e-3 for resnet18, 2e-2 for tiny)",
+    "epochs": "stage-1 / joint epochs (default: {epochs})",
+    "lr": "learning rate (default: {lr})",
     "lr_step_epoch": "decay the learning rate x lr_gamma every this many epochs (default: 70/150 of --epochs)",
     "batch_size": "batch size per process (the paper: 16)",
-    "stage2_epochs": "fusion-stage epochs of two-stage methods (default: 20 for resnet18, 6 for tiny)",
+    "stage2_epochs": "fusion-stage epochs of two-stage methods (default: {stage2_epochs})",
     "stage2_lr": "fusion-stage learning rate (default: --lr)",
     "stage2_step": "fusion-stage decay step (default: half of --stage2-epochs)",
     "fusion": "fusion head: concat | sum | film | gated",
@@ -53,12 +53,15 @@ def _type_of(annotation: str):
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, default None (= the config's default)."""
-    from training.trainer import TrainConfig
+    from training.trainer import PRESET_DEFAULTS, TrainConfig
+    # "{epochs}" in a help text -> "150 for resnet18, 30 for tiny", from the presets themselves
+    per_preset = {k: ", ".join(f"{d[k]:g} for {name}" for name, d in PRESET_DEFAULTS.items())
+                  for k in next(iter(PRESET_DEFAULTS.values()))}
     for f in dataclasses.fields(TrainConfig):
         if f.name in NOT_FLAGS:
             continue
         flag, t = "--" + f.name.replace("_", "-"), _type_of(str(f.type))
-        helptext = HELP.get(f.name, f.name.replace("_", " "))
+        helptext = HELP.get(f.name, f.name.replace("_", " ")).format(**per_preset)
         if f.default is not None:
             helptext += f" [default: {f.default}]"
         if t is bool:
