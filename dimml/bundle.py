@@ -20,12 +20,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dimml.config import PreprocessConfig
+from dimml.fileio import atomic_write_json
 
 MANIFEST = "manifest.json"
 FORMAT = "dimml-bundle"
@@ -103,22 +103,8 @@ def write_manifest(folder: str | os.PathLike, fields: dict[str, Any]) -> dict[st
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise BundleError(f"{folder}: manifest lacks {missing}")
-    _atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    atomic_write_json(folder / MANIFEST, manifest)
     return manifest
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)   # mkstemp makes it owner-only; a bundle is read by servers
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass

@@ -56,7 +56,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for c in checks:
         print(c.line())
     if args.report:
-        from training.run import atomic_write_json
+        from dimml.fileio import atomic_write_json
         atomic_write_json(Path(args.report), summary)
     ok = summary["passed"]
     print("parity OK" if ok else "parity FAILED")

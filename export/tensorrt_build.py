@@ -17,6 +17,8 @@ from pathlib import Path
 
 import onnx
 
+from dimml.fileio import atomic_write_bytes
+
 
 @dataclass
 class TrtOptions:
@@ -95,10 +97,7 @@ def build_engine(trt, onnx_path: Path, out_path: Path, opts: TrtOptions, cache_b
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(memoryview(serialized))
-    os.replace(tmp, out_path)
+    atomic_write_bytes(out_path, bytes(memoryview(serialized)))
     return bytes(memoryview(config.get_timing_cache().serialize()))
 
 
@@ -130,10 +129,7 @@ def build_engines(bundle_dir: Path, onnx_files: dict[str, Path], opts: TrtOption
                             "version_compatible": opts.version_compatible})
             if progress is not None:
                 progress.update(1)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_cache = cache_path.with_name(f".{cache_path.name}.tmp")
-    tmp_cache.write_bytes(cache_blob)
-    os.replace(tmp_cache, cache_path)
+    atomic_write_bytes(cache_path, cache_blob)
     return {"version": trt.__version__, "engines": engines}
 
 

@@ -27,12 +27,13 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from dimml.config import PreprocessConfig
+from dimml.fileio import atomic_write_json
 from dimml.media import MediaError, decode_clip
 from training.datasets import DatasetError, Sample, format_list
 
@@ -71,16 +72,6 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp name, fsync, rename)."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class HashIndex:
     """Side index path -> (size, mtime_ns, inode, sha256) kept in the cache folder."""
 
@@ -106,7 +97,7 @@ class HashIndex:
 
     def save(self) -> None:
         if self.dirty:
-            _write_json(self.path, self.entries)
+            atomic_write_json(self.path, self.entries)
             self.dirty = False
 
 
@@ -394,7 +385,7 @@ class _Builder:
                           "audio_path": r.sample.audio_path, "label": r.sample.label} for r in self.rows],
                 "skipped": [{"row": i, "path": self.rows[i].sample.path, "error": e}
                             for i, e in sorted(self.errors.items())]}
-        _write_json(self.tmp / "meta.json", meta)
+        atomic_write_json(self.tmp / "meta.json", meta)
 
 
 def _decode_rows(builder: _Builder, todo: list[int], workers: int, progress: bool) -> None:

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from training.run import atomic_write_bytes, atomic_write_json
+from dimml.fileio import atomic_write_bytes, atomic_write_json
 
 ABLATION = [  # (row, TS, S-Clf, DUC, LW, method run, output)
     ("Joint", "", "", "", "", "joint", "fused"),

@@ -131,7 +131,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate, format_table
     from training.methods import get_method
     from training.plots import plot_confusion
-    from training.run import REPORT, atomic_write_json, load_run
+    from dimml.fileio import atomic_write_json
+    from training.run import REPORT, load_run
     from training.trainer import TrainConfig, make_loader, pick_amp, pick_device, prepare_data
     try:
         run = load_run(args.run)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from training.run import atomic_write_bytes
+from dimml.fileio import atomic_write_bytes
 
 COLOURS = {"audio": "tab:blue", "visual": "tab:orange", "fusion": "tab:green", "fused": "tab:green"}
 

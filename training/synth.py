@@ -35,6 +35,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from dimml.fileio import atomic_path, atomic_write_text
+
 # ---------------------------------------------------------------------------------------
 # writing one media file
 
@@ -400,12 +402,6 @@ def _make_samples(jobs: list[Job], cfg: SynthConfig, out: Path) -> int:
 MANIFEST, CONFIG = "manifest.csv", "synth.json"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def synthesize(out: str | os.PathLike, cfg: SynthConfig = SynthConfig(), *, workers: int = 1,
                force: bool = False, progress: bool = True) -> Path:
     """Write the corpus under `out`; returns the path of its manifest.csv (written last).
@@ -425,7 +421,7 @@ def synthesize(out: str | os.PathLike, cfg: SynthConfig = SynthConfig(), *, work
                               "config; choose another directory or pass --force")
     out.mkdir(parents=True, exist_ok=True)
     manifest.unlink(missing_ok=True)   # from here until the end, the corpus is incomplete
-    _write_atomic(saved, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    atomic_write_text(saved, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     jobs = plan(cfg)
     # every file is written under a temporary name and renamed, so an existing one is complete
@@ -450,12 +446,10 @@ def synthesize(out: str | os.PathLike, cfg: SynthConfig = SynthConfig(), *, work
     names = cfg.class_names
     rows = [{"path": j.path, "label": names[j.label], "split": j.split, "audio_path": j.audio_path}
             for j in sorted(jobs, key=lambda j: j.path)]
-    tmp = manifest.with_name(f".{MANIFEST}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(manifest) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, manifest)
     return manifest
 
 

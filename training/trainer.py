@@ -37,14 +37,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from dimml.config import PREPROCESS_PRESETS, PreprocessConfig
+from dimml.fileio import atomic_write_bytes, atomic_write_json
 from training.augment import augment_frames
 from training.cache import CachedAVDataset, DecodedCache, build_cache, default_cache_dir
 from training.datasets import SPLITS, DatasetError, DatasetSpec, load_dataset
 from training.evaluate import autocast, collect, evaluate, format_table
 from training.methods import Batch, Method, get_method
 from training.models import FUSIONS, build_av_model, build_model_config
-from training.run import (CONFIG, REPORT, WEIGHTS, atomic_torch_save, atomic_write_bytes, atomic_write_json,
-                          run_config_fields, save_run_model)
+from training.run import CONFIG, REPORT, WEIGHTS, atomic_torch_save, run_config_fields, save_run_model
 
 CHECKPOINT, METRICS, LOG = "checkpoint.pt", "metrics.csv", "train.log"
 RUN_FILES = (CHECKPOINT, METRICS, LOG, CONFIG, WEIGHTS, REPORT, "curves.png", "confusion.png")
