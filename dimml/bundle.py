@@ -141,6 +141,11 @@ class Bundle:
         return float(self.manifest["lw_temperature"])
 
     @property
+    def output(self) -> str:
+        """"weighted" (certainty-aware weighting, DI-MML) or "fused" (the fusion head alone)."""
+        return self.manifest.get("output", "weighted")
+
+    @property
     def feature_dim(self) -> int:
         return int(self.manifest["feature_dim"])
 

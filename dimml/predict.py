@@ -11,7 +11,9 @@ Each answer (JSON-ready: str keys, Python floats):
      "modalities_used": ["audio", "visual"],
      "model": {"name": "...", "version": "..."}, "backend": "onnxruntime-cpu"}
 `probabilities` is the softmax of the certainty-weighted logits Z = sum_i w_i z_i (DI-MML
-Eq. 8-9, dimml.weighting); the weights sum to 1. A clip with one modality is answered by
+Eq. 8-9, dimml.weighting); the weights sum to 1. For a bundle whose method answers by its
+fusion head (manifest "output": "fused": joint, MLB, DGL, the ablations) Z is the fusion
+logits, i.e. weight 1 on fusion. A clip with one modality is answered by
 that branch alone (weight 1, no fusion); `branches` then holds that branch only.
 """
 from __future__ import annotations
@@ -71,6 +73,7 @@ class Predictor:
         self.classes = self.bundle.classes
         self.preprocess: PreprocessConfig = self.bundle.preprocess
         self.temperature = self.bundle.temperature
+        self.output = self.bundle.output
 
     @property
     def backend(self) -> str:
@@ -127,6 +130,11 @@ class Predictor:
         if len(modalities) == 2:
             out.logits["fusion"] = self.engine.fusion(out.features["audio"], out.features["visual"])
         out.combined, out.weights, out.certainties = weigh_named(out.logits, self.temperature)
+        if self.output == "fused" and "fusion" in out.logits:
+            # a method whose final output is its fusion head (joint, MLB, DGL, ablations):
+            # report the same certainties, but the answer is the fusion head's alone
+            out.combined = out.logits["fusion"].astype(np.float64)
+            out.weights = {b: np.full(len(out.combined), float(b == "fusion")) for b in out.logits}
         return out
 
     def format(self, out: Outputs) -> list[dict[str, Any]]:

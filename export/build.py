@@ -104,6 +104,8 @@ def build_bundle(run_dir: str | os.PathLike, out: str | os.PathLike, opts: Bundl
             "fusion": run.model_cfg.fusion,
             "method": run.config.get("method"),
             "lw_temperature": run.lw_temperature,
+            # the method's final output: DI-MML weighs the branches, the others answer by fusion
+            "output": (run.report or {}).get("primary", "weighted"),
             "metrics": _metrics(run.report),
             "onnx": {"opset": opts.opset, "exporter": opts.exporter, "modules": modules},
             "torch": torch_files,

@@ -97,6 +97,7 @@ class DIMMLInference:
         return {"model": self.bundle.model_info(), "tag": self.bundle.tag, "backend": self.backend,
                 "classes": self.bundle.classes, "modalities": list(self.bundle.modalities),
                 "fusion": m.get("fusion"), "lw_temperature": self.bundle.temperature,
+                "output": self.bundle.output,
                 "preprocess": self.bundle.preprocess.to_dict(),
                 "batching": {"max_batch_size": SETTINGS.max_batch_size,
                              "max_latency_ms": SETTINGS.max_latency_ms}}

@@ -185,3 +185,24 @@ def test_bad_inputs_are_refused_clearly(predictor, media):
     other = decode_clip(media["av1"], PREPROCESS_PRESETS["resnet18"])
     with pytest.raises(ValueError, match=r"av1\.mp4: spectrogram must be float \[B, 1, 257, 199\]"):
         predictor.predict_clips([other])
+
+
+def test_fused_output_bundle_answers_by_the_fusion_head(run_dir, tmp_path, media):
+    """A run whose final output is its fusion head (report primary "fused") is served as such."""
+    import shutil
+
+    fused_run = tmp_path / "fused-run"
+    shutil.copytree(run_dir, fused_run)
+    (fused_run / "report.json").write_text(json.dumps({"method": "joint", "primary": "fused", "metrics": {}}))
+    bundle = build_bundle(fused_run, tmp_path / "b", BundleOptions(exporter="torchscript"), progress=False)
+    assert json.loads((bundle / "manifest.json").read_text())["output"] == "fused"
+    p = Predictor(bundle, open_engine(bundle, "onnxruntime-cpu"))
+    clip = decode_clip(media["av1"], PP)
+    [got] = p.predict_clips([clip])
+    ref = reference(run_dir, clip.spectrogram[None], clip.frames[None])
+    fusion_probs = softmax(ref["logits"]["fusion"])[0]
+    np.testing.assert_allclose(list(got["probabilities"].values()), fusion_probs, rtol=1e-4, atol=1e-5)
+    assert {b: v["weight"] for b, v in got["branches"].items()} == {"audio": 0.0, "visual": 0.0, "fusion": 1.0}
+    # one modality: still that branch alone
+    [solo] = p.predict_clips([decode_clip(media["audio"], PP, allow_missing=True)])
+    assert solo["modalities_used"] == ["audio"] and solo["branches"]["audio"]["weight"] == 1.0
