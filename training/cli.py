@@ -1,6 +1,7 @@
 """`python -m training` / `dimml-train`: the training-side commands.
 
-Each command lives in its own module exposing `register(subparsers)`, which adds an
+Bad input ends a command with one `error: ...` line and exit code 2 (DIMML_DEBUG=1 shows the
+traceback). Each command lives in its own module exposing `register(subparsers)`, which adds an
 argparse sub-parser whose `func(args) -> int` runs it. Modules are imported lazily so that a
 light command (inspect) does not pay for importing torch.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command name -> module that registers it
@@ -40,7 +42,14 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        # bad input (unknown method, missing files, undecodable media...): one line, no traceback
+        if os.environ.get("DIMML_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

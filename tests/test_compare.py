@@ -1,0 +1,53 @@
+"""`python -m training compare`: several methods, one budget, Table 2/3 layouts, JSON and PNG."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training.synth import SynthConfig, synthesize
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("compare-corpus")
+    synthesize(root, SynthConfig(classes=3, per_class=10, audio_noise=0.1, visual_noise=0.6), progress=False)
+    return root
+
+
+def test_compare_tables_every_method_and_the_ablation(corpus, tmp_path):
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "training", "compare", "--data", str(corpus), "--methods", "unimodal,dimml",
+           "--ablation", "--preset", "tiny", "--epochs", "2", "--stage2-epochs", "1", "--batch-size", "8",
+           "--out", str(out), "--quiet"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "compare.json").read_text())
+    # --ablation adds joint, mmclf and dimml-sclf; dimml is trained once and serves two rows
+    assert list(summary["methods"]) == ["unimodal", "dimml", "joint", "mmclf", "dimml-sclf"]
+    for method, cols in summary["methods"].items():
+        report = json.loads((out / "runs" / f"{method}-seed0" / "report.json").read_text())
+        m = report["metrics"]
+        detached = method != "joint"
+        assert cols["audio"]["values"] == [m["audio"]["accuracy"] if detached else m["probe"]["audio"]]
+        final = "weighted" if report["primary"] == "weighted" else "fused"
+        assert cols["multi"]["values"] == [m[final]["accuracy"]]
+    rows = {r["row"]: r for r in summary["ablation"]}
+    assert rows["TS + S-Clf + DUC"]["method"] == rows["TS + S-Clf + DUC + LW"]["method"] == "dimml"
+    assert rows["TS + S-Clf + DUC + LW"]["output"] == "weighted"
+    md = (out / "compare.md").read_text()
+    assert "| joint (probe) |" in md and "| TS (MM Clf) | x |" in md
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second call reuses the finished runs: no training, same tables
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "== " not in again.stdout
+    assert json.loads((out / "compare.json").read_text())["methods"] == summary["methods"]
+
+
+def test_compare_rejects_unknown_methods(corpus, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "training", "compare", "--data", str(corpus), "--methods",
+                          "dimml,nosuch", "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "nosuch" in res.stderr and "Traceback" not in res.stderr and not (tmp_path / "x" / "runs").exists()
