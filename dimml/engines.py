@@ -84,6 +84,9 @@ class OrtEngine(Engine):
         if threads:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3   # a provider falling back is checked below, not logged
+        if device == "cpu":
+            # idle ORT threads spin by default, taking the cores that decoding needs between runs
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = {}
         for module in MODULE_IO:
             path = bundle.onnx_path(module)

@@ -48,7 +48,10 @@ def _refuse(ctx: bentoml.Context, e: Rejected):
     return e.response()
 
 
-@bentoml.service(workers=1, traffic={"timeout": 120})
+# BentoML 1.4 recycles the entry service's connection to this one every 100 calls by default,
+# failing the calls in flight (HTTP 500 under load): keep one long-lived connection instead.
+@bentoml.service(workers=1, traffic={"timeout": 120},
+                 runner_connection={"max_requests": 1_000_000_000, "max_age": 1e9})
 class DIMMLInference:
     """Loads the bundle once, picks the backend, and serves batched inference on decoded clips.
 
@@ -76,7 +79,8 @@ class DIMMLInference:
         self.predictor.predict_arrays(np.zeros((1, *cfg.spectrogram_shape), np.float32),
                                       np.zeros((1, *cfg.frames_shape), np.uint8))
 
-    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size,
+    # DIMML_MAX_BATCH_SIZE=1 turns adaptive batching off (BentoML refuses max_batch_size 1)
+    @bentoml.api(batchable=SETTINGS.max_batch_size > 1, max_batch_size=max(2, SETTINGS.max_batch_size),
                  max_latency_ms=SETTINGS.max_latency_ms)
     def infer(self, clips: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Decoded clips {"name", "spectrogram": [1,F,T] | None, "frames": [N,H,W,3] | None} -> answers.
