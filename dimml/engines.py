@@ -166,14 +166,15 @@ class TrtModule:
         self.torch, self.trt = torch, trt
         self.device = torch.device("cuda", device_id)
         self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
-        if version_compatible:   # such plans carry their own lean runtime, run as host code
-            self.runtime.engine_host_code_allowed = True
-        self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
-        if self.engine is None:
-            raise EngineError(f"tensorrt: cannot deserialize {path} (built by another TensorRT "
-                              "version or for another GPU?)")
-        self.context = self.engine.create_execution_context()
+        with torch.cuda.device(self.device):   # engine and context live on the GPU current at creation
+            self.runtime = trt.Runtime(self.logger)
+            if version_compatible:   # such plans carry their own lean runtime, run as host code
+                self.runtime.engine_host_code_allowed = True
+            self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+            if self.engine is None:
+                raise EngineError(f"tensorrt: cannot deserialize {path} (built by another TensorRT "
+                                  "version or for another GPU?)")
+            self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -225,7 +226,9 @@ def usable_engines(bundle: Bundle, device_id: int = 0) -> tuple[dict[str, dict],
     if cc is None:
         return {}, "no CUDA GPU visible to torch"
     trt = _import_tensorrt()
-    found = {e["module"]: e for e in bundle.engines if _runs_here(e, trt.__version__, cc)}
+    lean = trt.__name__ == "tensorrt_lean"   # the lean runtime loads version-compatible plans only
+    found = {e["module"]: e for e in bundle.engines
+             if _runs_here(e, trt.__version__, cc) and (e.get("version_compatible") or not lean)}
     if set(found) != set(MODULE_IO):
         have = sorted({(e["tensorrt_version"], e["compute_capability"]) for e in bundle.engines})
         return {}, (f"no complete engine set for TensorRT {trt.__version__} on compute capability "
@@ -239,13 +242,15 @@ def _version(v: str) -> tuple[int, ...]:
 
 def _runs_here(entry: dict, trt_version: str, cc: str) -> bool:
     """Engines are specific to a GPU architecture and, unless built version-compatible, to
-    the exact TensorRT version (version-compatible ones run on later runtimes of that major)."""
+    the exact TensorRT version. Version-compatible ones run on later runtimes of the same major,
+    and across majors only where NVIDIA supports it (10 -> 11, 8 -> 10)."""
     if entry["compute_capability"] != cc:
         return False
     built, here = _version(entry["tensorrt_version"]), _version(trt_version)
     if built == here:
         return True
-    return bool(entry.get("version_compatible")) and built[:1] == here[:1] and here > built
+    majors_ok = built[:1] == here[:1] or (built[:1] + here[:1]) in {(10, 11), (8, 10)}
+    return bool(entry.get("version_compatible")) and majors_ok and here > built
 
 
 class TensorRTEngine(Engine):

@@ -59,12 +59,6 @@ def _default_cache(trt_version: str, cc: str) -> Path:
     return base / "dimml" / "tensorrt" / f"timing-{trt_version}-sm{cc.replace('.', '')}.cache"
 
 
-def _input_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Non-batch dims of every graph input (fixed by export), batch as -1."""
-    model = onnx.load(str(path), load_external_data=False)
-    return {v.name: (-1, *(d.dim_value for d in v.type.tensor_type.shape.dim[1:])) for v in model.graph.input}
-
-
 def build_engine(trt, onnx_path: Path, out_path: Path, opts: TrtOptions, cache_blob: bytes) -> bytes:
     """Build one engine from an ONNX file; writes it to out_path, returns the updated timing cache."""
     logger = trt.Logger(trt.Logger.WARNING)
@@ -85,20 +79,24 @@ def build_engine(trt, onnx_path: Path, out_path: Path, opts: TrtOptions, cache_b
     if opts.version_compatible:   # the plan embeds the lean runtime it needs (host code)
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     cache = config.create_timing_cache(cache_blob)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        # a cache from another GPU (or a damaged file) is rejected: start a fresh one, never fail the build
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
 
     opt = opts.opt_batch or min(8, opts.max_batch)
     profile = builder.create_optimization_profile()
-    for name, shape in _input_shapes(onnx_path).items():
-        rest = shape[1:]
-        profile.set_shape(name, (1, *rest), (opt, *rest), (opts.max_batch, *rest))
+    for i in range(network.num_inputs):   # the parsed network's inputs: batch -1, the rest fixed by export
+        tensor = network.get_input(i)
+        rest = tuple(tensor.shape)[1:]
+        profile.set_shape(tensor.name, (1, *rest), (opt, *rest), (opts.max_batch, *rest))
     config.add_optimization_profile(profile)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
     atomic_write_bytes(out_path, bytes(memoryview(serialized)))
-    return bytes(memoryview(config.get_timing_cache().serialize()))
+    return bytes(memoryview(cache.serialize()))   # the cache now holds this build's timings too
 
 
 def build_engines(bundle_dir: Path, onnx_files: dict[str, Path], opts: TrtOptions, progress=None) -> dict:
