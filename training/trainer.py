@@ -118,7 +118,9 @@ class TrainConfig:
             raise ValueError(f"unknown preprocessing field(s) {sorted(set(self.preprocess) - known)}; "
                              f"PreprocessConfig has {sorted(known)}")
         d = PRESET_DEFAULTS[self.preset]
-        c = dataclasses.replace(self, hparams=dict(self.hparams), preprocess=dict(self.preprocess))
+        # absolute data path: `evaluate --run RUN` and resumption work from any directory
+        c = dataclasses.replace(self, data=os.path.abspath(self.data), hparams=dict(self.hparams),
+                                preprocess=dict(self.preprocess))
         c.epochs = d["epochs"] if c.epochs is None else c.epochs
         c.lr = d["lr"] if c.lr is None else c.lr
         c.lr_step_epoch = max(1, round(c.epochs * LR_STEP_FRACTION)) if c.lr_step_epoch is None else c.lr_step_epoch
