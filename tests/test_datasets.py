@@ -5,39 +5,27 @@ import csv
 import shutil
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import soundfile as sf
 
 from training.datasets import DatasetError, load_dataset
+from training.synth import write_clip as synth_write_clip
 
 
 # ---------------------------------------------------------------------------------------
-# tiny real media files (the lead may switch these to training.synth.write_clip)
+# tiny real media files (also used by test_cache.py)
 
 def write_clip(path: Path, *, seed: int = 0, seconds: float = 1.0, fps: int = 10, size=(64, 48),
                video_codec: str = "libx264", audio: bool = True, sr: int = 16000) -> Path:
-    """A short clip: moving noise video (+ a sine tone in AAC when audio and the container takes it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """A short clip through training.synth.write_clip: moving noise video (+ a sine tone)."""
     rng = np.random.default_rng(seed)
     w, h = size
     base = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    with av.open(str(path), "w") as c:
-        vs = c.add_stream(video_codec, rate=fps)
-        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
-        aus = c.add_stream("aac", rate=sr, layout="mono") if audio else None
-        for i in range(int(seconds * fps)):
-            c.mux(vs.encode(av.VideoFrame.from_ndarray(np.roll(base, 3 * i, axis=1), format="rgb24")))
-        c.mux(vs.encode())
-        if aus is not None:
-            t = np.arange(int(seconds * sr)) / sr
-            frame = av.AudioFrame.from_ndarray((0.3 * np.sin(2 * np.pi * (220 + 40 * seed) * t))
-                                               .astype(np.float32)[None], format="flt", layout="mono")
-            frame.sample_rate, frame.pts = sr, 0
-            c.mux(aus.encode(frame))
-            c.mux(aus.encode())
-    return path
+    frames = np.stack([np.roll(base, 3 * i, axis=1) for i in range(int(seconds * fps))])
+    t = np.arange(int(seconds * sr)) / sr
+    tone = (0.3 * np.sin(2 * np.pi * (220 + 40 * seed) * t)).astype(np.float32) if audio else None
+    return synth_write_clip(path, frames, fps=fps, audio=tone, sample_rate=sr, video_codec=video_codec)
 
 
 def write_wav(path: Path, *, seed: int = 0, seconds: float = 1.0, sr: int = 16000) -> Path:
