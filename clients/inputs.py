@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from training.datasets import (VIDEO_EXTS, DatasetError, detect_layout, read_ave, read_cremad, read_folders,
-                               read_manifest)
+from dimml.datasets import (VIDEO_EXTS, DatasetError, detect_layout, read_ave, read_cremad, read_folders,
+                            read_manifest)
 
 DEFAULT_EXTS = tuple(sorted(e.lstrip(".") for e in VIDEO_EXTS))
 
