@@ -1,12 +1,16 @@
-"""Media decoding: a media file (or a video plus a separate audio file) -> the model's inputs.
+"""Media decoding: a sample's source files -> one array per modality, the model's inputs.
 
-This module is the single place where decoding and preprocessing happen. Training (through
-the dataset cache), export parity checks, serving and batch scoring all call `decode_clip`,
-so a model can never see differently prepared inputs at train and at serve time.
+This module is the single entry point for decoding and preprocessing. Training (through the
+dataset cache), export parity checks, serving and batch scoring all call `decode_sample` (or
+`decode_clip` for a lone video), so a model never sees differently prepared inputs at train and
+at serve time. What each kind of modality does with its source lives in that kind's `decode`
+(dimml/modalities/<kind>.py), built from the shared helpers here: opening a source with every
+failure turned into a MediaError, reading metadata, checking limits before decoding, decoding
+and resampling audio, the log spectrogram, and picking video frames.
 
-Outputs, for a `PreprocessConfig` cfg:
-    spectrogram  float32 [1, 257, T]   log(scipy.signal.spectrogram(x, sr, 512, 353) + 1e-7)
-    frames       uint8   [N, H, W, 3]  N RGB frames evenly spaced over the clip, resized
+Sources are keyed by field (`PreprocessConfig.fields`): "video" for the video-derived kinds
+(audio, frames, flow), and a modality's own name for a file of its own (an image; or, replacing
+the video for that one modality, e.g. CREMA-D's separate audio file).
 """
 from __future__ import annotations
 
@@ -14,16 +18,18 @@ import io
 import math
 import os
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterable, Union
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Mapping, Union
 
 import av
 import numpy as np
 import scipy.signal
 
-from dimml.config import PreprocessConfig
+from dimml.modalities import VIDEO_FIELD, Limits, PreprocessConfig
+
+if TYPE_CHECKING:
+    from dimml.modalities.audio import AudioParams
 
 Source = Union[str, os.PathLike, bytes, BinaryIO]
-MODALITIES = ("audio", "visual")
 
 # Seek instead of decoding forward when the next wanted frame is this far ahead (seconds):
 # below it, decoding through is cheaper than a seek back to the previous keyframe.
@@ -59,7 +65,7 @@ class StreamInfo:
 
 @dataclass
 class MediaInfo:
-    """Container-level metadata of one file."""
+    """Container-level metadata of one source."""
 
     name: str
     format: str
@@ -72,23 +78,27 @@ class MediaInfo:
 
 @dataclass
 class Clip:
-    """Decoded model inputs of one sample; a modality the media lacks is None."""
+    """Decoded model inputs of one sample: an array per present modality, metadata per source field."""
 
-    spectrogram: np.ndarray | None   # float32 [1, F, T]
-    frames: np.ndarray | None        # uint8 [N, H, W, 3]
-    info: MediaInfo
-    audio_info: MediaInfo | None = None   # set when audio came from a separate file
+    arrays: dict[str, np.ndarray]     # modality name -> array (spec.shape, spec.dtype); present ones, cfg order
+    infos: dict[str, MediaInfo]       # source field ("video" or a modality's own file) -> its metadata
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        return tuple(m for m, x in (("audio", self.spectrogram), ("visual", self.frames))
-                     if x is not None)
+        """Names of the modalities present, in the config's order."""
+        return tuple(self.arrays)
+
+    @property
+    def name(self) -> str:
+        """The first source's name (the video's when there is one)."""
+        return next(iter(self.infos.values())).name if self.infos else "<sample>"
 
 
 # ---------------------------------------------------------------------------------------
-# opening and probing
+# opening, probing and limits
 
-def _name(src: Source, name: str | None) -> str:
+def source_name(src: Source | None, name: str | None = None) -> str:
+    """A display name for a source: the given name, else its path, else its file name, else "<upload>"."""
     if name:
         return name
     if isinstance(src, (str, os.PathLike)):
@@ -96,7 +106,32 @@ def _name(src: Source, name: str | None) -> str:
     return getattr(src, "name", None) or "<upload>"
 
 
-def _open(src: Source, name: str) -> av.container.InputContainer:
+def as_limits(x: Limits | PreprocessConfig | None) -> Limits:
+    """The limits of a config (or the limits themselves; defaults for None)."""
+    if isinstance(x, PreprocessConfig):
+        return x.limits
+    return x if x is not None else Limits()
+
+
+def read_bytes(src: Source, name: str) -> bytes:
+    """A source's whole content, with the same errors as open_media (missing, empty)."""
+    if isinstance(src, (str, os.PathLike)):
+        path = os.fspath(src)
+        if not os.path.isfile(path):
+            raise MediaError(name, "missing", "no such file")
+        with open(path, "rb") as f:
+            data = f.read()
+    elif isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+    else:
+        src.seek(0)
+        data = src.read()
+    if not data:
+        raise MediaError(name, "empty", "empty file (0 bytes)")
+    return data
+
+
+def open_media(src: Source, name: str) -> av.container.InputContainer:
     """Open a container, turning every failure into a MediaError naming the file."""
     if isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
@@ -123,8 +158,14 @@ def _is_cover_art(stream: av.stream.Stream) -> bool:
     return bool(stream.disposition & av.stream.Disposition.attached_pic)
 
 
-def _video_stream(c: av.container.InputContainer):
+def video_stream(c: av.container.InputContainer):
+    """The first video stream that is not cover art, or None."""
     return next((s for s in c.streams.video if not _is_cover_art(s)), None)
+
+
+def audio_stream(c: av.container.InputContainer):
+    """The first audio stream, or None."""
+    return c.streams.audio[0] if c.streams.audio else None
 
 
 def _stream_duration(s: av.stream.Stream) -> float | None:
@@ -133,9 +174,10 @@ def _stream_duration(s: av.stream.Stream) -> float | None:
     return None
 
 
-def _info(c: av.container.InputContainer, name: str) -> MediaInfo:
+def container_info(c: av.container.InputContainer, name: str) -> MediaInfo:
+    """Metadata of an open container (no decoding)."""
     streams = []
-    v = _video_stream(c)
+    v = video_stream(c)
     for s in c.streams:
         if s.type == "video" and s is v:
             fps = s.average_rate or s.guessed_rate
@@ -153,65 +195,72 @@ def _info(c: av.container.InputContainer, name: str) -> MediaInfo:
     return MediaInfo(name, c.format.name, duration, streams)
 
 
-def _check_limits(info: MediaInfo, cfg: PreprocessConfig) -> None:
+def check_limits(info: MediaInfo, limits: Limits) -> None:
     """Refuse over-long or over-large media from metadata alone, before decoding anything."""
-    if info.duration_s is not None and info.duration_s > cfg.max_duration_s:
+    if info.duration_s is not None and info.duration_s > limits.max_duration_s:
         raise MediaError(info.name, "too_long",
-                         f"duration {info.duration_s:.1f} s exceeds the maximum {cfg.max_duration_s:g} s")
+                         f"duration {info.duration_s:.1f} s exceeds the maximum {limits.max_duration_s:g} s")
     v = info.first("video")
-    if v is not None and v.width and v.height and v.width * v.height > cfg.max_pixels:
+    if v is not None and v.width and v.height and v.width * v.height > limits.max_pixels:
         raise MediaError(info.name, "too_large",
-                         f"frame size {v.width}x{v.height} exceeds the maximum of {cfg.max_pixels} pixels")
+                         f"frame size {v.width}x{v.height} exceeds the maximum of {limits.max_pixels} pixels")
 
 
-def probe(src: Source, cfg: PreprocessConfig | None = None, *, name: str | None = None) -> MediaInfo:
-    """Read a file's stream metadata and check it against cfg's limits; decodes nothing."""
-    cfg = cfg or PreprocessConfig()
-    name = _name(src, name)
-    with _open(src, name) as c:
-        info = _info(c, name)
+def checked_info(c: av.container.InputContainer, name: str, limits: Limits) -> MediaInfo:
+    """container_info, refusing a file without audio or video and one over the limits."""
+    info = container_info(c, name)
     if not info.streams:
         raise MediaError(name, "not_media", "no audio or video stream")
-    _check_limits(info, cfg)
+    check_limits(info, limits)
     return info
+
+
+def probe(src: Source, limits: Limits | PreprocessConfig | None = None, *, name: str | None = None) -> MediaInfo:
+    """Read a file's stream metadata and check it against the limits (a config's, or defaults); decodes nothing."""
+    name = source_name(src, name)
+    with open_media(src, name) as c:
+        return checked_info(c, name, as_limits(limits))
 
 
 # ---------------------------------------------------------------------------------------
 # audio
 
-def fit_waveform(wave: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """Tile a short waveform / crop a long one to cfg.num_samples and clip to [-1, 1].
+def fit_waveform(wave: np.ndarray, p: "AudioParams") -> np.ndarray:
+    """Tile a short waveform / crop a long one to p.num_samples and clip to [-1, 1].
 
     As the reference code does (np.tile(samples, k)[:n]; values clipped to [-1, 1]); we tile
     as often as needed, so clips shorter than duration / k are filled too.
     """
-    n = cfg.num_samples
+    n = p.num_samples
     reps = max(1, math.ceil(n / len(wave)))
     return np.clip(np.tile(wave, reps)[:n], -1.0, 1.0)
 
 
-def log_spectrogram(wave: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+def log_spectrogram(wave: np.ndarray, p: "AudioParams") -> np.ndarray:
     """float32 [1, F, T] = log(scipy.signal.spectrogram(wave, sr, nperseg, noverlap)[2] + eps)."""
-    _, _, spec = scipy.signal.spectrogram(np.asarray(wave, dtype=np.float64), cfg.sample_rate,
-                                          nperseg=cfg.nperseg, noverlap=cfg.noverlap)
-    return np.log(spec + cfg.log_eps).astype(np.float32)[None]
+    _, _, spec = scipy.signal.spectrogram(np.asarray(wave, dtype=np.float64), p.sample_rate,
+                                          nperseg=p.nperseg, noverlap=p.noverlap)
+    return np.log(spec + p.log_eps).astype(np.float32)[None]
 
 
-def decode_waveform(src: Source, cfg: PreprocessConfig | None = None, *, name: str | None = None,
-                    max_samples: int | None = None) -> np.ndarray:
-    """Mono float32 waveform at cfg.sample_rate via PyAV's resampler (first max_samples only)."""
-    cfg = cfg or PreprocessConfig()
-    name = _name(src, name)
-    with _open(src, name) as c:
-        info = _info(c, name)
-        _check_limits(info, cfg)
-        if not c.streams.audio:
+def decode_waveform(src: Source, p: "AudioParams | None" = None, *, limits: Limits | None = None,
+                    name: str | None = None, max_samples: int | None = None) -> np.ndarray:
+    """Mono float32 waveform at p.sample_rate (default 16 kHz) via PyAV's resampler (first max_samples only)."""
+    if p is None:
+        from dimml.modalities.audio import AudioParams
+        p = AudioParams()
+    name = source_name(src, name)
+    with open_media(src, name) as c:
+        checked_info(c, name, as_limits(limits))
+        stream = audio_stream(c)
+        if stream is None:
             raise MediaError(name, "no_audio", "no audio stream")
-        return _decode_audio(c, c.streams.audio[0], cfg, name, max_samples)
+        return decode_audio(c, stream, p.sample_rate, name, max_samples)
 
 
-def _decode_audio(c, stream, cfg: PreprocessConfig, name: str, max_samples: int | None) -> np.ndarray:
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=cfg.sample_rate)
+def decode_audio(c, stream, sample_rate: int, name: str, max_samples: int | None) -> np.ndarray:
+    """Decode an open audio stream to mono float32 at sample_rate (stopping after max_samples)."""
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
     chunks: list[np.ndarray] = []
     have = 0
     try:
@@ -243,7 +292,14 @@ def frame_times(duration_s: float, n: int) -> list[float]:
     return [duration_s * (k + 0.5) / n for k in range(n)]
 
 
-def _pick_frames(c, stream, targets: list[float]) -> list[av.VideoFrame]:
+def video_duration(info: MediaInfo) -> float:
+    """The video stream's duration, else the container's; 0.0 when unknown."""
+    v = info.first("video")
+    duration = (v.duration_s if v is not None else None) or info.duration_s
+    return duration if duration and duration > 0 else 0.0
+
+
+def pick_frames(c, stream, targets: list[float]) -> list[av.VideoFrame]:
     """For each target time, the frame on screen at that time; decodes only what it needs.
 
     Decodes forward; when the next target is more than SEEK_GAP_S ahead it seeks (to the
@@ -280,73 +336,136 @@ def _pick_frames(c, stream, targets: list[float]) -> list[av.VideoFrame]:
     return picked
 
 
-def _decode_frames(c, stream, cfg: PreprocessConfig, info: MediaInfo, name: str) -> np.ndarray:
-    duration = info.first("video").duration_s or info.duration_s
-    if not duration or duration <= 0:
-        duration = 0.0  # unknown: every target at t=0 -> the first frame N times
-    try:
-        frames = _pick_frames(c, stream, frame_times(duration, cfg.num_frames))
-        if not frames:
-            raise MediaError(name, "undecodable", "video stream holds no decodable frame")
-        out = np.stack([f.to_ndarray(format="rgb24", width=cfg.frame_width, height=cfg.frame_height,
-                                     interpolation="BILINEAR") for f in frames])
-    except av.FFmpegError as e:
-        raise MediaError(name, "undecodable", f"video stream cannot be decoded ({e.strerror or e})") from None
-    return out
+def consecutive_frames(c, stream, start_s: float, count: int) -> list[av.VideoFrame]:
+    """`count` consecutive decoded frames, the first being the one on screen at start_s.
+
+    A stream that ends early repeats its last frame; an empty one gives []. Seeks (to the
+    keyframe before start_s) when start_s is more than SEEK_GAP_S in.
+    """
+    if start_s > SEEK_GAP_S:
+        try:
+            c.seek(int(start_s / stream.time_base), stream=stream, backward=True)
+        except av.FFmpegError:
+            pass   # not seekable: decode through
+    picked: list[av.VideoFrame] = []
+    prev = None
+    for frame in c.decode(stream):
+        if picked:
+            picked.append(frame)
+        elif frame.time is not None and frame.time <= start_s + 1e-6:
+            prev = frame      # still before (or at) the start: remember the frame on screen
+            continue
+        else:
+            picked.extend([prev, frame] if prev is not None else [frame])
+        if len(picked) >= count:
+            break
+    if not picked and prev is not None:
+        picked.append(prev)
+    while picked and len(picked) < count:
+        picked.append(picked[-1])
+    return picked[:count]
+
+
+# ---------------------------------------------------------------------------------------
+# still images
+
+def _is_still_format(fmt: str) -> bool:
+    """FFmpeg's single-image demuxers (png_pipe, jpeg_pipe, webp_pipe, ...); gif/webp give their first frame."""
+    return fmt.endswith("_pipe") and fmt not in ("image2pipe", "yuv4mpegpipe") or fmt in ("gif", "webp")
+
+
+def decode_still(src: Source, name: str, limits: Limits) -> tuple[av.VideoFrame, MediaInfo]:
+    """A still image file (PNG, JPEG, WebP, BMP, ...) -> its (first) frame and metadata.
+
+    The content decides, never the file name (it is read as bytes: FFmpeg would otherwise
+    trust a ".png" extension), so a video or a text file is "not_media". The frame size is
+    checked against limits.max_pixels from the header, before decoding. EXIF orientation is
+    not applied (as PIL's Image.open, which the reference code reads images with).
+    """
+    data = read_bytes(src, name)
+    with open_media(data, name) as c:
+        if not _is_still_format(c.format.name) or video_stream(c) is None:
+            raise MediaError(name, "not_media", f"not a still image (format {c.format.name})")
+        info = container_info(c, name)
+        info.duration_s = None   # a still image has no duration (its demuxer may report one frame's)
+        check_limits(info, limits)
+        try:
+            frame = next(iter(c.decode(video_stream(c))), None)
+        except av.FFmpegError as e:
+            raise MediaError(name, "undecodable", f"image cannot be decoded ({e.strerror or e})") from None
+    if frame is None:
+        raise MediaError(name, "undecodable", "image holds no decodable picture")
+    return frame, info
 
 
 # ---------------------------------------------------------------------------------------
 # the contract
 
-def decode_clip(src: Source, cfg: PreprocessConfig | None = None, *, audio: Source | None = None,
-                modalities: Iterable[str] = MODALITIES, allow_missing: bool = False,
-                name: str | None = None, audio_name: str | None = None) -> Clip:
-    """Decode one sample into model inputs.
+def decode_sample(files: Mapping[str, Source | None], cfg: PreprocessConfig, *,
+                  names: Mapping[str, str] | None = None, allow_missing: bool = False,
+                  only: Iterable[str] | None = None) -> Clip:
+    """Decode one sample's source files into one array per modality of cfg (or of `only`).
 
-    src: a media file (path, bytes or binary file); `audio`: an optional separate audio file,
-    used instead of src's audio track. A requested modality the media lacks raises MediaError
-    ("no_audio" / "no_video") unless allow_missing, in which case it is None in the Clip (at
-    least one requested modality must exist). Deterministic: same file, same arrays.
+    files: sources keyed by field: "video" for the video-derived kinds, a modality's name for a
+    file of its own (for a video-derived kind it replaces the video for that modality). Fields
+    no wanted modality reads are ignored. names: display names per field (uploads).
+    A modality without a source, or whose source lacks it (the kind's `missing_cause`, e.g.
+    "no_audio"), raises MediaError unless allow_missing; then it is absent from the Clip (at
+    least one must be present). Every other MediaError is raised. Deterministic: same files,
+    same arrays.
     """
-    cfg = cfg or PreprocessConfig()
-    wanted = tuple(modalities)
-    if not wanted or set(wanted) - set(MODALITIES):
-        raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {wanted}")
-    name = _name(src, name)
-    spec = frames = None
-    audio_info = None
-
-    with _open(src, name) as c:
-        info = _info(c, name)
-        if not info.streams:
-            raise MediaError(name, "not_media", "no audio or video stream")
-        _check_limits(info, cfg)
-        if "visual" in wanted:
-            vs = _video_stream(c)
-            if vs is not None:
-                vs.thread_type = "AUTO"
-                frames = _decode_frames(c, vs, cfg, info, name)
-            elif not allow_missing:
-                raise MediaError(name, "no_video", "no video stream")
-
-    if "audio" in wanted:
-        a_src, a_name = (audio, _name(audio, audio_name)) if audio is not None else (src, name)
-        with _open(a_src, a_name) as c:
-            a_info = info if audio is None else _info(c, a_name)
-            if audio is not None:
-                _check_limits(a_info, cfg)
-                audio_info = a_info
-            if c.streams.audio:
-                wave = _decode_audio(c, c.streams.audio[0], cfg, a_name, cfg.num_samples)
-                spec = log_spectrogram(fit_waveform(wave, cfg), cfg)
-            elif not allow_missing:
-                raise MediaError(a_name, "no_audio", "no audio stream")
-
-    if spec is None and frames is None:
-        missing = " or ".join("an audio stream" if m == "audio" else "a video stream" for m in wanted)
-        raise MediaError(name, "no_audio" if "audio" in wanted else "no_video", f"has no {missing}")
-    return Clip(spec, frames, info, audio_info)
+    names = names or {}
+    wanted = _wanted(cfg, only)
+    arrays: dict[str, np.ndarray] = {}
+    infos: dict[str, MediaInfo] = {}
+    missing: list[MediaError] = []
+    for spec in cfg.modalities:
+        if spec.name not in wanted:
+            continue
+        kind = spec.kind_obj
+        fld = spec.name if files.get(spec.name) is not None else spec.field
+        src = files.get(fld)
+        label = source_name(src, names.get(fld)) if src is not None else fld
+        try:
+            if src is None:
+                raise MediaError(label, "missing",
+                                 f"no source for modality {spec.name!r} (give the field {fld!r})")
+            array, info = kind.decode(src, spec.params, cfg.limits, label)
+        except MediaError as e:
+            if not allow_missing or (src is not None and e.cause != kind.missing_cause):
+                raise
+            missing.append(e)
+            continue
+        arrays[spec.name] = array
+        infos.setdefault(fld, info)
+    if not arrays:
+        first = missing[0]
+        raise MediaError(first.name, first.cause, "none of the modalities "
+                         f"{', '.join(n for n in cfg.names if n in wanted)} is present: "
+                         + "; ".join(str(e) for e in missing))
+    return Clip(arrays, infos)
 
 
-__all__ = ["MediaError", "MediaInfo", "StreamInfo", "Clip", "decode_clip", "decode_waveform",
-           "probe", "fit_waveform", "log_spectrogram", "frame_times", "MODALITIES"]
+def _wanted(cfg: PreprocessConfig, only: Iterable[str] | None) -> set[str]:
+    if only is None:
+        return set(cfg.names)
+    wanted = set(only)
+    unknown = wanted - set(cfg.names)
+    if not wanted or unknown:
+        raise ValueError(f"`only` must name some of the modalities {', '.join(cfg.names)}; "
+                         f"got {sorted(wanted)}")
+    return wanted
+
+
+def decode_clip(video: Source, cfg: PreprocessConfig | None = None, *, allow_missing: bool = False,
+                name: str | None = None) -> Clip:
+    """Decode a lone video (path, bytes or binary file): decode_sample({"video": video}, cfg)."""
+    return decode_sample({VIDEO_FIELD: video}, cfg or PreprocessConfig(),
+                         names={VIDEO_FIELD: name} if name else None, allow_missing=allow_missing)
+
+
+__all__ = ["MediaError", "MediaInfo", "StreamInfo", "Clip", "Source", "decode_sample", "decode_clip",
+           "decode_waveform", "probe", "fit_waveform", "log_spectrogram", "frame_times", "source_name",
+           "open_media", "read_bytes", "container_info", "check_limits", "checked_info", "as_limits",
+           "video_stream", "audio_stream", "decode_audio", "video_duration", "pick_frames",
+           "consecutive_frames", "decode_still", "SEEK_GAP_S"]

@@ -1,4 +1,4 @@
-"""`python -m training inspect FILE [--audio FILE] [--json]`: show what the model would see."""
+"""`python -m training inspect [FILE] [--source NAME=FILE ...] [--modalities M] [--json]`: show what the model would see."""
 from __future__ import annotations
 
 import argparse
@@ -7,15 +7,18 @@ import json
 import sys
 import time
 
-from dimml.config import PREPROCESS_PRESETS, PreprocessConfig
-from dimml.media import MediaError, decode_clip
+from dimml.media import MediaError, decode_sample
+from dimml.modalities import DEFAULT_MODALITIES, KIND_PRESETS, VIDEO_FIELD, PreprocessConfig, preprocess_for
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="decode a media file and print streams and model-input shapes")
-    p.add_argument("file", help="video (with or without an audio track) or audio-only file")
-    p.add_argument("--audio", help="separate audio file, used instead of FILE's audio track")
-    p.add_argument("--preset", default="resnet18", choices=sorted(PREPROCESS_PRESETS),
+    p = sub.add_parser("inspect", help="decode a sample's files and print streams and model-input shapes")
+    p.add_argument("file", nargs="?", help="the video (with or without an audio track), or an audio-only file")
+    p.add_argument("--source", action="append", default=[], metavar="NAME=FILE",
+                   help="a modality's own file (an image; or e.g. audio=speech.wav instead of FILE's track)")
+    p.add_argument("--modalities", default=DEFAULT_MODALITIES,
+                   help=f"the modalities, e.g. visual,flow or front:image,rear:image (default {DEFAULT_MODALITIES})")
+    p.add_argument("--preset", default="resnet18", choices=sorted(KIND_PRESETS),
                    help="preprocessing preset (default: resnet18, the papers' setting)")
     p.add_argument("--max-duration", type=float, help="maximum duration in seconds (default 600)")
     p.add_argument("--max-pixels", type=int, help="maximum frame pixel count (default 4096*4096)")
@@ -23,51 +26,54 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def describe(file: str, audio: str | None, cfg: PreprocessConfig) -> dict:
-    """Decode like training and serving do; report streams, duration, shapes and timing."""
+def describe(files: dict[str, str], cfg: PreprocessConfig) -> dict:
+    """Decode like training and serving do; report each source's streams, the arrays and timing."""
     t0 = time.perf_counter()
-    clip = decode_clip(file, cfg, audio=audio, allow_missing=True)
+    clip = decode_sample(files, cfg, allow_missing=True)
     ms = (time.perf_counter() - t0) * 1000
-    out = {
-        "file": file,
-        "format": clip.info.format,
-        "duration_s": clip.info.duration_s,
-        "streams": [dataclasses.asdict(s) for s in clip.info.streams],
+    return {
+        "sources": {f: {"file": files[f], "format": i.format, "duration_s": i.duration_s,
+                        "streams": [dataclasses.asdict(s) for s in i.streams]} for f, i in clip.infos.items()},
         "modalities": list(clip.modalities),
-        "spectrogram": list(clip.spectrogram.shape) if clip.spectrogram is not None else None,
-        "frames": list(clip.frames.shape) if clip.frames is not None else None,
+        "arrays": {s.name: ({"shape": list(clip.arrays[s.name].shape), "dtype": str(clip.arrays[s.name].dtype)}
+                            if s.name in clip.arrays else None) for s in cfg.modalities},
         "decode_ms": round(ms, 1),
     }
-    if clip.audio_info is not None:
-        out["audio_file"] = audio
-        out["audio_streams"] = [dataclasses.asdict(s) for s in clip.audio_info.streams]
-    return out
 
 
 def _print_text(d: dict) -> None:
-    dur = f"{d['duration_s']:.2f} s" if d["duration_s"] is not None else "unknown"
-    print(f"{d['file']}  [{d['format']}, {dur}]")
-    for s in d["streams"] + d.get("audio_streams", []):
-        if s["kind"] == "video":
-            fps = f"{s['fps']:.2f} fps" if s["fps"] else "? fps"
-            print(f"  stream {s['index']}: video {s['codec']} {s['width']}x{s['height']} {fps}")
-        else:
-            print(f"  stream {s['index']}: audio {s['codec']} {s['sample_rate']} Hz, {s['channels']} ch")
-    print(f"  spectrogram: {d['spectrogram'] or 'none (no audio)'}  float32")
-    print(f"  frames:      {d['frames'] or 'none (no video)'}  uint8")
+    for src in d["sources"].values():
+        dur = f"{src['duration_s']:.2f} s" if src["duration_s"] is not None else "no duration"
+        print(f"{src['file']}  [{src['format']}, {dur}]")
+        for s in src["streams"]:
+            if s["kind"] == "video":
+                fps = f" {s['fps']:.2f} fps" if s["fps"] else ""
+                print(f"  stream {s['index']}: video {s['codec']} {s['width']}x{s['height']}{fps}")
+            else:
+                print(f"  stream {s['index']}: audio {s['codec']} {s['sample_rate']} Hz, {s['channels']} ch")
+    width = max(len(n) for n in d["arrays"])
+    for name, a in d["arrays"].items():
+        print(f"  {name + ':':<{width + 1}} " + (f"{a['shape']}  {a['dtype']}" if a else "none (not in the files)"))
     print(f"  decoded in {d['decode_ms']} ms")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = PREPROCESS_PRESETS[args.preset]
-    if args.max_duration is not None:
-        cfg = cfg.replace(max_duration_s=args.max_duration)
-    if args.max_pixels is not None:
-        cfg = cfg.replace(max_pixels=args.max_pixels)
     try:
-        d = describe(args.file, args.audio, cfg)
-    except MediaError as e:
-        msg = {"error": str(e), "cause": e.cause} if args.json else f"error: {e}"
+        cfg = preprocess_for(args.preset, args.modalities)
+        files = {VIDEO_FIELD: args.file} if args.file else {}
+        for item in args.source:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--source expects NAME=FILE, got {item!r}")
+            files[name] = path
+        if not files:
+            raise ValueError("give FILE and/or --source NAME=FILE")
+        limits = {k: v for k, v in (("max_duration_s", args.max_duration), ("max_pixels", args.max_pixels))
+                  if v is not None}
+        d = describe(files, cfg.override(limits))
+    except (MediaError, ValueError) as e:
+        cause = e.cause if isinstance(e, MediaError) else "usage"
+        msg = {"error": str(e), "cause": cause} if args.json else f"error: {e}"
         print(json.dumps(msg) if args.json else msg, file=sys.stdout if args.json else sys.stderr)
         return 1
     if args.json:

@@ -47,4 +47,12 @@ class Audio(Kind):
         return (1, p.freq_bins, p.time_bins)
 
     def decode(self, src, p: AudioParams, limits, name: str):
-        raise NotImplementedError("filled by the media layer")
+        """The first audio track: mono at p.sample_rate, tiled/cropped to p.seconds, log spectrogram."""
+        from dimml import media
+        with media.open_media(src, name) as c:
+            info = media.checked_info(c, name, limits)
+            stream = media.audio_stream(c)
+            if stream is None:
+                raise media.MediaError(name, "no_audio", "no audio stream")
+            wave = media.decode_audio(c, stream, p.sample_rate, name, p.num_samples)
+        return media.log_spectrogram(media.fit_waveform(wave, p), p), info

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import av
+
 from dimml.modalities import Kind, register_kind
 from dimml.modalities.frames import IMAGENET_MEAN, IMAGENET_STD
 
@@ -29,4 +31,11 @@ class Image(Kind):
         return (1, p.height, p.width, 3)
 
     def decode(self, src, p: ImageParams, limits, name: str):
-        raise NotImplementedError("filled by the media layer")
+        """The image's (first) picture as RGB, resized (bilinear, no crop) as video frames are."""
+        from dimml import media
+        frame, info = media.decode_still(src, name, limits)
+        try:
+            rgb = frame.to_ndarray(format="rgb24", width=p.width, height=p.height, interpolation="BILINEAR")
+        except av.FFmpegError as e:
+            raise media.MediaError(name, "undecodable", f"image cannot be converted ({e.strerror or e})") from None
+        return rgb[None], info
