@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from training.losses import (DUC_TEMPERATURE, TransferSets, class_centroids, dimension_scores, duc_loss,
+from training.losses import (DUC_TEMPERATURE, class_centroids, dimension_scores, duc_loss,
                              expected_calibration_error, mlb_coefficients, separate_dimensions,
                              transfer_dimensions)
 
@@ -101,12 +101,28 @@ def test_bad_labels_are_rejected():
 def test_transfer_dimensions_by_hand():
     eff_a = torch.tensor([1, 1, 0, 0, 1, 0], dtype=torch.bool)
     eff_v = torch.tensor([1, 0, 1, 0, 0, 1], dtype=torch.bool)
-    sets = transfer_dimensions(eff_a, eff_v)
-    assert sets["audio"].tolist() == [2, 5]        # audio ineffective, visual effective
-    assert sets["visual"].tolist() == [1, 4]       # visual ineffective, audio effective
-    assert sets["audio"].dtype == torch.long
-    ts = TransferSets.from_effective(eff_a, eff_v)
-    assert ts.a_to_v.tolist() == [1, 4] and ts.v_to_a.tolist() == [2, 5]
+    sets = transfer_dimensions({"audio": eff_a, "visual": eff_v})
+    assert set(sets) == {"audio", "visual"} and set(sets["audio"]) == {"visual"} and set(sets["visual"]) == {"audio"}
+    assert sets["audio"]["visual"].tolist() == [2, 5]      # audio ineffective, visual effective
+    assert sets["visual"]["audio"].tolist() == [1, 4]      # visual ineffective, audio effective
+    assert sets["audio"]["visual"].dtype == torch.long
+
+
+def test_transfer_dimensions_for_three_modalities_is_every_ordered_pair():
+    eff = {"audio": torch.tensor([1, 1, 0, 0, 1, 0, 0], dtype=torch.bool),
+           "visual": torch.tensor([1, 0, 1, 0, 0, 1, 0], dtype=torch.bool),
+           "flow": torch.tensor([0, 0, 1, 1, 1, 0, 0], dtype=torch.bool)}
+    sets = transfer_dimensions(eff)
+    for i in eff:
+        assert set(sets[i]) == set(eff) - {i}
+        for j in sets[i]:   # by hand: effective for the teacher j, not for the student i
+            want = [m for m in range(7) if eff[j][m] and not eff[i][m]]
+            assert sets[i][j].tolist() == want, (i, j)
+    assert sets["flow"]["audio"].tolist() == [0, 1] and sets["audio"]["flow"].tolist() == [2, 3]
+    with pytest.raises(ValueError, match="at least two"):
+        transfer_dimensions({"audio": eff["audio"]})
+    with pytest.raises(ValueError, match=r"\[D\]"):
+        transfer_dimensions({"audio": eff["audio"], "visual": torch.ones(5, dtype=torch.bool)})
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,10 +178,10 @@ def test_duc_dot_reproduces_the_authors_released_loss():
     # post-ReLU, average-pooled-like features (non-negative), as the released encoders give
     a = torch.rand(8, 64, generator=_gen(7), dtype=torch.float64) * 3
     v = torch.rand(8, 64, generator=_gen(8), dtype=torch.float64) * 3
-    sets = TransferSets(a_to_v=torch.arange(0, 20), v_to_a=torch.arange(30, 45))
-    ours = (duc_loss(v, a, sets.a_to_v, temperature=50.0, distance="dot")
-            + duc_loss(a, v, sets.v_to_a, temperature=50.0, distance="dot"))
-    ref = _authors_supcon(a, v, sets.a_to_v.tolist(), sets.v_to_a.tolist(), 50.0)
+    a_to_v, v_to_a = torch.arange(0, 20), torch.arange(30, 45)   # audio-only and visual-only effective dims
+    ours = (duc_loss(v, a, a_to_v, temperature=50.0, distance="dot")
+            + duc_loss(a, v, v_to_a, temperature=50.0, distance="dot"))
+    ref = _authors_supcon(a, v, a_to_v.tolist(), v_to_a.tolist(), 50.0)
     assert float(ours) == pytest.approx(float(ref), rel=1e-6)
 
 

@@ -1,10 +1,11 @@
-"""Training-time visual augmentation: random resized crop + horizontal flip, batched, on any device.
+"""Training-time image augmentation: random resized crop + horizontal flip, batched, on any device.
 
 The papers' visual pipeline (torchvision RandomResizedCrop + RandomHorizontalFlip per frame)
 done for a whole batch at once with one `grid_sample`, so on CUDA it runs on the GPU next to
-the model instead of in DataLoader workers. One crop and flip per clip (all N frames move
-together, as a video should). Never used at inference: evaluation, export and serving see the
-frames exactly as decoded.
+the model instead of in DataLoader workers. Applied to the modalities whose kind says
+`augment` (frames, image; not flow, where a flip would have to negate u). One crop and flip per
+sample (all N images of a clip move together, as a video should). Never used at inference:
+evaluation, export and serving see the arrays exactly as decoded.
 """
 from __future__ import annotations
 
@@ -49,10 +50,10 @@ def crop_params(batch: int, height: int, width: int, cfg: AugmentConfig,
 
 def augment_frames(frames: torch.Tensor, cfg: AugmentConfig = AugmentConfig(),
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Frames [B, N, H, W, 3] (uint8) -> float32 [B, N, H, W, 3] in pixel units, cropped and flipped.
+    """Images [B, N, H, W, C] (uint8) -> float32 [B, N, H, W, C] in pixel units, cropped and flipped.
 
     The output keeps the input layout and value range, so it goes into the model exactly where
-    the uint8 frames would (VisualEncoder normalises whatever dtype it gets).
+    the uint8 images would (StackEncoder normalises whatever dtype it gets).
     """
     b, n, h, w, c = frames.shape
     theta = crop_params(b, h, w, cfg, generator).to(frames.device)
@@ -60,6 +61,6 @@ def augment_frames(frames: torch.Tensor, cfg: AugmentConfig = AugmentConfig(),
     x = frames.permute(0, 1, 4, 2, 3).reshape(b * n, c, h, w).float()  # channels_last in memory
     grid = F.affine_grid(theta, [b * n, c, h, w], align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    # channels_last memory makes the result a plain contiguous [B, N, H, W, 3] again
+    # channels_last memory makes the result a plain contiguous [B, N, H, W, C] again
     out = out.contiguous(memory_format=torch.channels_last)
     return out.unflatten(0, (b, n)).permute(0, 1, 3, 4, 2)

@@ -1,9 +1,11 @@
-"""Evaluation of a trained AVModel: metrics per output, certainty weighting, linear probes, report.json.
+"""Evaluation of a trained MultiModel: metrics per output, certainty weighting, linear probes, report.json.
 
 On the test split: accuracy, macro-F1 and ECE of the fused output, of the certainty-weighted
-output (methods whose final output it is; T_lw fitted on the validation split unless given)
-and of each unimodal head; plus the linear-probe accuracy of each frozen encoder (a linear
-classifier fitted on its train features, scored on test: the modality-competition measure).
+output (methods whose final output it is: the M unimodal heads plus fusion weighed, T_lw fitted
+on the validation split unless given) and of each modality's head; plus the linear-probe
+accuracy of each frozen encoder (a linear classifier fitted on its train features, scored on
+test: the modality-competition measure). Report metrics are keyed "fused", "weighted", each
+modality's name, and "probe" ({modality: accuracy}).
 """
 from __future__ import annotations
 
@@ -17,9 +19,16 @@ from tqdm import tqdm
 
 from dimml.weighting import fit_temperature, weigh
 from training.losses import expected_calibration_error
-from training.models import AVModel
+from training.models import FUSION_KEY, MultiModel
 
-BRANCHES = ("audio", "visual", "fusion")
+OUTPUT_KEYS = ("fused", "weighted", "probe")   # report metrics keys besides the modalities'
+
+
+def check_output_names(names: Iterable[str]) -> None:
+    """ValueError when a modality name would clash with a report output key."""
+    clash = set(names) & set(OUTPUT_KEYS)
+    if clash:
+        raise ValueError(f"modality name(s) {sorted(clash)} clash with the report's outputs {OUTPUT_KEYS}; rename them")
 
 
 @dataclass
@@ -27,8 +36,8 @@ class Outputs:
     """Everything the model says about one split, on the CPU."""
 
     labels: torch.Tensor                 # int64 [N]
-    features: dict[str, torch.Tensor]    # "audio"/"visual" -> float32 [N, D]
-    logits: dict[str, torch.Tensor]      # "audio"/"visual"/"fusion" -> float32 [N, K]
+    features: dict[str, torch.Tensor]    # modality -> float32 [N, D]
+    logits: dict[str, torch.Tensor]      # modality / "fusion" -> float32 [N, K]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -37,25 +46,24 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 @torch.no_grad()
-def collect(model: AVModel, loader: Iterable, device: torch.device, amp_dtype: torch.dtype | None = None,
+def collect(model: MultiModel, loader: Iterable, device: torch.device, amp_dtype: torch.dtype | None = None,
             desc: str | None = None) -> Outputs:
-    """Run the three modules (eval mode) over a loader of (spec, frames, label) batches.
+    """Run every module (eval mode) over a loader of ({modality: batch}, label) batches.
 
     Puts the modules in eval mode; the caller restores train mode where it needs it.
     """
     model.eval()
-    feats: dict[str, list] = {"audio": [], "visual": []}
-    logits: dict[str, list] = {b: [] for b in BRANCHES}
+    feats: dict[str, list] = {n: [] for n in model.names}
+    logits: dict[str, list] = {n: [] for n in (*model.names, FUSION_KEY)}
     labels = []
-    for spec, frames, label in tqdm(loader, desc=desc, leave=False, disable=desc is None, unit="batch"):
-        spec, frames = spec.to(device, non_blocking=True), frames.to(device, non_blocking=True)
+    for inputs, label in tqdm(loader, desc=desc, leave=False, disable=desc is None, unit="batch"):
+        inputs = {n: inputs[n].to(device, non_blocking=True) for n in model.names}
         with autocast(device, amp_dtype):
-            h_a, z_a = model.audio(spec)
-            h_v, z_v = model.visual(frames)
-            z_f = model.fusion(h_a, h_v)
-        for d, k, v in ((feats, "audio", h_a), (feats, "visual", h_v), (logits, "audio", z_a),
-                        (logits, "visual", z_v), (logits, "fusion", z_f)):
-            d[k].append(v.float().cpu())
+            h, z = model(inputs)
+        for n, v in h.items():
+            feats[n].append(v.float().cpu())
+        for n, v in z.items():
+            logits[n].append(v.float().cpu())
         labels.append(torch.as_tensor(label).cpu())
     cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0)
     return Outputs(cat(labels).long(), {k: cat(v) for k, v in feats.items()}, {k: cat(v) for k, v in logits.items()})
@@ -133,7 +141,7 @@ def probe_accuracy(train: Outputs, test: Outputs, side: str, num_classes: int) -
 # ---------------------------------------------------------------------------------------
 # the report
 
-def evaluate(model: AVModel, loaders: dict[str, Iterable], *, method: str, num_classes: int,
+def evaluate(model: MultiModel, loaders: dict[str, Iterable], *, method: str, num_classes: int,
              classes: list[str], weighting: bool, lw_temperature: float | None, device: torch.device,
              amp_dtype: torch.dtype | None = None, unimodal_heads: str = "trained",
              sizes: dict[str, int] | None = None, progress: bool = True) -> dict:
@@ -141,17 +149,17 @@ def evaluate(model: AVModel, loaders: dict[str, Iterable], *, method: str, num_c
 
     With no test samples the validation split is scored instead (said in "eval_split").
     """
+    check_output_names(model.names)
     outs = {split: collect(model, loader, device, amp_dtype, desc=f"evaluate {split}" if progress else None)
             for split, loader in loaders.items()}
     eval_split = "test" if outs["test"].labels.numel() else "val"
     test, k = outs[eval_split], num_classes
-    metrics = {"fused": branch_metrics(test.logits["fusion"], test.labels, k),
-               "audio": branch_metrics(test.logits["audio"], test.labels, k),
-               "visual": branch_metrics(test.logits["visual"], test.labels, k)}
-    final = test.logits["fusion"]
+    metrics = {"fused": branch_metrics(test.logits[FUSION_KEY], test.labels, k),
+               **{n: branch_metrics(test.logits[n], test.labels, k) for n in model.names}}
+    final = test.logits[FUSION_KEY]
     t_source = None
     if weighting:
-        names = list(BRANCHES)
+        names = [*model.names, FUSION_KEY]
         if lw_temperature is not None:
             t, t_source = float(lw_temperature), "config"
         elif outs["val"].labels.numel():
@@ -164,7 +172,7 @@ def evaluate(model: AVModel, loaders: dict[str, Iterable], *, method: str, num_c
         metrics["weighted"] = branch_metrics(final, test.labels, k)
     else:
         t = None
-    metrics["probe"] = {side: probe_accuracy(outs["train"], test, side, k) for side in ("audio", "visual")}
+    metrics["probe"] = {n: probe_accuracy(outs["train"], test, n, k) for n in model.names}
     return {
         "method": method,
         "primary": "weighted" if weighting else "fused",
@@ -183,16 +191,18 @@ def format_table(report: dict) -> str:
     """The report as a small text table."""
     m = report["metrics"]
     t = report.get("lw_temperature")
+    modalities = list(m["probe"])
     head = f"method {report['method']}  (final output: {report['primary']}"
     head += f", T_lw={t:.3g} from {report['lw_temperature_source']})" if t is not None else ")"
+    width = max(10, *(len(n) + 2 for n in modalities))
     lines = [head, f"{report['eval_split']} split, n={report['sizes'].get(report['eval_split'])}",
-             f"{'output':<10}{'accuracy':>10}{'macro_f1':>10}{'ece':>8}"]
-    for name in ("fused", "weighted", "audio", "visual"):
+             f"{'output':<{width}}{'accuracy':>10}{'macro_f1':>10}{'ece':>8}"]
+    for name in ("fused", "weighted", *modalities):
         if name in m:
             r = m[name]
-            note = "  (probe head)" if name in ("audio", "visual") and report["unimodal_heads"] == "probe" else ""
-            lines.append(f"{name:<10}{r['accuracy']:>10.4f}{r['macro_f1']:>10.4f}{r['ece']:>8.4f}{note}")
+            note = "  (probe head)" if name in modalities and report["unimodal_heads"] == "probe" else ""
+            lines.append(f"{name:<{width}}{r['accuracy']:>10.4f}{r['macro_f1']:>10.4f}{r['ece']:>8.4f}{note}")
     p = m["probe"]
-    lines.append(f"{'probe':<10}audio {p['audio']:.4f}  visual {p['visual']:.4f}  (linear probe accuracy)")
+    lines.append(f"{'probe':<{width}}" + "  ".join(f"{n} {p[n]:.4f}" for n in modalities)
+                 + "  (linear probe accuracy)")
     return "\n".join(lines)
-

@@ -3,7 +3,7 @@
 DI-MML (Fan et al., ACM MM 2024; reference code github.com/fanyunfeng-bit/DI-MML):
     class_centroids / dimension_scores   Eq. 3-4  per-dimension nearest-centroid accuracy r_m
     separate_dimensions                  Eq. 5    effective dims: r_m > mean(r)
-    transfer_dimensions / TransferSets            dims where one modality learns from the other
+    transfer_dimensions                           dims where one modality learns from another
     duc_loss                             Eq. 6    dimension-decoupled unidirectional InfoNCE
 MLB (Kontras et al., BMVC 2024; reference code github.com/kkontras/MLB):
     mlb_coefficients                     Eq. 4-7  per-modality gradient coefficients k_i
@@ -13,7 +13,6 @@ Metrics:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -96,34 +95,19 @@ def separate_dimensions(features: Tensor, labels: Tensor, num_classes: int, *,
     return counts * counts.numel() > counts.sum()
 
 
-@dataclass
-class TransferSets:
-    """Dimensions of DUC transfer (index tensors, int64).
+def transfer_dimensions(effective: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """{student i: {teacher j: dims effective for j and not for i}} for every ordered pair i != j.
 
-    a_to_v: effective for audio, not for visual -> the visual student learns there from audio.
-    v_to_a: effective for visual, not for audio -> the audio student learns there from visual.
-    "Not effective" is ~effective (r_m <= mean), as in the reference code's set difference.
+    `effective`: {modality: [D] bool mask} (separate_dimensions). The student learns there from
+    the teacher by DUC. "Not effective" is ~effective (r_m <= mean), as in the reference code's
+    set difference. For two modalities this is the paper's pair of sets.
     """
-
-    a_to_v: Tensor
-    v_to_a: Tensor
-
-    @classmethod
-    def from_effective(cls, effective_a: Tensor, effective_v: Tensor) -> "TransferSets":
-        if effective_a.shape != effective_v.shape or effective_a.dim() != 1:
-            raise ValueError(f"effective masks must both be [D], got {tuple(effective_a.shape)} "
-                             f"and {tuple(effective_v.shape)}")
-        ea, ev = effective_a.bool(), effective_v.bool()
-        return cls(a_to_v=torch.nonzero(ea & ~ev).flatten(), v_to_a=torch.nonzero(ev & ~ea).flatten())
-
-    def by_student(self) -> dict[str, Tensor]:
-        """{student modality: dims it learns on}."""
-        return {"audio": self.v_to_a, "visual": self.a_to_v}
-
-
-def transfer_dimensions(effective_a: Tensor, effective_v: Tensor) -> dict[str, Tensor]:
-    """{"audio": dims ineffective for audio & effective for visual, "visual": the converse}."""
-    return TransferSets.from_effective(effective_a, effective_v).by_student()
+    names = list(effective)
+    masks = {n: torch.as_tensor(effective[n]).bool() for n in names}
+    shapes = {n: tuple(m.shape) for n, m in masks.items()}
+    if len(names) < 2 or len(set(shapes.values())) != 1 or len(shapes[names[0]]) != 1:
+        raise ValueError(f"effective masks must be at least two, all [D], got shapes {shapes}")
+    return {i: {j: torch.nonzero(masks[j] & ~masks[i]).flatten() for j in names if j != i} for i in names}
 
 
 def duc_loss(h_student: Tensor, h_teacher: Tensor, dims: Tensor, temperature: float | None = None,

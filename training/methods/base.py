@@ -11,10 +11,11 @@ augmentation, optimiser, schedule, AMP, DDP, checkpoints, logging, evaluation). 
                        sum once and takes one optimiser step. `nets` = self.nets(stage, wrap):
                        every module by name, the trainable ones DDP-wrapped / compiled.
     lr_scales()        per-step learning-rate multipliers by group name (MLB), read after backward
-    finalize(ctx) -> AVModel   the exported audio/visual branches and fusion head
+    finalize(ctx) -> MultiModel   the exported branches (one per modality) and fusion head
 
 Gradient isolation is expressed with `.detach()` and `torch.no_grad()` inside `step`, so the
 single backward of the summed terms gives every parameter exactly its intended gradient.
+Methods are generic over the run's modalities (`self.names`, in model order); none names one.
 """
 from __future__ import annotations
 
@@ -25,19 +26,15 @@ from typing import Any, Callable, ClassVar, Protocol
 import torch
 import torch.nn as nn
 
-from training.models import FUSIONS, AVModel, ConcatFusion, FusionHead, SumFusion
-
-MODALITIES = ("audio", "visual")
-OUTPUTS = ("audio", "visual", "fusion")
+from training.models import FUSION_KEY, FUSIONS, ConcatFusion, FusionHead, MultiModel, SumFusion
 
 
 @dataclass
 class Batch:
     """One training batch on the device."""
 
-    audio: torch.Tensor    # spectrograms float32 [B, 1, F, T]
-    visual: torch.Tensor   # frames [B, N, H, W, 3]: uint8, or float pixels after augmentation
-    label: torch.Tensor    # int64 [B]
+    inputs: dict[str, torch.Tensor]   # modality -> [B, *spec.shape] (stack kinds: uint8, or float after augmentation)
+    label: torch.Tensor               # int64 [B]
 
 
 @dataclass
@@ -55,9 +52,9 @@ class Context(Protocol):
     num_classes: int
     device: torch.device
 
-    def features(self, split: str) -> dict[str, torch.Tensor]:
-        """{"audio": [N, D], "visual": [N, D], "labels": [N]} of a split (eval mode, no augmentation,
-        CPU) on rank 0; None on the other ranks (share results with `broadcast`)."""
+    def features(self, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+        """({modality: [N, D]}, labels [N]) of a split (eval mode, no augmentation, CPU) on rank 0;
+        None on the other ranks (share results with `broadcast`)."""
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's object on every rank (identity without DDP)."""
@@ -91,10 +88,13 @@ class Method:
     defaults: ClassVar[dict[str, Any]] = {}       # hyper-parameter defaults of this variant
     weighting: ClassVar[bool] = False             # final output = certainty-aware weighting (Eq. 8-9)
     fusions: ClassVar[tuple[str, ...]] = FUSIONS  # fusion heads the method can export
+    min_modalities: ClassVar[int] = 2             # the fewest modalities the method makes sense for
     description: ClassVar[str] = ""
 
-    def __init__(self, model: AVModel, hp: HParams, num_classes: int):
+    def __init__(self, model: MultiModel, hp: HParams, num_classes: int):
+        self.check_modalities(len(model.names))
         self.model, self.hp, self.num_classes = model, hp, num_classes
+        self.names: tuple[str, ...] = model.names
         self.extras: dict[str, nn.Module] = {}    # trained but not exported (e.g. DI-MML's S-Clf)
         self.unimodal_heads = "trained"           # how finalize obtains the exported unimodal heads
 
@@ -111,10 +111,27 @@ class Method:
             hp.resolve(epochs)
         return hp
 
+    @classmethod
+    def check_modalities(cls, count: int) -> None:
+        """ValueError when the method cannot train `count` modalities."""
+        if count < cls.min_modalities:
+            raise ValueError(f"method {cls.name!r} needs at least {cls.min_modalities} modalities, got {count}")
+
     # ----- structure
+
+    def branch(self, name: str) -> nn.Module:
+        """Modality `name`'s Branch (encoder + head)."""
+        return self.model.branches[name]
+
+    def encoders(self) -> dict[str, nn.Module]:
+        """{"<modality>_encoder": encoder}: the trainable names of methods that train encoders alone."""
+        return {f"{n}_encoder": self.model.branches[n].encoder for n in self.names}
 
     def modules(self) -> dict[str, nn.Module]:
         """Every module with state (checkpointed, moved to the device)."""
+        clash = set(self.model.modules()) & set(self.extras)
+        if clash:
+            raise ValueError(f"method {self.name!r} keeps module(s) {sorted(clash)}: rename the modality")
         return {**self.model.modules(), **self.extras}
 
     def trainable(self, stage: str) -> dict[str, nn.Module]:
@@ -132,7 +149,7 @@ class Method:
 
     def outputs(self, stage: str) -> tuple[str, ...]:
         """Outputs meaningful after this stage (tracked as train/val accuracy)."""
-        return OUTPUTS
+        return (*self.names, FUSION_KEY)
 
     # ----- training
 
@@ -152,7 +169,7 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
-    def finalize(self, ctx: Context) -> AVModel:
+    def finalize(self, ctx: Context) -> MultiModel:
         return self.model
 
 
@@ -189,36 +206,35 @@ def set_linear(layer: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> No
 
 
 @torch.no_grad()
-def averaging_fusion(audio_head: nn.Linear, visual_head: nn.Linear, fusion: FusionHead) -> None:
-    """Make `fusion` output the mean of the two heads' logits (Preds-Avg), exactly.
+def averaging_fusion(heads: list[nn.Linear], fusion: FusionHead) -> None:
+    """Make `fusion` output the mean of the M heads' logits (Preds-Avg), exactly.
 
-    Concat: fc = [W_a, W_v] / 2, b = (b_a + b_v) / 2. Sum: fc_i = head_i / 2.
+    Concat: fc = [W_1, ..., W_M] / M, b = sum b_i / M. Sum: fc_i = head_i / M.
     """
-    wa, ba, wv, bv = audio_head.weight, audio_head.bias, visual_head.weight, visual_head.bias
+    m = len(heads)
     if isinstance(fusion, ConcatFusion):
-        set_linear(fusion.fc, torch.cat([wa, wv], dim=1) / 2, (ba + bv) / 2)
+        set_linear(fusion.fc, torch.cat([h.weight for h in heads], dim=1) / m, sum(h.bias for h in heads) / m)
     elif isinstance(fusion, SumFusion):
-        set_linear(fusion.fc_a, wa / 2, ba / 2)
-        set_linear(fusion.fc_v, wv / 2, bv / 2)
+        for fc, h in zip(fusion.fcs, heads):
+            set_linear(fc, h.weight / m, h.bias / m)
     else:
         raise ValueError(f"prediction averaging is exportable as a concat or sum fusion head, not {fusion.kind!r}")
 
 
 @torch.no_grad()
-def zero_modality_head(fusion: FusionHead, side: str, dim: int) -> nn.Linear | None:
-    """The fusion head with the other modality's features set to 0, as a Linear on `side`'s features.
+def zero_modality_head(fusion: FusionHead, index: int, dim: int) -> nn.Linear | None:
+    """The fusion head with every modality but input `index` set to 0, as a Linear on that one's features.
 
-    DGL's unimodal prediction. Exact for fusions affine in one input when the other is 0
-    (concat, sum, FiLM); None when it is not (gated: a sigmoid of the audio features).
+    DGL's unimodal prediction. Exact for fusions affine in one input when the others are 0
+    (concat, sum, FiLM); None when it is not (gated: a sigmoid of the first input).
     """
     p = next(fusion.parameters())
-    zeros = torch.zeros(1, dim, dtype=p.dtype, device=p.device)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         z = torch.zeros_like(x)
-        return fusion(x, z) if side == "audio" else fusion(z, x)
+        return fusion(*(x if i == index else z for i in range(fusion.num_inputs)))
 
-    bias = run(zeros)                                               # [1, K]
+    bias = run(torch.zeros(1, dim, dtype=p.dtype, device=p.device))      # [1, K]
     weight = run(torch.eye(dim, dtype=p.dtype, device=p.device)) - bias   # [D, K]: columns of W^T
     probe = torch.randn(8, dim, generator=torch.Generator().manual_seed(0)).to(p) * 3
     if not torch.allclose(run(probe), probe @ weight + bias, rtol=1e-4, atol=1e-4):
@@ -229,13 +245,11 @@ def zero_modality_head(fusion: FusionHead, side: str, dim: int) -> nn.Linear | N
 
 
 @torch.no_grad()
-def fit_probe_heads(model: AVModel, ctx: Context, sides: tuple[str, ...] = MODALITIES) -> None:
-    """Replace the unimodal heads by linear probes fitted on the frozen encoders' train features."""
+def fit_probe_heads(model: MultiModel, ctx: Context, names: tuple[str, ...] | None = None) -> None:
+    """Replace the unimodal heads of `names` (default: all) by linear probes on the frozen encoders' train features."""
     from training.evaluate import fit_probe
 
-    feats = ctx.features("train")
-    for side in sides:
-        probe = fit_probe(feats[side], feats["labels"], ctx.num_classes)
-        head: nn.Linear = getattr(model, side).head
-        set_linear(head, probe.weight, probe.bias)
-
+    feats, labels = ctx.features("train")
+    for name in names or model.names:
+        probe = fit_probe(feats[name], labels, ctx.num_classes)
+        set_linear(model.branches[name].head, probe.weight, probe.bias)

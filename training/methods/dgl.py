@@ -1,14 +1,14 @@
 """DGL, Disentangled Gradient Learning (ICCV 2025; code github.com/shicaiwei123/ICCV2025-GDL).
 
-    L_d   = CE(fusion(h_a.detach(), h_v.detach()))      updates only the fusion head
-    L_a   = CE(fusion(h_a, 0)),  L_v = CE(fusion(0, h_v))  update only their own encoder
-    total = L_d + alpha (L_a + L_v)
-The unimodal losses run the same fusion head with the other modality's features zeroed; their
+    L_d   = CE(fusion(h_1.detach(), ..., h_M.detach()))      updates only the fusion head
+    L_i   = CE(fusion(0, ..., h_i, ..., 0))                   updates only encoder i
+    total = L_d + alpha sum_i L_i
+The unimodal losses run the same fusion head with the other modalities' features zeroed; their
 gradient inside the fusion head is discarded (the paper zeroes it before the fused backward).
 Here the unimodal passes use the head's parameters detached (torch.func.functional_call), so
 one backward gives each parameter exactly its gradient. Exported unimodal heads: that same
 zeroed-fusion prediction written as a Linear layer (exact for concat, sum and FiLM fusion);
-for gated fusion, which is not affine in one input, linear probes.
+for gated fusion, which is not affine in its first input, linear probes.
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from training.methods.base import (MODALITIES, Batch, HParams, Method, StepResult, ce, fit_probe_heads,
-                                   register, set_linear, zero_modality_head)
+from training.methods.base import (Batch, HParams, Method, StepResult, ce, fit_probe_heads, register, set_linear,
+                                   zero_modality_head)
+from training.models import FUSION_KEY
 
 
 @dataclass
@@ -39,34 +40,30 @@ class DGL(Method):
         self.unimodal_heads = "fusion"
 
     def trainable(self, stage: str) -> dict[str, nn.Module]:
-        return {"audio_encoder": self.model.audio.encoder, "visual_encoder": self.model.visual.encoder,
-                "fusion": self.model.fusion}
-
-    def outputs(self, stage: str) -> tuple[str, ...]:
-        return ("audio", "visual", "fusion")
+        return {**self.encoders(), FUSION_KEY: self.model.fusion}
 
     def step(self, stage: str, batch: Batch, nets) -> StepResult:
         y = batch.label
-        h_a = nets["audio_encoder"](batch.audio)
-        h_v = nets["visual_encoder"](batch.visual)
-        z_f = nets["fusion"](h_a.detach(), h_v.detach())
-        # unimodal passes through the same head, its parameters cut from the graph
+        h = [nets[f"{n}_encoder"](batch.inputs[n]) for n in self.names]
+        z_f = nets[FUSION_KEY](*(x.detach() for x in h))
+        # unimodal passes through the same head, its parameters cut from the graph: row block i
+        # holds modality i's features and zeros elsewhere (one call for all M passes)
         fusion = self.model.fusion
         frozen = {k: p.detach() for k, p in fusion.named_parameters()}
-        za, zv = torch.zeros_like(h_a), torch.zeros_like(h_v)
-        z_u = functional_call(fusion, frozen, (torch.cat([h_a, za]), torch.cat([zv, h_v])))
-        z_ua, z_uv = z_u.split(h_a.shape[0])
+        zeros = [torch.zeros_like(x) for x in h]
+        cols = [torch.cat([h[j] if i == j else zeros[j] for i in range(len(h))]) for j in range(len(h))]
+        z_u = functional_call(fusion, frozen, tuple(cols)).split(y.shape[0])
         a = self.hp.alpha
-        return StepResult({"fused": ce(z_f, y), "audio": a * ce(z_ua, y), "visual": a * ce(z_uv, y)},
-                          {"audio": z_ua, "visual": z_uv, "fusion": z_f})
+        return StepResult({"fused": ce(z_f, y), **{n: a * ce(z, y) for n, z in zip(self.names, z_u)}},
+                          {**dict(zip(self.names, z_u)), FUSION_KEY: z_f})
 
     def finalize(self, ctx):
-        dim = self.model.audio.head.in_features
-        for side in MODALITIES:
-            head = zero_modality_head(self.model.fusion, side, dim)
+        dim = self.branch(self.names[0]).head.in_features
+        for i, n in enumerate(self.names):
+            head = zero_modality_head(self.model.fusion, i, dim)
             if head is None:
-                fit_probe_heads(self.model, ctx, (side,))
+                fit_probe_heads(self.model, ctx, (n,))
                 self.unimodal_heads = "probe"
             else:
-                set_linear(getattr(self.model, side).head, head.weight, head.bias)
+                set_linear(self.branch(n).head, head.weight, head.bias)
         return self.model

@@ -2,12 +2,14 @@
 
 Stage "encoders" (detached): modality i's loss (Eq. 7) is
     L_i = CE(psi_i(h_i), y) + lambda_s CE(SClf(h_i), y) + lambda_D L_DUC_i
-with one linear S-Clf shared by both modalities and DUC (Eq. 6) pulling i's sub-vector on the
-dims ineffective for i and effective for j toward j's (detached). No term of L_i reaches the
-other encoder. Dimension separation (Eq. 3-5) runs on the train features after `warmup`
-epochs, again every `sep_every` epochs (0: once, as the paper).
+with one linear S-Clf shared by all modalities and L_DUC_i = sum over j != i of DUC (Eq. 6)
+pulling i's sub-vector on the dims ineffective for i and effective for j toward j's
+(detached): one term per ordered pair (i <- j), so for two modalities exactly the paper's
+loss. No term of L_i reaches another encoder. Dimension separation (Eq. 3-5) runs per
+modality on the train features after `warmup` epochs, again every `sep_every` epochs (0:
+once, as the paper).
 Stage "fusion": encoders frozen (eval, no grad), the fusion head trained with CE.
-Inference: certainty-aware logit weighting of audio, visual and fusion logits (Eq. 8-9).
+Inference: certainty-aware logit weighting of the M unimodal logits and the fusion logits (Eq. 8-9).
 
 Ablations (paper Table 3), same code with other defaults:
     mmclf       two-stage only (TS = "MM Clf"): lambda_s = lambda_D = 0, fused output
@@ -24,6 +26,7 @@ import torch.nn as nn
 
 from training.losses import DUC_DISTANCES, DUC_TEMPERATURE, duc_loss, separate_dimensions, transfer_dimensions
 from training.methods.base import Batch, Context, HParams, Method, StepResult, ce, register
+from training.models import FUSION_KEY
 
 # The paper separates dimensions after 20 of 150 epochs; other run lengths keep the proportion.
 WARMUP_FRACTION = 20 / 150
@@ -60,16 +63,20 @@ class DIMML(Method):
     def __init__(self, model, hp: DIMMLConfig, num_classes: int):
         super().__init__(model, hp, num_classes)
         if hp.lambda_s > 0:
-            self.extras["sclf"] = nn.Linear(model.audio.head.in_features, num_classes)
-        self.dims: dict[str, torch.Tensor] | None = None   # DUC transfer dims per student modality
+            self.extras["sclf"] = nn.Linear(self._dim(), num_classes)
+        # DUC transfer dims: {student: {teacher: dims}}
+        self.dims: dict[str, dict[str, torch.Tensor]] | None = None
+
+    def _dim(self) -> int:
+        return self.branch(self.names[0]).head.in_features
 
     def trainable(self, stage: str) -> dict[str, nn.Module]:
         if stage == "encoders":
-            return {"audio": self.model.audio, "visual": self.model.visual, **self.extras}
-        return {"fusion": self.model.fusion}
+            return {**{n: self.branch(n) for n in self.names}, **self.extras}
+        return {FUSION_KEY: self.model.fusion}
 
     def outputs(self, stage: str) -> tuple[str, ...]:
-        return ("audio", "visual") if stage == "encoders" else ("audio", "visual", "fusion")
+        return self.names if stage == "encoders" else (*self.names, FUSION_KEY)
 
     def on_epoch_start(self, stage: str, epoch: int, ctx: Context) -> None:
         hp = self.hp
@@ -79,47 +86,52 @@ class DIMML(Method):
         if not due:
             return
         dims = None
-        feats = ctx.features("train")    # rank 0 only computes; the dims are broadcast
-        if feats is not None:
-            k = self.num_classes
-            eff_a = separate_dimensions(feats["audio"], feats["labels"], k)
-            eff_v = separate_dimensions(feats["visual"], feats["labels"], k)
-            dims = transfer_dimensions(eff_a, eff_v)
-            ctx.log(f"dimension separation at epoch {epoch}: effective audio {int(eff_a.sum())}, "
-                    f"visual {int(eff_v.sum())} of {eff_a.numel()}; DUC dims audio<-visual "
-                    f"{dims['audio'].numel()}, visual<-audio {dims['visual'].numel()}")
-        self.dims = {k: v.to(ctx.device) for k, v in ctx.broadcast(dims).items()}
+        got = ctx.features("train")    # rank 0 only computes; the dims are broadcast
+        if got is not None:
+            feats, labels = got
+            eff = {n: separate_dimensions(feats[n], labels, self.num_classes) for n in self.names}
+            dims = transfer_dimensions(eff)
+            total = next(iter(eff.values())).numel()
+            ctx.log(f"dimension separation at epoch {epoch}: effective "
+                    + ", ".join(f"{n} {int(e.sum())}" for n, e in eff.items()) + f" of {total}; DUC dims "
+                    + ", ".join(f"{i}<-{j} {d.numel()}" for i, row in dims.items() for j, d in row.items()))
+        self.dims = {i: {j: d.to(ctx.device) for j, d in row.items()} for i, row in ctx.broadcast(dims).items()}
 
     def step(self, stage: str, batch: Batch, nets) -> StepResult:
         y = batch.label
         if stage == "fusion":
+            h, z = {}, {}
             with torch.no_grad():
-                h_a, z_a = nets["audio"](batch.audio)
-                h_v, z_v = nets["visual"](batch.visual)
-            z_f = nets["fusion"](h_a, h_v)
-            return StepResult({"fused": ce(z_f, y)}, {"audio": z_a, "visual": z_v, "fusion": z_f})
+                for n in self.names:
+                    h[n], z[n] = nets[n](batch.inputs[n])
+            z_f = nets[FUSION_KEY](*(h[n] for n in self.names))
+            return StepResult({"fused": ce(z_f, y)}, {**z, FUSION_KEY: z_f})
 
         hp = self.hp
-        h_a, z_a = nets["audio"](batch.audio)
-        h_v, z_v = nets["visual"](batch.visual)
-        loss_a, loss_v = ce(z_a, y), ce(z_v, y)
+        h, z = {}, {}
+        for n in self.names:
+            h[n], z[n] = nets[n](batch.inputs[n])
+        loss = {n: ce(z[n], y) for n in self.names}
         logs = {}
         if "sclf" in nets:
-            # one call on both modalities' features: a DDP module must run once per step
-            s_a, s_v = nets["sclf"](torch.cat([h_a, h_v])).split(h_a.shape[0])
-            sclf_a, sclf_v = ce(s_a, y), ce(s_v, y)
-            loss_a, loss_v = loss_a + hp.lambda_s * sclf_a, loss_v + hp.lambda_s * sclf_v
-            logs.update(sclf_audio=sclf_a.detach(), sclf_visual=sclf_v.detach())
+            # one call on every modality's features: a DDP module must run once per step
+            s_all = nets["sclf"](torch.cat([h[n] for n in self.names])).split(y.shape[0])
+            for n, s_n in zip(self.names, s_all):
+                term = ce(s_n, y)
+                loss[n] = loss[n] + hp.lambda_s * term
+                logs[f"sclf_{n}"] = term.detach()
         if self.dims is not None and hp.lambda_d > 0:
             kw = dict(temperature=hp.duc_temperature, distance=hp.duc_distance)
-            duc_a = duc_loss(h_a, h_v, self.dims["audio"], **kw)     # teacher detached inside
-            duc_v = duc_loss(h_v, h_a, self.dims["visual"], **kw)
-            loss_a, loss_v = loss_a + hp.lambda_d * duc_a, loss_v + hp.lambda_d * duc_v
-            logs.update(duc_audio=duc_a.detach(), duc_visual=duc_v.detach())
-        return StepResult({"audio": loss_a, "visual": loss_v}, {"audio": z_a, "visual": z_v}, logs)
+            for i in self.names:
+                # teacher detached inside duc_loss: no term of L_i reaches encoder j
+                duc = sum(duc_loss(h[i], h[j], self.dims[i][j], **kw) for j in self.names if j != i)
+                loss[i] = loss[i] + hp.lambda_d * duc
+                logs[f"duc_{i}"] = duc.detach()
+        return StepResult(loss, z, logs)
 
     def state_dict(self) -> dict:
-        return {"dims": None if self.dims is None else {k: v.cpu() for k, v in self.dims.items()}}
+        return {"dims": None if self.dims is None else
+                {i: {j: d.cpu() for j, d in row.items()} for i, row in self.dims.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.dims = state.get("dims")

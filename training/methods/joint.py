@@ -1,19 +1,21 @@
-"""Joint training: both encoders and the fusion head under one multimodal CE (the competition case).
+"""Joint training: every encoder and the fusion head under one multimodal CE (the competition case).
 
 The method has no unimodal heads; the exported ones are linear probes fitted on the frozen
-encoders' train features after training (so its "audio"/"visual" rows equal its probe rows).
+encoders' train features after training (so its per-modality rows equal its probe rows).
 """
 from __future__ import annotations
 
 import torch.nn as nn
 
 from training.methods.base import Batch, Method, StepResult, ce, fit_probe_heads, register
+from training.models import FUSION_KEY
 
 
 @register
 class Joint(Method):
     name = "joint"
     stages = ("joint",)
+    min_modalities = 1
     description = "joint training: one CE on the fused output (unimodal heads = linear probes)"
 
     def __init__(self, model, hp, num_classes: int):
@@ -21,15 +23,14 @@ class Joint(Method):
         self.unimodal_heads = "probe"
 
     def trainable(self, stage: str) -> dict[str, nn.Module]:
-        return {"audio_encoder": self.model.audio.encoder, "visual_encoder": self.model.visual.encoder,
-                "fusion": self.model.fusion}
+        return {**self.encoders(), FUSION_KEY: self.model.fusion}
 
     def outputs(self, stage: str) -> tuple[str, ...]:
-        return ("fusion",)
+        return (FUSION_KEY,)
 
     def step(self, stage: str, batch: Batch, nets) -> StepResult:
-        z = nets["fusion"](nets["audio_encoder"](batch.audio), nets["visual_encoder"](batch.visual))
-        return StepResult({"fused": ce(z, batch.label)}, {"fusion": z})
+        z = nets[FUSION_KEY](*(nets[f"{n}_encoder"](batch.inputs[n]) for n in self.names))
+        return StepResult({"fused": ce(z, batch.label)}, {FUSION_KEY: z})
 
     def finalize(self, ctx):
         fit_probe_heads(self.model, ctx)

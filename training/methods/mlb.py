@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 from training.losses import mlb_coefficients
-from training.methods.base import MODALITIES, Batch, HParams, Method, StepResult, ce, register, true_class_probs
+from training.methods.base import Batch, HParams, Method, StepResult, ce, register, true_class_probs
+from training.models import FUSION_KEY
 
 
 @dataclass
@@ -39,33 +40,35 @@ class MLB(Method):
         self._ctx = None
 
     def trainable(self, stage: str) -> dict[str, nn.Module]:
-        return {"audio": self.model.audio, "visual": self.model.visual, "fusion": self.model.fusion}
+        return {**{n: self.branch(n) for n in self.names}, FUSION_KEY: self.model.fusion}
 
     def param_groups(self, stage: str) -> list[dict]:
+        """One group per encoder (named after its modality: the ones lr_scales scales), per head, and the fusion."""
         groups = []
-        for m in MODALITIES:
-            branch = getattr(self.model, m)
-            groups += [{"name": m, "params": list(branch.encoder.parameters())},
-                       {"name": f"{m}_head", "params": list(branch.head.parameters())}]
-        return groups + [{"name": "fusion", "params": list(self.model.fusion.parameters())}]
+        for n in self.names:
+            branch = self.branch(n)
+            # "<name>.head": a dot never occurs in a modality name, so groups cannot collide
+            groups += [{"name": n, "params": list(branch.encoder.parameters())},
+                       {"name": f"{n}.head", "params": list(branch.head.parameters())}]
+        return groups + [{"name": FUSION_KEY, "params": list(self.model.fusion.parameters())}]
 
     def on_epoch_start(self, stage: str, epoch: int, ctx) -> None:
         self._ctx = ctx   # for the all-reduce of the scores in step
 
     def step(self, stage: str, batch: Batch, nets) -> StepResult:
         y = batch.label
-        h_a, z_a = nets["audio"](batch.audio)
-        h_v, z_v = nets["visual"](batch.visual)
-        z_f = nets["fusion"](h_a, h_v)
+        h, z = {}, {}
+        for n in self.names:
+            h[n], z[n] = nets[n](batch.inputs[n])
+        z_f = nets[FUSION_KEY](*(h[n] for n in self.names))
         # s_i summed over the batch (and over ranks): the ratio r_i only depends on sums
-        s = torch.stack([true_class_probs(z_a, y).sum(), true_class_probs(z_v, y).sum()])
+        s = torch.stack([true_class_probs(z[n], y).sum() for n in self.names])
         if self._ctx is not None:
             s = self._ctx.all_reduce_sum(s)
-        self._scales = mlb_coefficients({"audio": s[0:1], "visual": s[1:2]}, self.hp.alpha,
+        self._scales = mlb_coefficients({n: s[i:i + 1] for i, n in enumerate(self.names)}, self.hp.alpha,
                                         self.hp.beta_max, mode=self.hp.mode)
-        return StepResult({"fused": ce(z_f, y), "audio": ce(z_a, y), "visual": ce(z_v, y)},
-                          {"audio": z_a, "visual": z_v, "fusion": z_f},
-                          {"k_audio": self._scales["audio"], "k_visual": self._scales["visual"]})
+        return StepResult({"fused": ce(z_f, y), **{n: ce(z[n], y) for n in self.names}},
+                          {**z, FUSION_KEY: z_f}, {f"k_{n}": self._scales[n] for n in self.names})
 
     def lr_scales(self) -> dict[str, float]:
         return dict(self._scales)

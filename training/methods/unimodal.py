@@ -1,8 +1,8 @@
 """Each encoder trained alone (paper's Uni1/Uni2 rows), and prediction averaging of them (Preds-Avg).
 
-Both encoders train in one loop, each only on its own head's CE: separate parameters and
-losses, so this is exactly two independent unimodal trainings sharing the data order.
-The exported fusion head averages the two heads' logits (set exactly in a concat or sum head),
+Every encoder trains in one loop, each only on its own head's CE: separate parameters and
+losses, so this is exactly M independent unimodal trainings sharing the data order.
+The exported fusion head averages the M heads' logits (set exactly in a concat or sum head),
 so the "fused" output of these runs is Preds-Avg. `unimodal` and `preds-avg` train the same
 way; the name says which row of a comparison the run is for.
 """
@@ -18,22 +18,21 @@ class Unimodal(Method):
     name = "unimodal"
     stages = ("encoders",)
     fusions = ("concat", "sum")
-    description = "each encoder alone with its own head; fusion = average of the two heads' logits"
+    min_modalities = 1
+    description = "each encoder alone with its own head; fusion = average of the heads' logits"
 
     def trainable(self, stage: str) -> dict[str, nn.Module]:
-        return {"audio": self.model.audio, "visual": self.model.visual}
+        return {n: self.branch(n) for n in self.names}
 
     def outputs(self, stage: str) -> tuple[str, ...]:
-        return ("audio", "visual")
+        return self.names
 
     def step(self, stage: str, batch: Batch, nets) -> StepResult:
-        _, z_a = nets["audio"](batch.audio)
-        _, z_v = nets["visual"](batch.visual)
-        return StepResult({"audio": ce(z_a, batch.label), "visual": ce(z_v, batch.label)},
-                          {"audio": z_a, "visual": z_v})
+        z = {n: nets[n](batch.inputs[n])[1] for n in self.names}
+        return StepResult({n: ce(z[n], batch.label) for n in self.names}, z)
 
     def finalize(self, ctx):
-        averaging_fusion(self.model.audio.head, self.model.visual.head, self.model.fusion)
+        averaging_fusion([self.branch(n).head for n in self.names], self.model.fusion)
         return self.model
 
 
