@@ -51,3 +51,31 @@ def test_compare_rejects_unknown_methods(corpus, tmp_path):
     res = subprocess.run([sys.executable, "-m", "training", "compare", "--data", str(corpus), "--methods",
                           "dimml,nosuch", "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "nosuch" in res.stderr and "Traceback" not in res.stderr and not (tmp_path / "x" / "runs").exists()
+
+
+def _report(names: tuple[str, ...], primary: str, acc: dict[str, float], seed: int) -> dict:
+    """A report.json as evaluation writes it, with given accuracies (probe = head - 0.1)."""
+    m = {k: {"accuracy": v + 0.01 * seed, "macro_f1": v, "ece": 0.1} for k, v in acc.items()}
+    m["probe"] = {n: acc[n] - 0.1 for n in names}
+    return {"primary": primary, "metrics": m}
+
+
+def test_compare_tables_have_a_column_per_modality(tmp_path):
+    from training.compare import bar_chart, tables
+
+    names = ("front", "rear", "flow")
+    acc = {"front": 0.5, "rear": 0.6, "flow": 0.7, "fused": 0.8, "weighted": 0.9}
+    reports = {"dimml": [_report(names, "weighted", acc, s) for s in range(2)],
+               "joint": [_report(names, "fused", {k: v for k, v in acc.items() if k != "weighted"}, s)
+                         for s in range(2)]}
+    md, summary = tables(reports, seeds=2)
+    assert summary["modalities"] == list(names)
+    assert "| Method | Front | Rear | Flow | Multimodal | probe Front | probe Rear | probe Flow |" in md
+    assert summary["methods"]["dimml"]["rear"]["values"] == pytest.approx([0.6, 0.61])       # own head
+    assert summary["methods"]["joint"]["rear"]["values"] == pytest.approx([0.5, 0.5])        # probe
+    assert summary["methods"]["dimml"]["multi"]["values"] == pytest.approx([0.9, 0.91])      # weighted
+    assert summary["methods"]["joint"]["multi"]["values"] == pytest.approx([0.8, 0.81])      # fused
+    assert "| dimml | 50.50 ± 0.71 | 60.50 ± 0.71 | 70.50 ± 0.71 | 90.50 ± 0.71 |" in md
+    assert "| TS + S-Clf + DUC + LW | x | x | x | x |" in md
+    bar_chart(summary, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

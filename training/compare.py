@@ -1,6 +1,7 @@
 """`python -m training compare`: every method under one budget, tabled like the DI-MML paper.
 
-Table 2 layout: per method, audio / visual / multimodal test accuracy (mean +- std over seeds).
+Table 2 layout: per method, each modality's and the multimodal test accuracy (mean +- std over
+seeds); the columns are the runs' modalities (`--modalities`, default audio,visual).
 Unimodal accuracy is the method's own head for detached methods (their encoders never saw the
 other modality's objective) and the linear probe of the frozen encoder for the others (joint,
 MLB, DGL), as the papers measure modality competition. Multimodal accuracy is the method's
@@ -39,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..n-1 per method (default 1)")
     p.add_argument("--out", required=True, help="output folder: runs/, compare.{md,json,png}")
     p.add_argument("--preset", default="resnet18", choices=["resnet18", "tiny"])
+    p.add_argument("--modalities", help="the runs' modalities (default: audio,visual), e.g. front:image,rear:image")
     p.add_argument("--device", default="auto")
     p.add_argument("--epochs", type=int, help="stage-1 epochs for every method (same budget)")
     p.add_argument("--stage2-epochs", type=int)
@@ -67,16 +69,18 @@ def is_detached(method: str) -> bool:
     return "joint" not in get_method(method).stages
 
 
+def modalities_of(report: dict[str, Any]) -> list[str]:
+    """The modalities a run's report scores, in model order."""
+    return list(report["metrics"]["probe"])
+
+
 def row_of(method: str, report: dict[str, Any]) -> dict[str, float]:
-    """Audio, visual, multimodal accuracy of one run, Table 2 style."""
+    """Each modality's and the multimodal accuracy of one run (Table 2 style), plus the probes ("probe_<name>")."""
     m = report["metrics"]
-    if is_detached(method):
-        audio, visual = m["audio"]["accuracy"], m["visual"]["accuracy"]
-    else:
-        audio, visual = m["probe"]["audio"], m["probe"]["visual"]
+    names = modalities_of(report)
+    uni = {n: m[n]["accuracy"] if is_detached(method) else m["probe"][n] for n in names}
     final = "weighted" if m.get("weighted") and report.get("primary", "fused") == "weighted" else "fused"
-    return {"audio": audio, "visual": visual, "multi": m[final]["accuracy"],
-            "probe_audio": m["probe"]["audio"], "probe_visual": m["probe"]["visual"]}
+    return {**uni, "multi": m[final]["accuracy"], **{f"probe_{n}": m["probe"][n] for n in names}}
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -94,7 +98,7 @@ def train_all(args: argparse.Namespace, methods: list[str]) -> dict[str, list[di
 
     reports: dict[str, list[dict]] = {m: [] for m in methods}
     base = TrainConfig(data=args.data, out="", preset=args.preset, device=args.device)
-    for field in ("epochs", "stage2_epochs", "batch_size", "lr", "workers"):
+    for field in ("modalities", "epochs", "stage2_epochs", "batch_size", "lr", "workers"):
         if getattr(args, field) is not None:
             base = replace(base, **{field: getattr(args, field)})
     for method in methods:
@@ -111,39 +115,43 @@ def train_all(args: argparse.Namespace, methods: list[str]) -> dict[str, list[di
 def tables(reports: dict[str, list[dict]], seeds: int) -> tuple[str, dict]:
     """Markdown (Table 2 + Table 3 where available) and the JSON summary."""
     summary: dict[str, Any] = {"seeds": seeds, "methods": {}, "ablation": []}
+    names = modalities_of(next(r for runs in reports.values() for r in runs))
+    summary["modalities"] = names
+    title = lambda n: n[:1].upper() + n[1:]
     lines = ["## Method comparison (test accuracy, %)", "",
-             "| Method | Audio | Visual | Multimodal | probe Audio | probe Visual |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| Method | " + " | ".join(title(n) for n in names) + " | Multimodal | "
+             + " | ".join(f"probe {title(n)}" for n in names) + " |",
+             "| --- " * (2 + 2 * len(names)) + "|"]
     for method, runs in reports.items():
         rows = [row_of(method, r) for r in runs]
         cols = {k: [r[k] for r in rows] for k in rows[0]}
         summary["methods"][method] = {k: dict(zip(("mean", "std"), mean_std(v))) | {"values": v}
                                       for k, v in cols.items()}
         tag = "" if is_detached(method) else " (probe)"
-        lines.append(f"| {method}{tag} | {fmt(cols['audio'])} | {fmt(cols['visual'])} | {fmt(cols['multi'])} | "
-                     f"{fmt(cols['probe_audio'])} | {fmt(cols['probe_visual'])} |")
+        lines.append(f"| {method}{tag} | " + " | ".join(fmt(cols[n]) for n in names) + f" | {fmt(cols['multi'])} | "
+                     + " | ".join(fmt(cols[f"probe_{n}"]) for n in names) + " |")
     ablation = [a for a in ABLATION if a[5] in reports]
     if len(ablation) > 1:
         lines += ["", "## Ablation (DI-MML Table 3 layout; multimodal test accuracy, %)", "",
-                  "| Row | TS | S-Clf | DUC | LW | Audio | Visual | Multimodal |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| Row | TS | S-Clf | DUC | LW | " + " | ".join(title(n) for n in names) + " | Multimodal |",
+                  "| --- " * (6 + len(names)) + "|"]
         for name, ts, s, d, lw, method, output in ablation:
             runs = reports[method]
             multi = [r["metrics"][output]["accuracy"] for r in runs if r["metrics"].get(output)]
             if not multi:
                 continue
-            audio = [row_of(method, r)["audio"] for r in runs]
-            visual = [row_of(method, r)["visual"] for r in runs]
+            uni = {n: [row_of(method, r)[n] for r in runs] for n in names}
             summary["ablation"].append({"row": name, "method": method, "output": output,
                                         "multi": dict(zip(("mean", "std"), mean_std(multi)))})
-            lines.append(f"| {name} | {ts} | {s} | {d} | {lw} | {fmt(audio)} | {fmt(visual)} | {fmt(multi)} |")
+            lines.append(f"| {name} | {ts} | {s} | {d} | {lw} | " + " | ".join(fmt(uni[n]) for n in names)
+                         + f" | {fmt(multi)} |")
     if seeds > 1:
         lines += ["", f"mean ± sample standard deviation over {seeds} seeds."]
     return "\n".join(lines) + "\n", summary
 
 
 def bar_chart(summary: dict, path: Path) -> None:
-    """Grouped bars: audio, visual, multimodal accuracy per method, std as error bars."""
+    """Grouped bars: each modality's and the multimodal accuracy per method, std as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,13 +159,14 @@ def bar_chart(summary: dict, path: Path) -> None:
     import numpy as np
 
     methods = list(summary["methods"])
-    keys = [("audio", "audio"), ("visual", "visual"), ("multi", "multimodal")]
+    keys = [(n, n) for n in summary["modalities"]] + [("multi", "multimodal")]
     x = np.arange(len(methods))
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(methods)), 4))
+    width = 0.8 / len(keys)
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(keys) * len(methods)), 4))
     for i, (k, label) in enumerate(keys):
         means = [100 * summary["methods"][m][k]["mean"] for m in methods]
         stds = [100 * summary["methods"][m][k]["std"] for m in methods]
-        ax.bar(x + (i - 1) * 0.27, means, 0.27, yerr=stds, capsize=3, label=label)
+        ax.bar(x + (i - (len(keys) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=label)
     ax.set_xticks(x, methods)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)

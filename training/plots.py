@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dimml.fileio import atomic_write_bytes
 
-COLOURS = {"audio": "tab:blue", "visual": "tab:orange", "fusion": "tab:green", "fused": "tab:green"}
+FUSED_COLOUR = "tab:green"   # the fusion head's curves; modalities take the other colours in order
 
 
 def _figure():
@@ -22,12 +22,21 @@ def _save(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _colours(keys: list[str]) -> dict[str, str]:
+    """A colour per output named in loss_/train_acc_/val_acc_ keys: fusion green, modalities the rest in order."""
+    names = dict.fromkeys(k.split("_acc_")[-1] if "_acc_" in k else k[5:] for k in keys
+                          if k.startswith(("loss_", "train_acc_", "val_acc_")))
+    others = iter(f"tab:{c}" for c in ("blue", "orange", "red", "purple", "brown", "pink", "olive", "cyan", "gray"))
+    return {n: FUSED_COLOUR if n in ("fusion", "fused") else next(others, None) for n in names}
+
+
 def plot_curves(history: list[dict], path: Path) -> None:
     """Per-epoch training losses (left) and train/val accuracy (right), epochs of all stages in a row."""
     plt = _figure()
     fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(12, 4.5))
     x = list(range(1, len(history) + 1))
     keys = list(dict.fromkeys(k for row in history for k in row))
+    colour = _colours(keys)
     for key in keys:
         ys = [row.get(key) for row in history]
         pts = [(xi, y) for xi, y in zip(x, ys) if y not in (None, "")]
@@ -36,10 +45,10 @@ def plot_curves(history: list[dict], path: Path) -> None:
         xs, vs = zip(*pts)
         if key.startswith("loss_"):
             name = key[5:]
-            ax_l.plot(xs, vs, label=name, color=COLOURS.get(name))
+            ax_l.plot(xs, vs, label=name, color=colour.get(name))
         elif key.startswith(("train_acc_", "val_acc_")):
             split, name = key.split("_acc_")
-            ax_a.plot(xs, vs, label=f"{split} {name}", color=COLOURS.get(name),
+            ax_a.plot(xs, vs, label=f"{split} {name}", color=colour.get(name),
                       linestyle="-" if split == "train" else "--")
     # stage boundaries
     for i in range(1, len(history)):

@@ -1,9 +1,12 @@
 """A finished run on disk: what training writes and export/evaluation read back.
 
 RUN/
-  config.json   resolved configuration (method, preset, preprocess, model, classes, hyper-parameters)
-  model.pt      final weights of the three exported modules {"audio", "visual", "fusion"}
+  config.json   resolved configuration (method, preset, preprocess with the modality specs, model, classes,
+                hyper-parameters)
+  model.pt      final weights of the exported modules {<modality>: branch, ..., "fusion": head}
   report.json   test metrics and the certainty-weighting temperature (written by evaluation)
+Runs written before modalities were declared (a flat audio+visual preprocess dict, a model config
+without modalities, fusion parameters named for audio/visual) load as audio+visual.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch
 
 from dimml.config import PreprocessConfig
 from dimml.fileio import atomic_path, atomic_write_json
-from training.models import AVModel, ModelConfig, build_av_model
+from training.models import FUSION_HEADS, FUSION_KEY, ModelConfig, MultiModel, build_model
 
 CONFIG, WEIGHTS, REPORT = "config.json", "model.pt", "report.json"
 
@@ -29,11 +32,11 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
 
 @dataclass
 class Run:
-    """A loaded run: configuration plus the three modules in eval mode on the CPU."""
+    """A loaded run: configuration plus its modules in eval mode on the CPU."""
 
     path: Path
     config: dict[str, Any]
-    model: AVModel
+    model: MultiModel
     model_cfg: ModelConfig
     preprocess: PreprocessConfig
     classes: list[str]
@@ -51,7 +54,7 @@ class Run:
         return float(self.config.get("lw_temperature") or 1.0)
 
 
-def save_run_model(run_dir: Path, config: dict[str, Any], model: AVModel) -> None:
+def save_run_model(run_dir: Path, config: dict[str, Any], model: MultiModel) -> None:
     """Write config.json and model.pt (config first: weights without a config are useless)."""
     run_dir = Path(run_dir)
     atomic_write_json(run_dir / CONFIG, config)
@@ -63,6 +66,19 @@ def run_config_fields(preprocess: PreprocessConfig, model_cfg: ModelConfig, clas
     return {"preprocess": preprocess.to_dict(), "model": asdict(model_cfg), "classes": list(classes)}
 
 
+def legacy_fusion_state(fusion: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A fusion head's state saved before heads took M inputs, under today's parameter names."""
+    renames = FUSION_HEADS[fusion].legacy_keys
+    out = {}
+    for key, value in state.items():
+        for old, new in renames.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out
+
+
 def load_run(run_dir: str | Path) -> Run:
     """Rebuild a run's modules from RUN/config.json and RUN/model.pt."""
     run_dir = Path(run_dir)
@@ -70,13 +86,18 @@ def load_run(run_dir: str | Path) -> Run:
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"{run_dir}: not a finished run ({name} missing)")
     config = json.loads((run_dir / CONFIG).read_text())
-    m = dict(config["model"])
-    m["widths"], m["blocks"] = tuple(m["widths"]), tuple(m["blocks"])
-    model_cfg = ModelConfig(**m)
-    model = build_av_model(model_cfg)
+    preprocess = PreprocessConfig.from_dict(config["preprocess"])
+    legacy = not config["model"].get("modalities")
+    model_cfg = ModelConfig.from_dict(config["model"], preprocess)
+    model = build_model(model_cfg, preprocess)
     state = torch.load(run_dir / WEIGHTS, map_location="cpu", weights_only=True)
+    missing = set(model.modules()) - set(state)
+    if missing:
+        raise ValueError(f"{run_dir / WEIGHTS}: no weights for {sorted(missing)} (it holds {sorted(state)})")
     for key, module in model.modules().items():
-        module.load_state_dict(state[key])
+        weights = state[key]
+        if legacy and key == FUSION_KEY:
+            weights = legacy_fusion_state(model_cfg.fusion, weights)
+        module.load_state_dict(weights)
     report = json.loads((run_dir / REPORT).read_text()) if (run_dir / REPORT).is_file() else None
-    return Run(run_dir, config, model.eval(), model_cfg,
-               PreprocessConfig.from_dict(config["preprocess"]), list(config["classes"]), report)
+    return Run(run_dir, config, model.eval(), model_cfg, preprocess, list(config["classes"]), report)
