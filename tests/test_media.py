@@ -476,3 +476,12 @@ def test_image_errors_and_limits(tmp_path):
     with pytest.raises(MediaError) as e:
         decode_sample({"front": png}, cfg.override({"max_pixels": 40 * 40}))
     assert e.value.cause == "too_large" and "50x50" in str(e.value)
+
+
+def test_flow_of_odd_sizes(tmp_path):
+    # widths whose rows PyAV pads (e.g. 40): the grey frames must still reach OpenCV densely
+    path = write_clip(tmp_path / "o.mp4", moving_texture(8, 48, 64), fps=10)
+    for h, w in [(30, 40), (24, 24), (17, 33)]:
+        cfg = preprocess_for("tiny", "flow", {"flow.height": h, "flow.width": w})
+        flow = decode_clip(path, cfg).arrays["flow"]
+        assert flow.shape == (2, h, w, 2) and flow[..., 0].mean() > 130    # the texture moves right

@@ -1,18 +1,21 @@
-"""Preprocessing cache: decode every clip once into a compact on-disk store reused by all epochs and runs.
+"""Preprocessing cache: decode every sample once into a compact on-disk store reused by all epochs and runs.
 
-An entry is a folder of .npy arrays (memory-mapped when read):
-    spectrograms.npy  float16 [M, 1, F, T]     frames.npy  uint8 [M, N, H, W, 3]
-    labels.npy        int64   [M]  (-1: a sample skipped as undecodable; its rows are zeros)
-plus meta.json, written last. Its name hashes the content (sha256) of every media file, the
-labels, cfg.fingerprint() and the decoder's own fingerprint, so changed files, a changed
-config or changed decoding code all give a new entry (old ones stay until `prune`).
+An entry is a folder of .npy arrays (memory-mapped when read), one per modality of the config:
+    <name>.npy    [M, *spec.shape] of the kind's cache_dtype (audio float16, the others uint8)
+    _labels.npy   int64 [M]  (-1: a sample skipped as undecodable; its rows are zeros)
+plus meta.json, written last (internal files start with "_": modality names start with a letter).
+Its name hashes the content (sha256) of every source file of every sample (all its fields; a
+folder source by the files its kind reads), the labels, cfg.fingerprint() and the decoder's own
+fingerprint, so changed files, a changed config or changed decoding code all give a new entry
+(old ones stay until `prune`). CACHE_VERSION 2 (one array per modality); entries of version 1
+(spectrograms.npy + frames.npy) are never read: they are rebuilt, then pruned like any other.
 
 A build writes into `<entry>.tmp-<pid>` and is renamed into place only when complete, so a
-half-written entry is never used. An interrupted build leaves its progress (done.npy) behind;
+half-written entry is never used. An interrupted build leaves its progress (_done.npy) behind;
 the next build of the same entry adopts it (when its process is gone) and decodes only the rest.
 Rows whose content is already decoded in another entry of the same config are copied, not decoded,
-so a changed file or a subset of a dataset costs only the new clips.
-Arrays come from `dimml.media.decode_clip`: the one preprocessing code path training and serving share.
+so a changed file or a subset of a dataset costs only the new samples.
+Arrays come from `dimml.media.decode_sample`: the one preprocessing code path training and serving share.
 """
 from __future__ import annotations
 
@@ -32,12 +35,14 @@ from typing import Iterable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from dimml.config import PreprocessConfig
+from dimml.datasets import DatasetError, Sample, format_list
 from dimml.fileio import atomic_write_json
-from dimml.media import MediaError, decode_clip
-from training.datasets import DatasetError, Sample, format_list
+from dimml.media import MediaError, decode_sample
+from dimml.modalities import PreprocessConfig
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2       # 1: spectrograms.npy + frames.npy; 2: one <name>.npy per modality
+LABELS = "_labels"      # array file names of the entry's own (a modality name cannot start with "_")
+DONE = "_done"
 CACHE_ENV = "DIMML_CACHE_DIR"
 DEFAULT_DIRNAME = ".dimml-cache"
 HASH_INDEX = "hash-index.json"
@@ -51,12 +56,23 @@ def default_cache_dir(data_root: str | os.PathLike) -> Path:
     return Path(env).expanduser() if env else Path(data_root) / DEFAULT_DIRNAME
 
 
-def decoder_fingerprint() -> str:
-    """Hash of the decoding code and PyAV version: a change in how clips decode invalidates caches."""
+def decoder_fingerprint(cfg: PreprocessConfig) -> str:
+    """Hash of the decoding code (dimml.media and cfg's kinds) and library versions (PyAV, OpenCV):
+    a change in how samples decode invalidates caches."""
+    import inspect
+
     import av
     import dimml.media
-    h = hashlib.sha256(Path(dimml.media.__file__).read_bytes())
+    sources = [dimml.media.__file__] + sorted({inspect.getsourcefile(type(s.kind_obj)) for s in cfg.modalities})
+    h = hashlib.sha256()
+    for path in sources:
+        h.update(Path(path).read_bytes())
     h.update(av.__version__.encode())
+    try:
+        import cv2
+        h.update(cv2.__version__.encode())
+    except ImportError:
+        pass   # OpenCV absent: no kind that needs it can decode, so nothing cached depends on it
     return h.hexdigest()[:16]
 
 
@@ -101,10 +117,23 @@ class HashIndex:
             self.dirty = False
 
 
-def content_key(sample: Sample, index: HashIndex) -> str:
-    """What a sample decodes from: its video file's and its audio file's content."""
-    audio = index.digest(sample.audio_path) if sample.audio_path else ""
-    return hashlib.sha256(f"{index.digest(sample.path)}:{audio}".encode()).hexdigest()
+def source_digest(path: str, cfg: PreprocessConfig, fld: str, index: HashIndex) -> str:
+    """Content hash of one source: a file's sha256, or for a folder the files its kind reads (with
+    their names relative to it); "missing" when it is absent (decoding then reports it)."""
+    if not os.path.exists(path):
+        return "missing"
+    if not os.path.isdir(path):
+        return index.digest(path)
+    kinds = {s.kind_obj for s in cfg.modalities if fld in (s.field, s.name)} or {cfg.modalities[0].kind_obj}
+    files = sorted({f for k in kinds for f in k.source_files(path)})
+    listing = "\n".join(f"{os.path.relpath(f, path)}:{index.digest(f)}" for f in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def content_key(sample: Sample, cfg: PreprocessConfig, index: HashIndex) -> str:
+    """What a sample decodes from: the content of every one of its source files, by field."""
+    parts = [f"{fld}={source_digest(path, cfg, fld, index)}" for fld, path in sorted(sample.files.items())]
+    return hashlib.sha256(";".join(parts).encode()).hexdigest()
 
 
 def row_key(content: str, label: int) -> str:
@@ -112,17 +141,24 @@ def row_key(content: str, label: int) -> str:
     return hashlib.sha256(f"{content}:{label}".encode()).hexdigest()
 
 
-def _content_keys(samples: Sequence[Sample], index: HashIndex, progress: bool) -> list[str]:
-    bar = tqdm(samples, desc="hashing", unit="file", file=sys.stderr,
+def _content_keys(samples: Sequence[Sample], cfg: PreprocessConfig, index: HashIndex, progress: bool) -> list[str]:
+    bar = tqdm(samples, desc="hashing", unit="sample", file=sys.stderr,
                disable=not progress or len(samples) < 200)
-    return [content_key(s, index) for s in bar]
+    return [content_key(s, cfg, index) for s in bar]
 
 
 def entry_name(keys: Iterable[str], cfg: PreprocessConfig) -> str:
     """Cache entry folder name: hash of the sorted row keys, the config and the decoder."""
     blob = json.dumps({"version": CACHE_VERSION, "rows": sorted(set(keys)), "cfg": cfg.fingerprint(),
-                       "decoder": decoder_fingerprint()})
+                       "decoder": decoder_fingerprint(cfg)})
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def array_specs(cfg: PreprocessConfig, m: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """File name -> (shape, dtype) of every array of an entry of m rows."""
+    out = {s.name: ((m, *s.shape), np.dtype(s.kind_obj.cache_dtype)) for s in cfg.modalities}
+    out[LABELS] = ((m,), np.dtype(np.int64))
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -130,26 +166,26 @@ def entry_name(keys: Iterable[str], cfg: PreprocessConfig) -> str:
 
 @dataclass
 class DecodedCache:
-    """A complete cache entry: memory-mapped arrays plus which sample path lives in which row."""
+    """A complete cache entry: memory-mapped arrays plus which sample (by key) lives in which row."""
 
     directory: Path
     meta: dict
-    row_of: dict[str, int]              # sample path -> row (every path of the current sample set)
+    row_of: dict[str, int]              # sample key -> row (every key of the current sample set)
     _arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, directory: str | os.PathLike, samples: Sequence[Sample] | None = None,
              keys: Sequence[str] | None = None) -> "DecodedCache":
-        """Open a complete entry; map the given samples (by row key) or the recorded paths to rows."""
+        """Open a complete entry; map the given samples (by row key) or the recorded sample keys to rows."""
         directory = Path(directory)
         meta = _read_meta(directory)
         if meta is None:
             raise DatasetError(f"{directory}: not a complete cache entry (no valid meta.json)")
         if samples is None:
-            row_of = {os.path.abspath(r["path"]): i for i, r in enumerate(meta["rows"])}
+            row_of = {r["sample"]: i for i, r in enumerate(meta["rows"])}
         else:
             row_by_key = {r["key"]: i for i, r in enumerate(meta["rows"])}
-            row_of = {os.path.abspath(s.path): row_by_key[k] for s, k in zip(samples, keys)}
+            row_of = {s.key: row_by_key[k] for s, k in zip(samples, keys)}
         return cls(directory, meta, row_of)
 
     def _array(self, name: str) -> np.ndarray:
@@ -157,55 +193,56 @@ class DecodedCache:
             self._arrays[name] = np.load(self.directory / f"{name}.npy", mmap_mode="r")
         return self._arrays[name]
 
-    @property
-    def spectrograms(self) -> np.ndarray:
-        """float16 [M, 1, F, T], memory-mapped."""
-        return self._array("spectrograms")
+    def array(self, name: str) -> np.ndarray:
+        """One modality's rows [M, *spec.shape] in the kind's cache dtype, memory-mapped."""
+        if name not in self.names:
+            raise KeyError(f"no modality {name!r} in the cache {self.directory} (it has {', '.join(self.names)})")
+        return self._array(name)
 
     @property
-    def frames(self) -> np.ndarray:
-        """uint8 [M, N, H, W, 3], memory-mapped."""
-        return self._array("frames")
+    def names(self) -> tuple[str, ...]:
+        """The modalities cached, in the config's order."""
+        return tuple(self.meta["arrays"])
 
     @property
     def labels(self) -> np.ndarray:
         """int64 [M]; -1 marks the rows of skipped (undecodable) samples."""
-        return self._array("labels")
+        return self._array(LABELS)
 
     @property
     def cfg(self) -> PreprocessConfig:
         return PreprocessConfig.from_dict(self.meta["cfg"])
 
     @property
-    def paths(self) -> list[str]:
-        """Per row, the first current sample path it holds (the recorded one if none maps to it)."""
-        out = [r["path"] for r in self.meta["rows"]]
+    def keys(self) -> list[str]:
+        """Per row, the first current sample key it holds (the recorded one if none maps to it)."""
+        out = [r["sample"] for r in self.meta["rows"]]
         seen: set[int] = set()
-        for p, i in self.row_of.items():
+        for k, i in self.row_of.items():
             if i not in seen:
-                out[i] = p
+                out[i] = k
                 seen.add(i)
         return out
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
-        """(path, error) of the current samples left out as undecodable (rows with label -1)."""
+        """(sample key, error) of the current samples left out as undecodable (rows with label -1)."""
         error = {e["row"]: e["error"] for e in self.meta["skipped"]}
-        return [(p, error[i]) for p, i in self.row_of.items() if i in error]
+        return [(k, error[i]) for k, i in self.row_of.items() if i in error]
 
     def __len__(self) -> int:
         return len(self.meta["rows"])
 
-    def index_of(self, path: str) -> int:
-        """Row of a sample path."""
+    def index_of(self, key: str) -> int:
+        """Row of a sample key (Sample.key)."""
         try:
-            return self.row_of[os.path.abspath(path)]
+            return self.row_of[key]
         except KeyError:
-            raise KeyError(f"{path} is not in the cache {self.directory}") from None
+            raise KeyError(f"{key} is not in the cache {self.directory}") from None
 
-    def subset(self, paths: Iterable[str]) -> np.ndarray:
-        """Rows of the given sample paths, leaving out samples skipped as undecodable (label -1)."""
-        rows = np.asarray([self.index_of(p) for p in paths], dtype=np.int64)
+    def subset(self, keys: Iterable[str]) -> np.ndarray:
+        """Rows of the given sample keys, leaving out samples skipped as undecodable (label -1)."""
+        rows = np.asarray([self.index_of(k) for k in keys], dtype=np.int64)
         return rows[self.labels[rows] >= 0] if rows.size else rows
 
     def __getstate__(self) -> dict:
@@ -220,13 +257,13 @@ def _read_meta(directory: Path) -> dict | None:
         if meta.get("version") != CACHE_VERSION or meta.get("key") != directory.name:
             return None
         m = len(meta["rows"])
-        want = {"spectrograms": (m, *meta["spectrogram_shape"]), "frames": (m, *meta["frames_shape"]),
-                "labels": (m,)}
-        for name, shape in want.items():
+        want = {name: ((m, *a["shape"]), np.dtype(a["dtype"])) for name, a in meta["arrays"].items()}
+        want[LABELS] = ((m,), np.dtype(np.int64))
+        for name, (shape, dtype) in want.items():
             arr = np.load(directory / f"{name}.npy", mmap_mode="r")   # checks header and file size
-            if arr.shape != shape:
+            if arr.shape != shape or arr.dtype != dtype:
                 return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return meta
 
@@ -243,14 +280,15 @@ class _Row:
     sample: Sample
 
 
-def _decode_one(job: tuple[int, str, str | None, dict]) -> tuple[int, np.ndarray | None, np.ndarray | None, str | None]:
-    """Worker: (row, path, audio_path, cfg dict) -> (row, spectrogram float16, frames, error)."""
-    row, path, audio_path, cfg_dict = job
+def _decode_one(job: tuple[int, dict[str, str], dict]) -> tuple[int, dict[str, np.ndarray] | None, str | None]:
+    """Worker: (row, files, cfg dict) -> (row, arrays in the cache dtypes, error)."""
+    row, files, cfg_dict = job
+    cfg = PreprocessConfig.from_dict(cfg_dict)
     try:
-        clip = decode_clip(path, PreprocessConfig.from_dict(cfg_dict), audio=audio_path)
+        clip = decode_sample(files, cfg)
     except MediaError as e:
-        return row, None, None, f"{e.cause}: {e.detail}"
-    return row, clip.spectrogram.astype(np.float16), clip.frames, None
+        return row, None, f"{e.cause}: {e.detail}"
+    return row, {s.name: clip.arrays[s.name].astype(s.kind_obj.cache_dtype, copy=False) for s in cfg.modalities}, None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -279,7 +317,7 @@ def _adopt_leftover(cache_dir: Path, name: str, mine: Path) -> bool:
         pid = _tmp_pid(tmp)
         if pid > 0 and _pid_alive(pid):
             continue   # another process is building this entry right now: leave it alone
-        if not adopted and (tmp / "done.npy").is_file():
+        if not adopted and (tmp / f"{DONE}.npy").is_file():
             try:
                 os.rename(tmp, mine)
                 adopted = True
@@ -304,16 +342,15 @@ class _Builder:
     def __init__(self, tmp: Path, rows: list[_Row], cfg: PreprocessConfig, resume: bool):
         self.tmp, self.rows, self.cfg = tmp, rows, cfg
         m = len(rows)
-        shapes = {"spectrograms": ((m, *cfg.spectrogram_shape), np.float16),
-                  "frames": ((m, *cfg.frames_shape), np.uint8), "labels": ((m,), np.int64)}
+        specs = array_specs(cfg, m)
         self.arrays: dict[str, np.ndarray] = {}
         self.done = np.zeros(m, dtype=bool)
         if resume:
             try:
-                done = np.load(tmp / "done.npy")
+                done = np.load(tmp / f"{DONE}.npy")
                 if done.shape != (m,):
                     raise ValueError("progress of another size")
-                for name, (shape, dtype) in shapes.items():
+                for name, (shape, dtype) in specs.items():
                     self.arrays[name] = np.load(tmp / f"{name}.npy", mmap_mode="r+")
                     if self.arrays[name].shape != shape or self.arrays[name].dtype != dtype:
                         raise ValueError("arrays of another shape")
@@ -322,19 +359,19 @@ class _Builder:
                 self.arrays.clear()   # unusable leftovers: start over
         if not self.arrays:
             tmp.mkdir(parents=True, exist_ok=True)
-            for name, (shape, dtype) in shapes.items():
+            for name, (shape, dtype) in specs.items():
                 self.arrays[name] = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+",
                                                               dtype=dtype, shape=shape)
         self.errors: dict[int, str] = {}
         self.last_save = time.monotonic()
 
-    def put(self, row: int, spec: np.ndarray | None, frames: np.ndarray | None, error: str | None) -> None:
+    def put(self, row: int, arrays: dict[str, np.ndarray] | None, error: str | None) -> None:
         if error is not None:
             self.errors[row] = error
             return
-        self.arrays["spectrograms"][row] = spec
-        self.arrays["frames"][row] = frames
-        self.arrays["labels"][row] = self.rows[row].sample.label
+        for name in self.cfg.names:
+            self.arrays[name][row] = arrays[name]
+        self.arrays[LABELS][row] = self.rows[row].sample.label
         self.done[row] = True
         if time.monotonic() - self.last_save > CHECKPOINT_S:
             self.save_progress()
@@ -342,48 +379,49 @@ class _Builder:
     def reuse(self, cache_dir: Path) -> int:
         """Copy rows of the same content from other complete entries of this config; returns how many."""
         want = {r.content: i for i, r in enumerate(self.rows) if not self.done[i]}
+        decoder = decoder_fingerprint(self.cfg)
         copied = 0
         for entry in sorted(cache_dir.iterdir()):
             if not want or not entry.is_dir() or ".tmp-" in entry.name or entry == self.tmp:
                 continue
             meta = _read_meta(entry)
-            if (meta is None or meta["cfg_fingerprint"] != self.cfg.fingerprint()
-                    or meta["decoder"] != decoder_fingerprint()):
+            if meta is None or meta["cfg_fingerprint"] != self.cfg.fingerprint() or meta["decoder"] != decoder:
                 continue
             other = DecodedCache(entry, meta, {})
             for j, r in enumerate(meta["rows"]):
                 i = want.get(r["content"])
                 if i is None or other.labels[j] < 0:
                     continue
-                self.put(i, other.spectrograms[j], other.frames[j], None)
+                self.put(i, {name: other.array(name)[j] for name in self.cfg.names}, None)
                 del want[r["content"]]
                 copied += 1
         return copied
 
     def save_progress(self) -> None:
-        """Flush the arrays, then record which rows they hold (in that order: done.npy never lies)."""
+        """Flush the arrays, then record which rows they hold (in that order: _done.npy never lies)."""
         for a in self.arrays.values():
             a.flush()
-        tmp_done = self.tmp / "done.tmp.npy"
+        tmp_done = self.tmp / f"{DONE}.tmp.npy"
         np.save(tmp_done, self.done)
-        os.replace(tmp_done, self.tmp / "done.npy")
+        os.replace(tmp_done, self.tmp / f"{DONE}.npy")
         self.last_save = time.monotonic()
 
     def finish(self, key: str) -> None:
         """Mark skipped rows (label -1), flush, and write meta.json last."""
         for row in self.errors:
-            self.arrays["labels"][row] = -1
+            self.arrays[LABELS][row] = -1
         for a in self.arrays.values():
             a.flush()
         self.arrays.clear()
-        (self.tmp / "done.npy").unlink(missing_ok=True)
+        (self.tmp / f"{DONE}.npy").unlink(missing_ok=True)
         meta = {"version": CACHE_VERSION, "key": key, "cfg": self.cfg.to_dict(),
-                "cfg_fingerprint": self.cfg.fingerprint(), "decoder": decoder_fingerprint(),
-                "spectrogram_shape": list(self.cfg.spectrogram_shape),
-                "frames_shape": list(self.cfg.frames_shape), "created": time.time(),
-                "rows": [{"key": r.key, "content": r.content, "path": r.sample.path,
-                          "audio_path": r.sample.audio_path, "label": r.sample.label} for r in self.rows],
-                "skipped": [{"row": i, "path": self.rows[i].sample.path, "error": e}
+                "cfg_fingerprint": self.cfg.fingerprint(), "decoder": decoder_fingerprint(self.cfg),
+                "arrays": {s.name: {"shape": list(s.shape), "dtype": s.kind_obj.cache_dtype}
+                           for s in self.cfg.modalities},
+                "created": time.time(),
+                "rows": [{"key": r.key, "content": r.content, "sample": r.sample.key, "files": r.sample.files,
+                          "label": r.sample.label} for r in self.rows],
+                "skipped": [{"row": i, "sample": self.rows[i].sample.key, "error": e}
                             for i, e in sorted(self.errors.items())]}
         atomic_write_json(self.tmp / "meta.json", meta)
 
@@ -391,8 +429,8 @@ class _Builder:
 def _decode_rows(builder: _Builder, todo: list[int], workers: int, progress: bool) -> None:
     """Decode the given rows into the builder, in this process or a pool of `workers`."""
     cfg = builder.cfg.to_dict()
-    jobs = [(i, builder.rows[i].sample.path, builder.rows[i].sample.audio_path, cfg) for i in todo]
-    bar = tqdm(total=len(jobs), desc="decoding", unit="clip", disable=not progress, file=sys.stderr)
+    jobs = [(i, dict(builder.rows[i].sample.files), cfg) for i in todo]
+    bar = tqdm(total=len(jobs), desc="decoding", unit="sample", disable=not progress, file=sys.stderr)
     try:
         if workers <= 1 or len(jobs) <= 1:
             for job in jobs:
@@ -419,8 +457,8 @@ def _build(final: Path, rows: list[_Row], cfg: PreprocessConfig, workers: int, p
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     resume = _adopt_leftover(final.parent, final.name, tmp)
     if not resume:
-        per_row = int(np.prod(cfg.spectrogram_shape)) * 2 + int(np.prod(cfg.frames_shape)) + 8
-        _check_space(final.parent, per_row * len(rows))
+        _check_space(final.parent, sum(int(np.prod(shape)) * dtype.itemsize
+                                       for shape, dtype in array_specs(cfg, len(rows)).values()))
     builder = _Builder(tmp, rows, cfg, resume)
     builder.reuse(final.parent)
     todo = [i for i in range(len(rows)) if not builder.done[i]]
@@ -452,7 +490,7 @@ def build_cache(samples: Sequence[Sample], cfg: PreprocessConfig, cache_dir: str
         raise OSError(f"cannot create the cache folder {cache_dir} ({e.strerror}); set {CACHE_ENV} "
                       f"or --cache-dir to a writable place") from None
     index = HashIndex(cache_dir)
-    contents = _content_keys(samples, index, progress)
+    contents = _content_keys(samples, cfg, index, progress)
     index.save()
     keys = [row_key(c, s.label) for c, s in zip(contents, samples)]
     final = cache_dir / entry_name(keys, cfg)
@@ -490,24 +528,26 @@ def prune(cache_dir: str | os.PathLike, keep: Iterable[str | os.PathLike] = ()) 
 # ---------------------------------------------------------------------------------------
 # torch view (torch imported on use, so the cache itself works without it)
 
-class CachedAVDataset:
-    """Map-style dataset over cache rows: (spectrogram float32 [1,F,T], frames uint8 [N,H,W,3], label)."""
+class CachedDataset:
+    """Map-style dataset over cache rows: ({name: tensor of the kind's dtype, spec.shape}, label)."""
 
-    def __init__(self, cache: DecodedCache, indices: Sequence[int] | np.ndarray | None = None):
+    def __init__(self, cache: DecodedCache, rows: Sequence[int] | np.ndarray | None = None):
         self.cache = cache
-        self.indices = np.arange(len(cache)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.rows = np.arange(len(cache)) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.dtypes = {s.name: np.dtype(s.kind_obj.dtype) for s in cache.cfg.modalities}
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.rows)
 
     def __getitem__(self, i: int):
         import torch
-        row = int(self.indices[i])
-        spec = torch.from_numpy(self.cache.spectrograms[row].astype(np.float32))
-        frames = torch.from_numpy(np.array(self.cache.frames[row]))
-        return spec, frames, int(self.cache.labels[row])
+        row = int(self.rows[i])
+        # np.array copies out of the read-only memory map (torch wants writable memory)
+        x = {name: torch.from_numpy(np.array(self.cache.array(name)[row], dtype=dtype))
+             for name, dtype in self.dtypes.items()}
+        return x, int(self.cache.labels[row])
 
 
-__all__ = ["build_cache", "DecodedCache", "CachedAVDataset", "prune", "default_cache_dir",
-           "file_digest", "HashIndex", "content_key", "row_key", "entry_name", "decoder_fingerprint",
-           "CACHE_ENV"]
+__all__ = ["build_cache", "DecodedCache", "CachedDataset", "prune", "default_cache_dir", "file_digest",
+           "HashIndex", "content_key", "source_digest", "row_key", "entry_name", "decoder_fingerprint",
+           "array_specs", "CACHE_ENV", "CACHE_VERSION"]

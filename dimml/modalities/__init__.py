@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Mapping
 
@@ -65,6 +66,13 @@ class Kind:
         Raises dimml.media.MediaError (cause `missing_cause` when the file lacks this modality).
         """
         raise NotImplementedError
+
+    def source_files(self, path: str) -> list[str]:
+        """The files decoding reads from a source path (what the training cache hashes): the file
+        itself, or every file under a folder."""
+        if os.path.isdir(path):
+            return sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files)
+        return [path]
 
     def channels(self, p: Any) -> int:
         """Input channels of the encoder's stem."""

@@ -82,12 +82,20 @@ class Flow(Kind):
                 grey: dict[int, np.ndarray] = {}   # by frame identity: a repeated last frame is converted once
                 for f in frames:
                     if id(f) not in grey:
-                        grey[id(f)] = f.to_ndarray(format="gray", width=p.width, height=p.height,
-                                                   interpolation="BILINEAR")
+                        # contiguous: PyAV returns a view into padded rows for some widths, DIS needs dense ones
+                        grey[id(f)] = np.ascontiguousarray(f.to_ndarray(format="gray", width=p.width,
+                                                                        height=p.height, interpolation="BILINEAR"))
             except av.FFmpegError as e:
                 raise media.MediaError(name, "undecodable",
                                        f"video stream cannot be decoded ({e.strerror or e})") from None
         return flow_stack([grey[id(f)] for f in frames], p.bound), info
+
+    def source_files(self, path: str) -> list[str]:
+        """A pre-extracted `u/<video>` folder is read with its `v/<video>` sibling: both folders' files."""
+        if os.path.isdir(path) and Path(path).parent.name == "u":
+            v_dir = Path(path).parent.parent / "v" / Path(path).name
+            return super().source_files(path) + (super().source_files(str(v_dir)) if v_dir.is_dir() else [])
+        return super().source_files(path)
 
 
 def quantise(d: np.ndarray, bound: float) -> np.ndarray:
