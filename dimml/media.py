@@ -82,6 +82,8 @@ class Clip:
 
     arrays: dict[str, np.ndarray]     # modality name -> array (spec.shape, spec.dtype); present ones, cfg order
     infos: dict[str, MediaInfo]       # source field ("video" or a modality's own file) -> its metadata
+    # modality name -> why it is absent (allow_missing): no source ("missing") or the kind's missing cause
+    missing: dict[str, MediaError] = field(default_factory=dict)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -418,7 +420,7 @@ def decode_sample(files: Mapping[str, Source | None], cfg: PreprocessConfig, *,
     wanted = _wanted(cfg, only)
     arrays: dict[str, np.ndarray] = {}
     infos: dict[str, MediaInfo] = {}
-    missing: list[MediaError] = []
+    missing: dict[str, MediaError] = {}
     for spec in cfg.modalities:
         if spec.name not in wanted:
             continue
@@ -434,16 +436,16 @@ def decode_sample(files: Mapping[str, Source | None], cfg: PreprocessConfig, *,
         except MediaError as e:
             if not allow_missing or (src is not None and e.cause != kind.missing_cause):
                 raise
-            missing.append(e)
+            missing[spec.name] = e
             continue
         arrays[spec.name] = array
         infos.setdefault(fld, info)
     if not arrays:
-        first = missing[0]
+        first = next(iter(missing.values()))
         raise MediaError(first.name, first.cause, "none of the modalities "
                          f"{', '.join(n for n in cfg.names if n in wanted)} is present: "
-                         + "; ".join(str(e) for e in missing))
-    return Clip(arrays, infos)
+                         + "; ".join(str(e) for e in missing.values()))
+    return Clip(arrays, infos, missing)
 
 
 def _wanted(cfg: PreprocessConfig, only: Iterable[str] | None) -> set[str]:

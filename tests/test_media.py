@@ -322,6 +322,7 @@ def test_missing_modality_per_setting(tmp_path, setting):
     assert e.value.cause in ("missing", "no_audio"), e.value
     clip = decode_sample(files, cfg, allow_missing=True)
     assert clip.modalities == present and gone not in clip.arrays
+    assert list(clip.missing) == [gone] and clip.missing[gone].cause == e.value.cause
     for name in present:
         assert clip.arrays[name].shape == cfg.spec(name).shape
 
