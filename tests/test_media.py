@@ -393,6 +393,11 @@ def test_flow_window_is_centred_and_short_clips_repeat_the_last_frame(tmp_path):
     with open_media(path, "g") as c:
         levels = [f.to_ndarray(format="rgb24").mean() for f in consecutive_frames(c, video_stream(c), 1.5 - 0.55, 11)]
     np.testing.assert_allclose(levels, 4 * np.arange(9, 20), atol=3)     # frames 9..19 of 0..29
+    # far into a long clip the window is reached by seeking: 30 s at 2 fps, a keyframe every 2 frames
+    long = write_clip(tmp_path / "long.mp4", gray_frames(60, h=32, w=32), fps=2)
+    with open_media(long, "long") as c:
+        levels = [f.to_ndarray(format="rgb24").mean() for f in consecutive_frames(c, video_stream(c), 14.0, 4)]
+    np.testing.assert_allclose(levels, 4 * np.arange(28, 32), atol=3)    # frames 28..31 (14.0 .. 15.5 s)
     short = write_clip(tmp_path / "s.mp4", moving_square(3), fps=10)
     cfg = preprocess_for("resnet18", "flow", {"flow.num_pairs": 5, "flow.height": 96, "flow.width": 128})
     flow = decode_clip(short, cfg).arrays["flow"]
