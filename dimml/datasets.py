@@ -176,6 +176,11 @@ def manifest_field(column: str) -> str | None:
     return None
 
 
+def manifest_column(field: str) -> str:
+    """The manifest column of a source field: "video" -> `path`, a modality's own file -> `<name>_path`."""
+    return MANIFEST_PATH if field == VIDEO_FIELD else f"{field}{MANIFEST_SUFFIX}"
+
+
 def read_manifest(csv_path: Path) -> tuple[list[Sample], list[str]]:
     """`label[,split]` plus `path` and/or `<name>_path` columns; paths relative to the CSV's folder or absolute."""
     _need(csv_path)
@@ -643,6 +648,6 @@ def load_dataset(data: str | os.PathLike, *, layout: str = "auto", split_seed: i
 
 __all__ = ["Sample", "DatasetSpec", "DatasetError", "Layout", "load_dataset", "read_layout", "detect_layout",
            "read_manifest", "read_folders", "read_cremad", "read_ave", "read_ucf101", "read_modelnet40",
-           "manifest_field", "image_names", "kind_name", "stratified_split", "group_split", "split_sizes", "cremad_speaker",
+           "manifest_field", "manifest_column", "image_names", "kind_name", "stratified_split", "group_split", "split_sizes", "cremad_speaker",
            "format_list", "SPLITS", "LAYOUTS", "VIDEO_EXTS", "IMAGE_EXTS", "CREMAD_EMOTIONS", "MODELNET_VIEWS",
            "MODELNET_NAMES", "UCF_FLOW_DIRS"]
