@@ -1,13 +1,20 @@
 """The exported-model bundle: one folder that serving and scoring load, checked on every load.
 
-BUNDLE/
-  manifest.json      schema version, classes, preprocessing, model facts, versions, sha256 of every file
-  audio.onnx         spectrogram float32 [B, 1, F, T]   -> features [B, D], logits [B, K]
-  visual.onnx        frames uint8 [B, N, H, W, 3]       -> features [B, D], logits [B, K]
-  fusion.onnx        audio_features, visual_features    -> logits [B, K]
-  torch/             the run's config.json + model.pt (+ report.json): the PyTorch fallback and
-                     the reference that `python -m export verify` compares against
+BUNDLE/ (schema 2; one branch per modality of the run, in its order)
+  manifest.json      schema version, classes, preprocessing (the modality specs), modalities,
+                     source fields, model facts, versions, sha256 of every file
+  <name>.onnx        one per modality: `<kind's onnx input>` [B, *spec.shape] (spec.dtype; uint8
+                     kinds are cast inside the graph) -> features [B, D], logits [B, K]
+  fusion.onnx        <name>_features [B, D] per modality, in order -> logits [B, K]
+  torch/             <module>.pt2: the same modules as `torch.export` programs (dynamic batch),
+                     the PyTorch fallback and the reference `python -m export verify` compares
+                     against; the run's config.json (+ report.json) for provenance
   tensorrt/          optional engines, one per module, named by TensorRT version and GPU
+
+`module_io(preprocess)` is the one place the graphs' input and output names are derived.
+Schema-1 bundles (audio.onnx, visual.onnx, fusion.onnx with a flat audio+visual preprocessing
+dict) still load: their names are exactly what module_io gives for audio,visual. They hold no
+torch programs, so they run on ONNX Runtime or TensorRT only.
 
 A bundle is either this folder or a model in the BentoML model store (`register_bundle`),
 named by its tag "name:version"; `load_bundle` takes either. Light on imports (json, hashlib):
@@ -22,28 +29,47 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dimml.config import PreprocessConfig
 from dimml.fileio import atomic_write_json
 
+if TYPE_CHECKING:
+    from dimml.weighting import OutputRule
+
 MANIFEST = "manifest.json"
 FORMAT = "dimml-bundle"
-SCHEMA_VERSION = 1   # bump on any change a loader of the old version would misread
-# module -> (input names, output names); the contract between export and every engine
-MODULE_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "audio": (("spectrogram",), ("features", "logits")),
-    "visual": (("frames",), ("features", "logits")),
-    "fusion": (("audio_features", "visual_features"), ("logits",)),
+SCHEMA_VERSION = 2   # bump on any change a loader of the old version would misread
+READABLE_SCHEMAS = (1, 2)
+FUSION = "fusion"    # the fusion module's name (reserved: no modality may take it)
+BRANCH_OUTPUTS = ("features", "logits")
+FUSION_OUTPUTS = ("logits",)
+REQUIRED = {
+    1: ("schema_version", "format", "name", "version", "classes", "modalities", "preprocess",
+        "feature_dim", "num_frames", "fusion", "lw_temperature", "onnx", "files"),
+    2: ("schema_version", "format", "name", "version", "classes", "modalities", "fields", "preprocess",
+        "feature_dim", "fusion", "lw_temperature", "onnx", "files"),
 }
-REQUIRED = ("schema_version", "format", "name", "version", "classes", "modalities", "preprocess",
-            "feature_dim", "num_frames", "fusion", "lw_temperature", "onnx", "files")
 # BentoML model names: lowercase letters, digits, and . _ - inside
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 
 
 class BundleError(ValueError):
     """A bundle that cannot be used: missing, tampered, incomplete or of another schema version."""
+
+
+IO = dict[str, tuple[tuple[str, ...], tuple[str, ...]]]
+
+
+def module_io(preprocess: PreprocessConfig) -> IO:
+    """module -> (input names, output names): the contract between export and every engine.
+
+    One branch per modality (input: its kind's onnx_input; outputs features, logits) and the
+    fusion head (inputs `<name>_features` in model order; output logits).
+    """
+    io: IO = {s.name: ((s.onnx_input,), BRANCH_OUTPUTS) for s in preprocess.modalities}
+    io[FUSION] = (tuple(f"{n}_features" for n in preprocess.names), FUSION_OUTPUTS)
+    return io
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -100,7 +126,7 @@ def write_manifest(folder: str | os.PathLike, fields: dict[str, Any]) -> dict[st
     manifest = {"schema_version": SCHEMA_VERSION, "format": FORMAT, **fields,
                 "version": digest[:12], "files": files}
     manifest["name"] = check_name(manifest.get("name") or "dimml-model")
-    missing = [k for k in REQUIRED if k not in manifest]
+    missing = [k for k in REQUIRED[manifest["schema_version"]] if k not in manifest]
     if missing:
         raise BundleError(f"{folder}: manifest lacks {missing}")
     atomic_write_json(folder / MANIFEST, manifest)
@@ -128,12 +154,32 @@ class Bundle:
         return list(self.manifest["classes"])
 
     @property
+    def schema(self) -> int:
+        return int(self.manifest["schema_version"])
+
+    @property
     def modalities(self) -> tuple[str, ...]:
+        """The modality names, in model order."""
         return tuple(self.manifest["modalities"])
 
     @property
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig.from_dict(self.manifest["preprocess"])
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Source fields a sample may have ("video" and/or own-file modality names)."""
+        return self.preprocess.fields
+
+    @property
+    def io(self) -> IO:
+        """module -> (input names, output names), derived from the specs (module_io)."""
+        return module_io(self.preprocess)
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Every exported module: the branches in model order, then fusion."""
+        return (*self.modalities, FUSION)
 
     @property
     def temperature(self) -> float:
@@ -144,6 +190,19 @@ class Bundle:
     def output(self) -> str:
         """"weighted" (certainty-aware weighting, DI-MML) or "fused" (the fusion head alone)."""
         return self.manifest.get("output", "weighted")
+
+    @property
+    def output_rule(self) -> "OutputRule":
+        """How the answer is made from the branch logits: the manifest's `output_rule` (written by
+        bundles of runs that chose it on validation), else the paper's weighting at T, or the
+        fusion head for "fused" bundles (the weighting at T over what is present without it)."""
+        from dimml.weighting import OutputRule
+
+        if self.manifest.get("output_rule"):
+            return OutputRule.from_dict(self.manifest["output_rule"])
+        if self.output == "fused":
+            return OutputRule(FUSION, "branch", FUSION, temperature=self.temperature)
+        return OutputRule.paper(self.temperature)
 
     @property
     def feature_dim(self) -> int:
@@ -167,6 +226,14 @@ class Bundle:
     def torch_dir(self) -> Path:
         return self.path / "torch"
 
+    def torch_program(self, module: str) -> Path:
+        """The module's `torch.export` program (schema 2); BundleError where the bundle has none."""
+        programs = (self.manifest.get("torch") or {}).get("programs") or {}
+        if module not in programs:
+            raise BundleError(f"{self.path}: no torch program for {module!r} (schema-{self.schema} "
+                              "bundles before schema 2 hold none; re-export the run for the PyTorch backend)")
+        return self.file(programs[module])
+
     def model_info(self) -> dict[str, str]:
         return {"name": self.name, "version": self.version}
 
@@ -174,7 +241,8 @@ class Bundle:
 def _referenced_files(m: dict[str, Any]) -> list[str]:
     """Files the manifest tells a loader to open: each must also be checksummed."""
     refs = [e["file"] for e in m["onnx"]["modules"].values()]
-    refs += list((m.get("torch") or {}).values())
+    torch_entry = dict(m.get("torch") or {})
+    refs += list((torch_entry.pop("programs", None) or {}).values()) + list(torch_entry.values())
     refs += [e["file"] for e in (m.get("tensorrt") or {}).get("engines", [])]
     return refs
 
@@ -202,19 +270,24 @@ def _check_manifest(path: Path, mpath: Path, m: Any, checksums: bool) -> dict[st
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise BundleError(f"{mpath}: not a dimml bundle manifest (format is not {FORMAT!r})")
     sv = m.get("schema_version")
-    if sv != SCHEMA_VERSION:
+    if sv not in READABLE_SCHEMAS:
         raise BundleError(f"{mpath}: bundle schema version {sv!r} is not supported by this dimml "
-                          f"(reads version {SCHEMA_VERSION}); re-export the run with this dimml "
-                          "or use the dimml version that wrote it")
-    missing = [k for k in REQUIRED if k not in m]
+                          f"(reads versions {', '.join(map(str, READABLE_SCHEMAS))}); re-export the run "
+                          "with this dimml or use the dimml version that wrote it")
+    missing = [k for k in REQUIRED[sv] if k not in m]
     if missing:
         raise BundleError(f"{mpath}: incomplete manifest, missing {missing}")
-    if set(m["onnx"].get("modules", {})) != set(MODULE_IO):
-        raise BundleError(f"{mpath}: onnx modules must be {sorted(MODULE_IO)}")
     try:
-        PreprocessConfig.from_dict(m["preprocess"])
+        cfg = PreprocessConfig.from_dict(m["preprocess"])
     except (TypeError, ValueError) as e:
         raise BundleError(f"{mpath}: preprocessing config not readable ({e})") from None
+    if list(m["modalities"]) != list(cfg.names):
+        raise BundleError(f"{mpath}: modalities {m['modalities']} differ from the preprocessing's {list(cfg.names)}")
+    if sv >= 2 and list(m["fields"]) != list(cfg.fields):
+        raise BundleError(f"{mpath}: fields {m['fields']} differ from the preprocessing's {list(cfg.fields)}")
+    io = module_io(cfg)
+    if set(m["onnx"].get("modules", {})) != set(io):
+        raise BundleError(f"{mpath}: onnx modules must be {sorted(io)}")
     files: dict[str, Any] = m["files"]
     unlisted = [r for r in _referenced_files(m) if r not in files]
     if unlisted:
@@ -270,8 +343,9 @@ def register_bundle(source: str | os.PathLike, name: str | None = None,
     bundle = load_bundle(source)
     name = check_name(name or bundle.name)
     m = bundle.manifest
-    metadata = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "bundle_version": m["version"],
+    metadata = {"format": FORMAT, "schema_version": m["schema_version"], "bundle_version": m["version"],
                 "classes": list(m["classes"]), "modalities": list(m["modalities"]),
+                "fields": list(bundle.fields),
                 "fusion": m["fusion"], "lw_temperature": m["lw_temperature"]}
     all_labels = {"framework": "dimml", "bundle-version": m["version"], **(labels or {})}
     with bentoml.models.create(name, labels=all_labels, metadata=metadata) as model:
@@ -284,4 +358,4 @@ def register_bundle(source: str | os.PathLike, name: str | None = None,
 
 __all__ = ["Bundle", "BundleError", "load_bundle", "check_bundle", "register_bundle",
            "write_manifest", "sha256_file", "model_name", "check_name", "list_files",
-           "MODULE_IO", "SCHEMA_VERSION", "MANIFEST"]
+           "module_io", "FUSION", "SCHEMA_VERSION", "READABLE_SCHEMAS", "MANIFEST"]

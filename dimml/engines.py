@@ -1,9 +1,9 @@
 """Inference backends over a bundle: TensorRT, ONNX Runtime (CUDA / CPU), PyTorch fallback.
 
-Every engine runs the three bundle modules on numpy arrays and returns float32 numpy:
-    engine.audio(spec [B, 1, F, T] float32)        -> (features [B, D], logits [B, K])
-    engine.visual(frames [B, N, H, W, 3] uint8)    -> (features [B, D], logits [B, K])
-    engine.fusion(a [B, D], v [B, D])              -> logits [B, K]
+Every engine runs the bundle's modules (one branch per modality, then fusion; the names come
+from `dimml.bundle.module_io`) on numpy arrays and returns float32 numpy:
+    engine.branch(name, x [B, *spec.shape] spec.dtype)  -> (features [B, D], logits [B, K])
+    engine.fusion([features [B, D] per modality, model order]) -> logits [B, K]
 and names itself in `backend` ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu",
 "torch-cpu", "torch-cuda"). `open_engine` picks the best one that really works here.
 """
@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dimml.bundle import MODULE_IO, Bundle, BundleError, load_bundle
+from dimml.bundle import FUSION, Bundle, BundleError, load_bundle
 
 log = logging.getLogger(__name__)
 
@@ -33,25 +33,36 @@ class EngineError(RuntimeError):
 
 
 class Engine:
-    """Base: subclasses implement `run(module, *inputs) -> list of outputs` (MODULE_IO order)."""
+    """Base: subclasses implement `run(module, *inputs) -> list of outputs` (module_io order)
+    and set `names` (the modalities, model order) and `dtypes` (modality -> input dtype)."""
 
     backend: str = "?"
     max_batch: int | None = None   # largest batch accepted (TensorRT profile); None: any
+    names: tuple[str, ...] = ()
+    dtypes: dict[str, np.dtype] = {}
+
+    def _setup(self, bundle: Bundle) -> None:
+        cfg = bundle.preprocess
+        self.names = cfg.names
+        self.dtypes = {s.name: s.dtype for s in cfg.modalities}
+        self.io = bundle.io
 
     def run(self, module: str, *inputs: np.ndarray) -> list[np.ndarray]:  # pragma: no cover
         raise NotImplementedError
 
-    def audio(self, spec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        f, z = self.run("audio", np.ascontiguousarray(spec, dtype=np.float32))
+    def branch(self, name: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One modality's branch: input [B, *shape] -> (features [B, D], logits [B, K])."""
+        if name not in self.dtypes:
+            raise KeyError(f"no branch {name!r} (this model has {', '.join(self.names)})")
+        f, z = self.run(name, np.ascontiguousarray(x, dtype=self.dtypes[name]))
         return f, z
 
-    def visual(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        f, z = self.run("visual", np.ascontiguousarray(frames, dtype=np.uint8))
-        return f, z
-
-    def fusion(self, a: np.ndarray, v: np.ndarray) -> np.ndarray:
-        (z,) = self.run("fusion", np.ascontiguousarray(a, dtype=np.float32),
-                        np.ascontiguousarray(v, dtype=np.float32))
+    def fusion(self, features: Sequence[np.ndarray]) -> np.ndarray:
+        """The fusion head: one [B, D] feature array per modality, in model order -> logits [B, K]."""
+        if len(features) != len(self.names):
+            raise ValueError(f"fusion takes {len(self.names)} feature arrays ({', '.join(self.names)}), "
+                             f"got {len(features)}")
+        (z,) = self.run(FUSION, *(np.ascontiguousarray(f, dtype=np.float32) for f in features))
         return z
 
     def __repr__(self) -> str:
@@ -68,6 +79,7 @@ class OrtEngine(Engine):
                  threads: int | None = None):
         import onnxruntime as ort
 
+        self._setup(bundle)
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         self.backend = f"onnxruntime-{device}"
@@ -88,7 +100,7 @@ class OrtEngine(Engine):
             # idle ORT threads spin by default, taking the cores that decoding needs between runs
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = {}
-        for module in MODULE_IO:
+        for module in self.io:
             path = bundle.onnx_path(module)
             try:
                 sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
@@ -102,35 +114,40 @@ class OrtEngine(Engine):
             self.sessions[module] = sess
 
     def run(self, module: str, *inputs: np.ndarray) -> list[np.ndarray]:
-        names, _ = MODULE_IO[module]
+        names, _ = self.io[module]
         return self.sessions[module].run(None, dict(zip(names, inputs)))
 
 
 # ---------------------------------------------------------------------------------------
-# PyTorch (the run's weights, saved in BUNDLE/torch/)
+# PyTorch (the `torch.export` programs saved in BUNDLE/torch/)
 
 class TorchEngine(Engine):
-    """The run's modules rebuilt in PyTorch: the fallback backend and the parity reference."""
+    """The bundle's `torch.export` programs in PyTorch: the fallback backend and the parity
+    reference. Loads what the bundle holds; needs no model code (never imports training)."""
 
     def __init__(self, bundle: Bundle, device: str = "cpu"):
         import torch
-        from training.run import load_run
 
-        if device == "cuda" and not torch.cuda.is_available():
+        self._setup(bundle)
+        if device.startswith("cuda") and not torch.cuda.is_available():
             raise EngineError("torch-cuda: torch sees no CUDA GPU")
         self.backend = f"torch-{'cuda' if device.startswith('cuda') else 'cpu'}"
         self.device = torch.device(device)
-        run = load_run(bundle.torch_dir)
-        if run.classes != bundle.classes:
-            raise BundleError(f"{bundle.torch_dir}: classes {run.classes} differ from the manifest's")
-        self.modules = {k: m.to(self.device).eval() for k, m in run.model.modules().items()}
+        self.modules = {}
+        for module in self.io:
+            try:
+                path = bundle.torch_program(module)
+            except BundleError as e:
+                raise EngineError(f"{self.backend}: {e}") from None
+            program = torch.export.load(str(path))
+            self.modules[module] = program.module().to(self.device)
         self._torch = torch
 
     def run(self, module: str, *inputs: np.ndarray) -> list[np.ndarray]:
         torch = self._torch
         with torch.inference_mode():
             out = self.modules[module](*(torch.from_numpy(x).to(self.device) for x in inputs))
-        out = out if isinstance(out, tuple) else (out,)
+        out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         return [o.float().cpu().numpy() for o in out]
 
 
@@ -229,7 +246,7 @@ def usable_engines(bundle: Bundle, device_id: int = 0) -> tuple[dict[str, dict],
     lean = trt.__name__ == "tensorrt_lean"   # the lean runtime loads version-compatible plans only
     found = {e["module"]: e for e in bundle.engines
              if _runs_here(e, trt.__version__, cc) and (e.get("version_compatible") or not lean)}
-    if set(found) != set(MODULE_IO):
+    if set(found) != set(bundle.io):
         have = sorted({(e["tensorrt_version"], e["compute_capability"]) for e in bundle.engines})
         return {}, (f"no complete engine set for TensorRT {trt.__version__} on compute capability "
                     f"{cc} (bundle has {have})")
@@ -262,11 +279,12 @@ class TensorRTEngine(Engine):
         found, why = usable_engines(bundle, device_id)
         if not found:
             raise EngineError(f"tensorrt: {why}")
+        self._setup(bundle)
         trt = _import_tensorrt()
         self.modules = {m: TrtModule(bundle.file(e["file"]), trt, device_id, bool(e.get("version_compatible")))
                         for m, e in found.items()}
         self.max_batch = min(int(e["max_batch"]) for e in found.values())
-        self.precision = found["audio"].get("precision", "fp32")
+        self.precision = found[FUSION].get("precision", "fp32")
 
     def run(self, module: str, *inputs: np.ndarray) -> list[np.ndarray]:
         return [y.float().cpu().numpy() for y in self.modules[module](*inputs)]

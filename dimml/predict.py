@@ -1,43 +1,47 @@
-"""Decoded clips -> answers: the one place serving, batch scoring and `export verify` predict.
+"""Decoded samples -> answers: the one place serving, batch scoring and `export verify` predict.
 
-    predictor = Predictor("BUNDLE" or "name:version")          # picks the best engine here
-    clips = [predictor.decode("a.mp4"), predictor.decode("b.wav")]
-    answers = predictor.predict_clips(clips)                     # one dict per clip, same order
+    predictor = Predictor("BUNDLE" or "name:version")           # picks the best engine here
+    answer = predictor.predict_files({"video": "a.mp4"})          # files keyed by source field
+    clips = [predictor.decode({"front": "f.png", "rear": "r.png"}), ...]
+    answers = predictor.predict_clips(clips)                      # one dict per clip, same order
 
-Each answer (JSON-ready: str keys, Python floats):
+Each answer (JSON-ready: str keys, Python floats), for a bundle with modalities m1..mM:
     {"label": "...", "probabilities": {"<class>": p, ...},
-     "branches": {"audio":  {"probabilities": {...}, "certainty": c, "weight": w},
-                  "visual": {...}, "fusion": {...}},
-     "modalities_used": ["audio", "visual"],
+     "branches": {"<m1>": {"probabilities": {...}, "certainty": c, "weight": w}, ...,
+                  "fusion": {...}},
+     "modalities_used": ["<m1>", ...],
      "model": {"name": "...", "version": "..."}, "backend": "onnxruntime-cpu"}
-`probabilities` is the softmax of the certainty-weighted logits Z = sum_i w_i z_i (DI-MML
-Eq. 8-9, dimml.weighting); the weights sum to 1. For a bundle whose method answers by its
-fusion head (manifest "output": "fused": joint, MLB, DGL, the ablations) Z is the fusion
-logits, i.e. weight 1 on fusion. A clip with one modality is answered by
-that branch alone (weight 1, no fusion); `branches` then holds that branch only.
+`probabilities` is the softmax of Z = sum_i w_i z_i over the branches of the modalities
+present, plus the fusion head when every modality is present; the weights sum to 1. The
+weights follow the bundle's output rule (dimml.weighting.OutputRule, `Bundle.output_rule`):
+DI-MML's certainty-aware weighting (Eq. 8-9) by default; weight 1 on the fusion head for a
+method that answers by it (manifest "output": "fused": joint, MLB, DGL, the ablations) or on
+whichever head a rule chosen on validation names. A sample lacking some modality is answered
+by the branches it has (the weighting over them; one branch: weight 1); `branches` then holds
+those only.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from dimml.bundle import Bundle, load_bundle
-from dimml.config import PreprocessConfig
+from dimml.bundle import FUSION, Bundle, load_bundle
 from dimml.engines import Engine, open_engine
-from dimml.media import Clip, Source, decode_clip
-from dimml.weighting import softmax, weigh_named
+from dimml.media import Clip, Source, decode_sample
+from dimml.modalities import VIDEO_FIELD, PreprocessConfig
+from dimml.weighting import softmax
 
 
 @dataclass
 class Outputs:
-    """Raw results for a batch of clips sharing the same modalities (numpy, one row per clip)."""
+    """Raw results for a batch of samples sharing the same modalities (numpy, one row per sample)."""
 
     modalities: tuple[str, ...]
-    features: dict[str, np.ndarray] = field(default_factory=dict)      # "audio"/"visual" -> [B, D]
-    logits: dict[str, np.ndarray] = field(default_factory=dict)        # + "fusion" -> [B, K]
+    features: dict[str, np.ndarray] = field(default_factory=dict)      # modality -> [B, D]
+    logits: dict[str, np.ndarray] = field(default_factory=dict)        # modality (+ "fusion") -> [B, K]
     combined: np.ndarray | None = None                                  # Z [B, K] (float64)
     weights: dict[str, np.ndarray] = field(default_factory=dict)       # branch -> [B]
     certainties: dict[str, np.ndarray] = field(default_factory=dict)   # branch -> [B]
@@ -72,69 +76,88 @@ class Predictor:
         self.max_batch = min(max_batch, self.engine.max_batch or max_batch)
         self.classes = self.bundle.classes
         self.preprocess: PreprocessConfig = self.bundle.preprocess
-        self.temperature = self.bundle.temperature
-        self.output = self.bundle.output
+        self.names: tuple[str, ...] = self.preprocess.names
+        self.fields: tuple[str, ...] = self.preprocess.fields
+        self.rule = self.bundle.output_rule
 
     @property
     def backend(self) -> str:
         return self.engine.backend
 
-    def decode(self, src: Source, *, audio: Source | None = None, name: str | None = None,
-               audio_name: str | None = None) -> Clip:
-        """decode_clip with this bundle's preprocessing; a missing modality is allowed (None)."""
-        return decode_clip(src, self.preprocess, audio=audio, modalities=self.bundle.modalities,
-                           allow_missing=True, name=name, audio_name=audio_name)
+    # -- files --------------------------------------------------------------------------
+
+    def files_of(self, files: Source | Mapping[str, Source]) -> dict[str, Source]:
+        """A mapping of source field -> file, or one file for a bundle with one source field."""
+        if isinstance(files, Mapping):
+            return dict(files)
+        if len(self.fields) != 1:
+            raise ValueError(f"this model reads {len(self.fields)} source fields ({', '.join(self.fields)}): "
+                             "give files keyed by field")
+        return {self.fields[0]: files}
+
+    def decode(self, files: Source | Mapping[str, Source], *, names: Mapping[str, str] | None = None,
+               cfg: PreprocessConfig | None = None) -> Clip:
+        """decode_sample with this bundle's preprocessing; missing modalities are allowed
+        (at least one must be present). `files`: field -> file ("video", own-file modality names)."""
+        files = self.files_of(files)
+        unknown = sorted(set(files) - {*self.fields, *self.names})
+        if unknown:
+            raise ValueError(f"unknown field(s) {unknown}; this model reads {', '.join(self.fields)}"
+                             + (f" (a modality's own file: {', '.join(self.names)})" if VIDEO_FIELD in self.fields else ""))
+        return decode_sample(files, cfg or self.preprocess, names=names, allow_missing=True)
+
+    def predict_files(self, files: Source | Mapping[str, Source], *,
+                      names: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Decode one sample's files (keyed by source field) and answer it."""
+        return self.predict_clips([self.decode(files, names=names)])[0]
 
     # -- arrays -----------------------------------------------------------------------
 
-    def _check(self, spec: np.ndarray | None, frames: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """Validate dtypes and shapes against the bundle's preprocessing; clear errors, no guessing."""
-        if spec is None and frames is None:
-            raise ValueError("need a spectrogram, frames, or both")
+    def _check(self, arrays: Mapping[str, np.ndarray | None]) -> dict[str, np.ndarray]:
+        """Validate names, dtypes and shapes against the bundle's preprocessing; clear errors, no guessing."""
+        unknown = sorted(set(arrays) - set(self.names))
+        if unknown:
+            raise ValueError(f"unknown modality(ies) {unknown}; this model has {', '.join(self.names)}")
+        out: dict[str, np.ndarray] = {}
         n = None
-        if spec is not None:
-            spec = np.asarray(spec)
-            want = self.preprocess.spectrogram_shape
-            if spec.ndim != 4 or spec.shape[1:] != want or not np.issubdtype(spec.dtype, np.floating):
-                raise ValueError(f"spectrogram must be float [B, {', '.join(map(str, want))}] "
-                                 f"(this model's preprocessing), got {spec.dtype} {list(spec.shape)}")
-            spec, n = spec.astype(np.float32, copy=False), len(spec)
-        if frames is not None:
-            frames = np.asarray(frames)
-            want = self.preprocess.frames_shape
-            if frames.ndim != 5 or frames.shape[1:] != want or frames.dtype != np.uint8:
-                raise ValueError(f"frames must be uint8 [B, {', '.join(map(str, want))}] as decoded "
-                                 f"(this model's preprocessing), got {frames.dtype} {list(frames.shape)}")
-            if n is not None and len(frames) != n:
-                raise ValueError(f"batch sizes differ: {n} spectrograms, {len(frames)} frame stacks")
-        return spec, frames
+        for spec in self.preprocess.modalities:   # model order
+            x = arrays.get(spec.name)
+            if x is None:
+                continue
+            x = np.asarray(x)
+            want = spec.shape
+            floating = np.issubdtype(spec.dtype, np.floating)
+            ok_dtype = np.issubdtype(x.dtype, np.floating) if floating else x.dtype == spec.dtype
+            if x.ndim != len(want) + 1 or x.shape[1:] != want or not ok_dtype:
+                raise ValueError(f"{spec.name} must be {'float' if floating else spec.dtype} "
+                                 f"[B, {', '.join(map(str, want))}] (this model's preprocessing), "
+                                 f"got {x.dtype} {list(x.shape)}")
+            if n is not None and len(x) != n:
+                raise ValueError(f"batch sizes differ: {n} and {len(x)} ({spec.name})")
+            n = len(x)
+            out[spec.name] = x.astype(spec.dtype, copy=False)
+        if not out:
+            raise ValueError(f"need at least one of {', '.join(self.names)}")
+        return out
 
-    def forward(self, spec: np.ndarray | None, frames: np.ndarray | None) -> Outputs:
-        """Run a batch (any size; split into max_batch chunks) -> raw Outputs."""
-        spec, frames = self._check(spec, frames)
-        n = len(spec) if spec is not None else len(frames)
-        modalities = tuple(m for m, x in (("audio", spec), ("visual", frames)) if x is not None)
+    def forward(self, arrays: Mapping[str, np.ndarray | None]) -> Outputs:
+        """Run a batch {modality: [B, ...]} (any size; split into max_batch chunks) -> raw Outputs."""
+        arrays = self._check(arrays)
+        modalities = tuple(arrays)
+        n = len(next(iter(arrays.values())))
         if n == 0:
             return Outputs(modalities, combined=np.zeros((0, len(self.classes))))
-        parts = [self._forward_chunk(None if spec is None else spec[i:i + self.max_batch],
-                                     None if frames is None else frames[i:i + self.max_batch], modalities)
+        parts = [self._forward_chunk({m: x[i:i + self.max_batch] for m, x in arrays.items()})
                  for i in range(0, n, self.max_batch)]
         return parts[0] if len(parts) == 1 else _concat(parts)
 
-    def _forward_chunk(self, spec, frames, modalities: tuple[str, ...]) -> Outputs:
-        out = Outputs(modalities)
-        if spec is not None:
-            out.features["audio"], out.logits["audio"] = self.engine.audio(spec)
-        if frames is not None:
-            out.features["visual"], out.logits["visual"] = self.engine.visual(frames)
-        if len(modalities) == 2:
-            out.logits["fusion"] = self.engine.fusion(out.features["audio"], out.features["visual"])
-        out.combined, out.weights, out.certainties = weigh_named(out.logits, self.temperature)
-        if self.output == "fused" and "fusion" in out.logits:
-            # a method whose final output is its fusion head (joint, MLB, DGL, ablations):
-            # report the same certainties, but the answer is the fusion head's alone
-            out.combined = out.logits["fusion"].astype(np.float64)
-            out.weights = {b: np.full(len(out.combined), float(b == "fusion")) for b in out.logits}
+    def _forward_chunk(self, arrays: dict[str, np.ndarray]) -> Outputs:
+        out = Outputs(tuple(arrays))
+        for name, x in arrays.items():
+            out.features[name], out.logits[name] = self.engine.branch(name, x)
+        if len(arrays) == len(self.names):   # fusion needs every modality's features
+            out.logits[FUSION] = self.engine.fusion([out.features[n] for n in self.names])
+        out.combined, out.weights, out.certainties = self.rule.apply(out.logits)
         return out
 
     def format(self, out: Outputs) -> list[dict[str, Any]]:
@@ -158,27 +181,26 @@ class Predictor:
     def _named(self, p: np.ndarray) -> dict[str, float]:
         return {c: float(x) for c, x in zip(self.classes, p)}
 
-    def predict_arrays(self, spec: np.ndarray | None, frames: np.ndarray | None) -> list[dict[str, Any]]:
-        """spec float32 [B, 1, F, T] and/or frames uint8 [B, N, H, W, 3] -> B answers."""
-        return self.format(self.forward(spec, frames))
+    def predict_arrays(self, arrays: Mapping[str, np.ndarray | None]) -> list[dict[str, Any]]:
+        """{modality: [B, *spec.shape]} (any subset, at least one) -> B answers."""
+        return self.format(self.forward(arrays))
 
     # -- clips ------------------------------------------------------------------------
 
     def forward_clips(self, clips: Sequence[Clip]) -> list[tuple[list[int], Outputs]]:
-        """Group clips by available modalities and run each group: [(clip indices, Outputs)]."""
+        """Group clips by present modalities and run each group: [(clip indices, Outputs)]."""
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, c in enumerate(clips):
             if not c.modalities:
-                raise ValueError(f"{c.info.name}: clip has neither audio nor frames")
-            groups.setdefault(c.modalities, []).append(i)
+                raise ValueError(f"{c.name}: sample has none of the modalities {', '.join(self.names)}")
+            groups.setdefault(tuple(c.modalities), []).append(i)
         results = []
         for mods, idx in groups.items():
             try:
-                spec = self._stack([clips[i].spectrogram for i in idx]) if "audio" in mods else None
-                frames = self._stack([clips[i].frames for i in idx]) if "visual" in mods else None
-                results.append((idx, self.forward(spec, frames)))
+                arrays = {m: self._stack([clips[i].arrays[m] for i in idx]) for m in mods}
+                results.append((idx, self.forward(arrays)))
             except ValueError as e:
-                names = ", ".join(clips[i].info.name for i in idx[:3])
+                names = ", ".join(clips[i].name for i in idx[:3])
                 raise ValueError(f"{names}{'...' if len(idx) > 3 else ''}: {e}") from None
         return results
 
@@ -186,11 +208,11 @@ class Predictor:
     def _stack(arrays: list[np.ndarray]) -> np.ndarray:
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
-            raise ValueError(f"clips were decoded with different preprocessing (shapes {sorted(shapes)})")
+            raise ValueError(f"samples were decoded with different preprocessing (shapes {sorted(shapes)})")
         return np.stack(arrays)
 
     def predict_clips(self, clips: Sequence[Clip]) -> list[dict[str, Any]]:
-        """Decoded clips (some may lack a modality) -> one answer per clip, in input order."""
+        """Decoded samples (some may lack modalities) -> one answer per sample, in input order."""
         answers: list[dict[str, Any] | None] = [None] * len(clips)
         for idx, out in self.forward_clips(clips):
             for i, a in zip(idx, self.format(out)):

@@ -57,9 +57,10 @@ def _metrics(report: dict[str, Any] | None) -> dict[str, Any]:
 
 def build_bundle(run_dir: str | os.PathLike, out: str | os.PathLike, opts: BundleOptions = BundleOptions(),
                  progress: bool = True) -> Path:
-    """Export the run's modules, copy its weights, optionally build engines, write the manifest."""
-    from export.onnx_export import OPSET, check_parity, export_model
-    from training.run import CONFIG, REPORT, WEIGHTS, load_run
+    """Export the run's modules (ONNX and torch.export programs), optionally build engines,
+    write the manifest."""
+    from export.onnx_export import OPSET, check_parity, export_model, export_programs
+    from training.run import CONFIG, REPORT, load_run
 
     run = load_run(run_dir)
     if opts.tensorrt:
@@ -73,19 +74,24 @@ def build_bundle(run_dir: str | os.PathLike, out: str | os.PathLike, opts: Bundl
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    steps = 3 + (3 if opts.tensorrt else 0)
+    n_modules = len(run.preprocess.names) + 1
+    steps = 2 * n_modules + (n_modules if opts.tensorrt else 0)
+    cfg, dim = run.preprocess, run.model_cfg.feature_dim
     try:
         with tqdm(total=steps, desc=f"export {out.name}", unit="module", file=sys.stderr,
                   disable=not progress) as bar:
-            modules = export_model(run.model, run.preprocess, run.model_cfg.feature_dim, tmp,
-                                   opset=opts.opset, exporter=opts.exporter, progress=bar)
-            check_parity(run.model, run.preprocess, run.model_cfg.feature_dim, tmp)
+            modules = export_model(run.model, cfg, dim, tmp, opset=opts.opset, exporter=opts.exporter,
+                                   progress=bar)
             (tmp / "torch").mkdir()
-            torch_files = {"config": f"torch/{CONFIG}", "weights": f"torch/{WEIGHTS}"}
+            programs = export_programs(run.model, cfg, dim, tmp, progress=bar)
+            check_parity(run.model, cfg, dim, tmp, programs)
+            # the run's config and report: provenance (the programs hold the weights)
+            torch_files: dict[str, Any] = {"programs": programs, "config": f"torch/{CONFIG}"}
             if (run.path / REPORT).is_file():
                 torch_files["report"] = f"torch/{REPORT}"
-            for rel in torch_files.values():
-                shutil.copyfile(run.path / Path(rel).name, tmp / rel)
+            for key in ("config", "report"):
+                if key in torch_files:
+                    shutil.copyfile(run.path / Path(torch_files[key]).name, tmp / torch_files[key])
             trt_entry = None
             if opts.tensorrt:
                 from export.tensorrt_build import build_engines
@@ -97,15 +103,16 @@ def build_bundle(run_dir: str | os.PathLike, out: str | os.PathLike, opts: Bundl
             "name": model_name(opts.name or run.path.resolve().name),
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "classes": run.classes,
-            "modalities": ["audio", "visual"],
-            "preprocess": run.preprocess.to_dict(),
-            "feature_dim": run.model_cfg.feature_dim,
-            "num_frames": run.model_cfg.num_frames,
+            "modalities": list(cfg.names),
+            "fields": list(cfg.fields),
+            "preprocess": cfg.to_dict(),
+            "feature_dim": dim,
             "fusion": run.model_cfg.fusion,
             "method": run.config.get("method"),
             "lw_temperature": run.lw_temperature,
             # the method's final output: DI-MML weighs the branches, the others answer by fusion
             "output": (run.report or {}).get("primary", "weighted"),
+            **({"output_rule": run.report["output_rule"]} if (run.report or {}).get("output_rule") else {}),
             "metrics": _metrics(run.report),
             "onnx": {"opset": opts.opset, "exporter": opts.exporter, "modules": modules},
             "torch": torch_files,

@@ -1,5 +1,7 @@
-"""A run's three modules -> audio.onnx, visual.onnx, fusion.onnx (dynamic batch, fixed opset).
+"""A run's modules -> `<modality>.onnx` per branch + fusion.onnx (dynamic batch, fixed opset),
+and the same modules as `torch.export` programs (`torch/<module>.pt2`) for the PyTorch backend.
 
+Graph input/output names come from dimml.bundle.module_io (derived from the modality specs).
 Also the fp16 conversion used before a TensorRT --fp16 build (TensorRT 11 has no FP16
 builder flag: precision comes from the ONNX types of a strongly typed network).
 """
@@ -10,6 +12,7 @@ import inspect
 import logging
 import warnings
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
@@ -17,9 +20,8 @@ import torch
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
-from dimml.bundle import MODULE_IO
-from dimml.config import PreprocessConfig
-from training.models import AVModel
+from dimml.bundle import FUSION, module_io
+from dimml.modalities import PreprocessConfig
 
 OPSET = 18             # supported by ONNX Runtime >= 1.14 and TensorRT 10/11's ONNX parser
 EXPORTERS = ("dynamo", "torchscript")
@@ -29,9 +31,9 @@ INLINE_LIMIT_BYTES = 1 << 30
 
 
 class CastFirst(nn.Module):
-    """Visual branch with the uint8 -> float cast as the graph's first op.
+    """A branch of a uint8 modality with the uint8 -> float cast as the graph's first op.
 
-    VisualEncoder normalises inside (x.float() - mean) / std, so numerics are unchanged;
+    The stack encoder normalises inside ((x.float() - mean) / std), so numerics are unchanged;
     casting before the transpose/reshape keeps uint8 only on the graph input, which TensorRT
     requires of uint8 tensors.
     """
@@ -40,19 +42,50 @@ class CastFirst(nn.Module):
         super().__init__()
         self.branch = branch
 
-    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.branch(frames.float())
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.branch(x.float())
+
+
+def run_modules(model: Any) -> dict[str, nn.Module]:
+    """The model's exported modules {modality: branch, ..., "fusion": head}, in eval mode."""
+    return {k: m.eval() for k, m in model.modules().items()}
 
 
 def example_inputs(module: str, preprocess: PreprocessConfig, feature_dim: int, batch: int = 2,
                    seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Random inputs of the module's exact input shapes and dtypes."""
     g = torch.Generator().manual_seed(seed)
-    if module == "audio":
-        return (torch.randn(batch, *preprocess.spectrogram_shape, generator=g) * 3 - 8,)
-    if module == "visual":
-        return (torch.randint(0, 256, (batch, *preprocess.frames_shape), generator=g, dtype=torch.uint8),)
-    return (torch.randn(batch, feature_dim, generator=g), torch.randn(batch, feature_dim, generator=g))
+    if module == FUSION:
+        return tuple(torch.randn(batch, feature_dim, generator=g) for _ in preprocess.names)
+    spec = preprocess.spec(module)
+    if np.issubdtype(spec.dtype, np.floating):   # e.g. a log spectrogram: values around -8 +- 3
+        return (torch.randn(batch, *spec.shape, generator=g) * 3 - 8,)
+    info = np.iinfo(spec.dtype)
+    return (torch.randint(int(info.min), int(info.max) + 1, (batch, *spec.shape), generator=g,
+                          dtype=getattr(torch, spec.dtype.name)),)
+
+
+def dynamic_batch(module: nn.Module, n_args: int, batch: Any) -> dict[str, Any]:
+    """torch.export's dynamic_shapes: dim 0 of every positional argument (varargs included)."""
+    out: dict[str, Any] = {}
+    taken = 0
+    for p in list(inspect.signature(module.forward).parameters.values()):
+        if taken >= n_args:
+            break
+        if p.kind == p.VAR_POSITIONAL:
+            out[p.name] = tuple({0: batch} for _ in range(n_args - taken))
+            taken = n_args
+        elif p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            out[p.name] = {0: batch}
+            taken += 1
+    return out
+
+
+def onnx_module(module: str, m: nn.Module, preprocess: PreprocessConfig) -> nn.Module:
+    """What goes into the ONNX graph: integer-input branches cast first (CastFirst)."""
+    if module != FUSION and not np.issubdtype(preprocess.spec(module).dtype, np.floating):
+        return CastFirst(m)
+    return m
 
 
 def export_module(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: tuple[str, ...],
@@ -72,11 +105,10 @@ def export_module(module: nn.Module, args: tuple[torch.Tensor, ...], input_names
     module = module.eval()
     if exporter == "dynamo":
         batch = torch.export.Dim("batch", min=1, max=MAX_BATCH_DIM)
-        params = list(inspect.signature(module.forward).parameters)
         with _quiet_exporter():
             program = torch.onnx.export(module, args, dynamo=True, input_names=list(input_names),
                                         output_names=list(output_names), opset_version=opset,
-                                        dynamic_shapes={p: {0: batch} for p in params[:len(args)]},
+                                        dynamic_shapes=dynamic_batch(module, len(args), batch),
                                         verbose=False)
         program.save(str(path), external_data=external)
         if external:   # the exporter names the data file itself; normalise so we know it
@@ -96,6 +128,21 @@ def export_module(module: nn.Module, args: tuple[torch.Tensor, ...], input_names
     return [path] + ([path.with_name(data_name)] if external else [])
 
 
+def export_program(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path) -> Path:
+    """`torch.export` the module with a dynamic batch and save it (`torch.export.save`)."""
+    import io
+
+    from dimml.fileio import atomic_write_bytes
+
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH_DIM)
+    with _quiet_exporter():
+        program = torch.export.export(module.eval(), args, dynamic_shapes=dynamic_batch(module, len(args), batch))
+    buf = io.BytesIO()   # (torch.export.save wants a name ending in .pt2 or a buffer)
+    torch.export.save(program, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 @contextlib.contextmanager
 def _quiet_exporter():
     """The dynamo exporter's noise (a warning per missing torchvision op...): not ours to show."""
@@ -112,15 +159,19 @@ def _quiet_exporter():
         lg.setLevel(old)
 
 
-def export_model(model: AVModel, preprocess: PreprocessConfig, feature_dim: int, out_dir: Path, *,
+def export_model(model: Any, preprocess: PreprocessConfig, feature_dim: int, out_dir: Path, *,
                  opset: int = OPSET, exporter: str = "dynamo", progress=None) -> dict[str, dict]:
-    """Write the three ONNX files into out_dir; returns the manifest's onnx.modules entries."""
-    modules = {"audio": model.audio, "visual": CastFirst(model.visual), "fusion": model.fusion}
+    """Write `<module>.onnx` for every module into out_dir; returns the manifest's onnx.modules entries."""
+    modules = run_modules(model)
+    io = module_io(preprocess)
+    if list(modules) != list(io):
+        raise ValueError(f"the model's modules {list(modules)} are not the preprocessing's {list(io)}")
     entries = {}
     for name, module in modules.items():
-        inputs, outputs = MODULE_IO[name]
+        inputs, outputs = io[name]
         path = out_dir / f"{name}.onnx"
-        files = export_module(module, example_inputs(name, preprocess, feature_dim), inputs, outputs,
+        files = export_module(onnx_module(name, module, preprocess),
+                              example_inputs(name, preprocess, feature_dim), inputs, outputs,
                               path, opset=opset, exporter=exporter)
         check_onnx(path, inputs, outputs, opset)
         entries[name] = {"file": path.name, "inputs": list(inputs), "outputs": list(outputs),
@@ -128,6 +179,19 @@ def export_model(model: AVModel, preprocess: PreprocessConfig, feature_dim: int,
         if progress is not None:
             progress.update(1)
     return entries
+
+
+def export_programs(model: Any, preprocess: PreprocessConfig, feature_dim: int, out_dir: Path,
+                    progress=None) -> dict[str, str]:
+    """Write `torch/<module>.pt2` for every module; returns {module: path relative to out_dir}."""
+    programs = {}
+    for name, module in run_modules(model).items():
+        rel = f"torch/{name}.pt2"
+        export_program(module, example_inputs(name, preprocess, feature_dim), out_dir / rel)
+        programs[name] = rel
+        if progress is not None:
+            progress.update(1)
+    return programs
 
 
 def check_onnx(path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...], opset: int) -> None:
@@ -147,31 +211,40 @@ def check_onnx(path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...], op
             raise RuntimeError(f"{path}: {v.name} has a fixed batch dimension ({d0.dim_value})")
 
 
-def check_parity(model: AVModel, preprocess: PreprocessConfig, feature_dim: int, out_dir: Path,
-                 batches: tuple[int, ...] = (1, 3), atol: float = 1e-4) -> float:
-    """ONNX Runtime (CPU) vs PyTorch on random inputs at a few batch sizes; raises over atol.
+def check_parity(model: Any, preprocess: PreprocessConfig, feature_dim: int, out_dir: Path,
+                 programs: Mapping[str, str] | None = None, batches: tuple[int, ...] = (1, 3),
+                 atol: float = 1e-4) -> float:
+    """ONNX Runtime (CPU) and the saved torch programs vs the PyTorch modules on random inputs
+    at a few batch sizes; raises over atol.
 
     A cheap guard at export time; `python -m export verify` does the real check on decoded clips.
     """
     import onnxruntime as ort
 
-    modules = {"audio": model.audio, "visual": model.visual, "fusion": model.fusion}
+    io = module_io(preprocess)
     worst = 0.0
-    for name, module in modules.items():
+    for name, module in run_modules(model).items():
         sess = ort.InferenceSession(str(out_dir / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        program = torch.export.load(str(out_dir / programs[name])).module() if programs else None
         for b in batches:
             args = example_inputs(name, preprocess, feature_dim, batch=b, seed=b)
             with torch.inference_mode():
-                ref = module(*args)
-            ref = ref if isinstance(ref, tuple) else (ref,)
-            got = sess.run(None, {n: a.numpy() for n, a in zip(MODULE_IO[name][0], args)})
-            for r, g in zip(ref, got):
-                diff = float(np.abs(r.numpy() - g).max())
-                worst = max(worst, diff)
-                if not diff <= atol:
-                    raise RuntimeError(f"{name}.onnx differs from PyTorch by {diff:.3g} (> {atol}) "
-                                       f"at batch {b}: the export is wrong")
+                ref = _tuple(module(*args))
+                got = {"onnx": sess.run(None, {n: a.numpy() for n, a in zip(io[name][0], args)})}
+                if program is not None:
+                    got["torch.export"] = [t.numpy() for t in _tuple(program(*args))]
+            for what, outs in got.items():
+                for r, g in zip(ref, outs):
+                    diff = float(np.abs(r.numpy() - g).max())
+                    worst = max(worst, diff)
+                    if not diff <= atol:
+                        raise RuntimeError(f"{name} ({what}) differs from PyTorch by {diff:.3g} (> {atol}) "
+                                           f"at batch {b}: the export is wrong")
     return worst
+
+
+def _tuple(out: Any) -> tuple:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,8 +254,8 @@ def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """fp32 graph -> fp16 compute with fp32 inputs/outputs kept (a Cast at each float IO).
 
     Float initializers and float constants become fp16, Cast-to-float becomes Cast-to-fp16
-    (the visual graph's uint8 -> float), and intermediate type annotations are dropped so
-    they are re-inferred. Non-float IO (uint8 frames) is untouched. Written for the graphs
+    (a uint8 branch's cast to float), and intermediate type annotations are dropped so
+    they are re-inferred. Non-float IO (uint8 frames, flow, images) is untouched. Written for the graphs
     exported here (conv/gemm/pool/elementwise); accumulation precision is TensorRT's choice.
     """
     model = onnx.ModelProto.FromString(model.SerializeToString())   # never edit the caller's copy
@@ -223,5 +296,5 @@ def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-__all__ = ["export_model", "export_module", "check_onnx", "check_parity", "convert_fp16",
-           "example_inputs", "CastFirst", "OPSET", "EXPORTERS"]
+__all__ = ["export_model", "export_module", "export_programs", "export_program", "check_onnx", "check_parity",
+           "convert_fp16", "example_inputs", "dynamic_batch", "CastFirst", "OPSET", "EXPORTERS"]

@@ -1,10 +1,10 @@
 """`python -m export verify`: PyTorch vs the bundle's engines on real decoded clips.
 
 fp32 ONNX Runtime: max |logits difference| <= 1e-4 for every branch and the fusion, the same
-top-1 on every clip, and the same weighted answer (combined logits, label). TensorRT
+top-1 on every sample, and the same final answer (combined logits, label). TensorRT
 engines (fp32 with other kernels, or fp16): top-1 agreement >= 99% and feature cosine
->= 0.999. Each at batch sizes 1 and several. The PyTorch reference is the run's weights
-saved in the bundle (torch/), run on the CPU.
+>= 0.999. Each at batch sizes 1 and several. The PyTorch reference is the bundle's
+`torch.export` programs (torch/<module>.pt2), run on the CPU.
 """
 from __future__ import annotations
 
@@ -20,15 +20,17 @@ from tqdm import tqdm
 
 from dimml.bundle import Bundle, load_bundle
 from dimml.engines import Engine, TorchEngine, open_engine, usable_engines
-from dimml.media import Clip, MediaError, decode_clip
+from dimml.media import Clip, MediaError, decode_sample
+from dimml.modalities import PreprocessConfig
 from dimml.predict import Outputs, Predictor
 
 ATOL = 1e-4
 MIN_TOP1 = 0.99
 MIN_COSINE = 0.999
-# what a plain media folder is searched for (datasets are read by training.datasets instead)
+# what a plain media folder is searched for (datasets are read by dimml.datasets instead)
 MEDIA_EXTS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".ts", ".3gp",
-              ".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac", ".opus"}
+              ".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac", ".opus",
+              ".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 @dataclass
@@ -57,49 +59,59 @@ class Check:
 # ---------------------------------------------------------------------------------------
 # data
 
-def media_sources(data: str | os.PathLike, limit: int | None = None) -> list[tuple[str, str | None]]:
-    """(media path, separate audio path or None) for the clips of a dataset or media folder.
+def media_sources(data: str | os.PathLike, cfg: PreprocessConfig,
+                  limit: int | None = None) -> list[dict[str, str]]:
+    """The samples of a dataset or media folder as files keyed by source field.
 
-    A dataset layout training can read (manifest.csv, class folders, CREMA-D, AVE) is read
-    with training.datasets; any other folder is walked for media files; a file is one clip.
+    A dataset layout the readers know (manifest.csv with `path` / `<name>_path` columns, class
+    folders, CREMA-D, AVE, UCF101, ModelNet40 renders) is read with dimml.datasets, test split
+    first; any other folder is walked for media files, each one sample of the model's one source
+    field ("video" for video-derived modalities); a file is one sample.
     """
+    from dimml.datasets import DatasetError, load_dataset
+
     data = Path(data)
+    fields = cfg.fields
     if data.is_file() and data.suffix.lower() != ".csv":
-        return [(str(data), None)]
-    found: list[tuple[str, str | None]] = []
+        return [{_single_field(fields, data): str(data)}]
+    found: list[dict[str, str]] = []
     try:
-        from training.datasets import DatasetError, load_dataset
-    except ImportError:
-        load_dataset = None
-    if load_dataset is not None:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                spec = load_dataset(data)
-            # test split first: the clips the model did not train on
-            samples = sorted(spec.samples, key=lambda s: (s.split != "test", s.path))
-            found = [(s.path, s.audio_path) for s in samples]
-        except DatasetError:
-            found = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            spec = load_dataset(data, modalities=cfg)
+        # test split first: the samples the model did not train on
+        samples = sorted(spec.samples, key=lambda s: (s.split != "test", s.key))
+        found = [dict(s.files) for s in samples]
+    except DatasetError:
+        found = []
     if not found:
         if not data.is_dir():
             raise FileNotFoundError(f"{data}: no such media folder or dataset")
+        field = _single_field(fields, data)
         for dirpath, dirnames, filenames in os.walk(data):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            found += [(str(Path(dirpath, n)), None) for n in sorted(filenames)
+            found += [{field: str(Path(dirpath, n))} for n in sorted(filenames)
                       if not n.startswith(".") and Path(n).suffix.lower() in MEDIA_EXTS]
     if not found:
         raise FileNotFoundError(f"{data}: no media files found")
     return found[:limit] if limit else found
 
 
-def decode_all(sources: list[tuple[str, str | None]], bundle: Bundle, progress: bool = True) -> tuple[list[Clip], list[str]]:
-    """Decode every source with the bundle's preprocessing; undecodable ones are listed, not fatal."""
+def _single_field(fields: tuple[str, ...], where: Path) -> str:
+    """The one source field a lone media file can fill."""
+    if len(fields) != 1:
+        raise FileNotFoundError(f"{where}: this model reads {len(fields)} source files per sample "
+                                f"({', '.join(fields)}); give a dataset whose manifest.csv names them")
+    return fields[0]
+
+
+def decode_all(sources: list[dict[str, str]], bundle: Bundle, progress: bool = True) -> tuple[list[Clip], list[str]]:
+    """Decode every sample with the bundle's preprocessing; undecodable ones are listed, not fatal."""
     clips, skipped = [], []
     cfg = bundle.preprocess
-    for path, audio in tqdm(sources, desc="decode", unit="clip", file=sys.stderr, disable=not progress):
+    for files in tqdm(sources, desc="decode", unit="sample", file=sys.stderr, disable=not progress):
         try:
-            clips.append(decode_clip(path, cfg, audio=audio, allow_missing=True))
+            clips.append(decode_sample(files, cfg, allow_missing=True))
         except MediaError as e:
             skipped.append(str(e))
     return clips, skipped
@@ -183,7 +195,7 @@ def verify_bundle(source: str | os.PathLike, data: str | os.PathLike, *, backend
                   progress: bool = True) -> tuple[list[Check], dict[str, Any]]:
     """Load (and checksum) the bundle, decode up to `limit` clips of data, run every check."""
     bundle = load_bundle(source)
-    clips, skipped = decode_all(media_sources(data, limit), bundle, progress)
+    clips, skipped = decode_all(media_sources(data, bundle.preprocess, limit), bundle, progress)
     if not clips:
         raise ValueError(f"{data}: none of the clips could be decoded ({len(skipped)} failed)")
     checks = verify_clips(bundle, clips, backends=backends, batch_sizes=batch_sizes)

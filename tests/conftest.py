@@ -54,3 +54,180 @@ def write_sample(root: str | Path, setting: str, *, seed: int = 0, seconds: floa
             img = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)
             files[s.name] = str(write_image(root / f"{s.name}{seed}.png", img))
     return files
+
+
+# --- export/serving fixtures (owner: export/serving): one random-weight tiny run, bundle, corpus
+# and server per setting per session, built on first use and shared by test_export, test_predict,
+# test_serving and test_clients.
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CLASSES = ("cat", "dog", "owl")
+
+
+def make_tiny_run(run_dir: Path, setting: str, *, seed: int = 0, fusion: str = "concat", temperature: float = 0.7,
+                  classes: tuple[str, ...] = TINY_CLASSES, report: dict | None = None) -> Path:
+    """A random-weight tiny run of a setting with a report, as training would leave it."""
+    import json
+
+    import torch
+
+    from dimml.modalities import preprocess_for
+    from training.models import build_model, build_model_config
+    from training.run import run_config_fields, save_run_model
+
+    torch.manual_seed(seed)
+    pp = preprocess_for("tiny", setting)
+    cfg = build_model_config("tiny", len(classes), pp, fusion=fusion)
+    config = {"method": "dimml", "preset": "tiny", **run_config_fields(pp, cfg, list(classes)), "lw_temperature": 1.0}
+    save_run_model(run_dir, config, build_model(cfg, pp))
+    # the shape training.evaluate writes (abridged)
+    (run_dir / "report.json").write_text(json.dumps(report or {
+        "method": "dimml", "primary": "weighted", "eval_split": "test", "lw_temperature": temperature,
+        "metrics": {"weighted": {"accuracy": 0.42}, "fused": {"accuracy": 0.4}}}))
+    return run_dir
+
+
+def write_corpus(root: Path, setting: str, per_class: int = 2, classes: tuple[str, ...] = TINY_CLASSES) -> Path:
+    """Real media for a setting under root/<class>/ plus manifest.csv (`path`, `<name>_path`, label)."""
+    import csv
+
+    from dimml.datasets import manifest_column
+
+    rows = []
+    for ci, c in enumerate(classes):
+        for i in range(per_class):
+            files = write_sample(root / c, setting, seed=ci * per_class + i)
+            rows.append(({manifest_column(f): os.path.relpath(p, root) for f, p in files.items()}, c))
+    columns = list(rows[0][0])
+    with open(root / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*columns, "label", "split"])
+        for files, label in rows:
+            w.writerow([files[c] for c in columns] + [label, "test"])
+    return root
+
+
+def setting_id(setting: str) -> str:
+    """A file-name-safe id of a setting ("front:image,rear:image" -> "front-image_rear-image")."""
+    return setting.replace(":", "-").replace(",", "_")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """setting -> bundle folder of a random-weight tiny run, exported once per session.
+
+    The TorchScript exporter (~4x faster than dynamo); test_export covers the default one.
+    """
+    from export.build import BundleOptions, build_bundle
+
+    made: dict[str, Path] = {}
+
+    def get(setting: str) -> Path:
+        if setting not in made:
+            root = tmp_path_factory.mktemp(f"bundle-{setting_id(setting)}")
+            run = make_tiny_run(root / "tiny-run", setting)
+            made[setting] = build_bundle(run, root / "bundle", BundleOptions(exporter="torchscript"), progress=False)
+        return made[setting]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """setting -> a folder of real media (2 per class, 3 classes) with manifest.csv, written once."""
+    made: dict[str, Path] = {}
+
+    def get(setting: str) -> Path:
+        if setting not in made:
+            made[setting] = write_corpus(tmp_path_factory.mktemp(f"corpus-{setting_id(setting)}"), setting)
+        return made[setting]
+
+    return get
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM the server (it stops its workers); SIGKILL whatever of its tree is left after 15 s."""
+    import psutil
+
+    def tree(pid: int) -> set[int]:
+        try:
+            return {pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))}
+        except psutil.NoSuchProcess:
+            return set()
+
+    pids = tree(proc.pid)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+    for pid in pids | tree(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=10)
+
+
+def start_server(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str]:
+    """`bentoml serve serving.service:DIMML` from the repository root on a free port."""
+    port = free_port()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", "serving.service:DIMML",
+                                 "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"bentoml serve exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"server not ready in {timeout} s:\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_bundle, tmp_path_factory):
+    """setting -> base URL of `bentoml serve` serving that setting's tiny bundle (started once,
+    stopped at the end of the session)."""
+    running: dict[str, tuple[subprocess.Popen, str]] = {}
+
+    def get(setting: str) -> str:
+        if setting not in running:
+            tmp = tmp_path_factory.mktemp(f"serve-{setting_id(setting)}")
+            env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "DIMML_BUNDLE": str(tiny_bundle(setting)),
+                   "DIMML_MAX_LATENCY_MS": "30000"}
+            proc, url = start_server(env, tmp / "serve.log")
+            running[setting] = (proc, url)
+            wait_ready(proc, url, tmp / "serve.log")
+        return running[setting][1]
+
+    yield get
+    for proc, _ in running.values():
+        stop_server(proc)

@@ -1,6 +1,8 @@
-"""Export: tiny run -> bundle (ONNX checked, parity on real clips), tamper refusal, model store."""
+"""Export: tiny runs of every setting -> bundles (ONNX checked, parity with the torch programs and
+the run's modules, verify on real media), the schema-1 bundle format, tamper refusal, model store."""
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -14,49 +16,28 @@ import onnx
 import pytest
 import torch
 
-from dimml.bundle import MANIFEST, SCHEMA_VERSION, BundleError, load_bundle, sha256_file, write_manifest
-from dimml.config import PREPROCESS_PRESETS
+from conftest import REPO, SETTINGS, TINY_CLASSES, make_tiny_run, setting_id
+from dimml.bundle import (FUSION, MANIFEST, SCHEMA_VERSION, BundleError, load_bundle, module_io, sha256_file,
+                          write_manifest)
+from dimml.engines import EngineError, open_engine
+from dimml.modalities import preprocess_for
+from dimml.predict import Predictor
 from export.cli import main
-from training.models import build_av_model, build_model_config
-from training.run import load_run, run_config_fields, save_run_model
+from training.run import load_run
 
-CLASSES = ["cat", "dog", "owl"]
-REPO = Path(__file__).resolve().parents[1]
-
-
-def make_tiny_run(run_dir: Path, seed: int = 0, temperature: float = 0.7) -> Path:
-    """A random-weight tiny run with a report, as training would leave it."""
-    torch.manual_seed(seed)
-    pp = PREPROCESS_PRESETS["tiny"]
-    cfg = build_model_config("tiny", len(CLASSES), pp.num_frames, fusion="concat")
-    config = {"method": "dimml", "preset": "tiny", **run_config_fields(pp, cfg, CLASSES), "lw_temperature": 1.0}
-    save_run_model(run_dir, config, build_av_model(cfg))
-    # the shape training.evaluate writes (abridged)
-    (run_dir / "report.json").write_text(json.dumps({
-        "method": "dimml", "primary": "weighted", "eval_split": "test", "lw_temperature": temperature,
-        "metrics": {"weighted": {"accuracy": 0.42}, "fused": {"accuracy": 0.4}}}))
-    return run_dir
+CLASSES = list(TINY_CLASSES)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    return make_tiny_run(tmp_path_factory.mktemp("run") / "tiny-run")
+    return make_tiny_run(tmp_path_factory.mktemp("run") / "tiny-run", "audio,visual")
 
 
 @pytest.fixture(scope="module")
 def bundle_dir(run_dir, tmp_path_factory) -> Path:
-    """Built once through the CLI with the default (dynamo) exporter."""
+    """audio,visual built once through the CLI with the default (dynamo) exporter."""
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     assert main(["bundle", "--run", str(run_dir), "--out", str(out), "--quiet"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    from training.synth import SynthConfig, synthesize
-
-    out = tmp_path_factory.mktemp("data") / "synth"
-    synthesize(out, SynthConfig(classes=3, per_class=3, width=64, height=48, duration_s=1.0), progress=False)
     return out
 
 
@@ -65,51 +46,174 @@ def copy_bundle(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_bundle_layout_and_onnx_checker(bundle_dir, run_dir):
-    names = sorted(p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*") if p.is_file())
-    assert names == ["audio.onnx", "fusion.onnx", MANIFEST, "torch/config.json", "torch/model.pt",
-                     "torch/report.json", "visual.onnx"]   # small models: weights inline, no .data
-    pp = PREPROCESS_PRESETS["tiny"]
-    want_inputs = {"audio": [("spectrogram", onnx.TensorProto.FLOAT, list(pp.spectrogram_shape))],
-                   "visual": [("frames", onnx.TensorProto.UINT8, list(pp.frames_shape))],
-                   "fusion": [("audio_features", onnx.TensorProto.FLOAT, [64]),
-                              ("visual_features", onnx.TensorProto.FLOAT, [64])]}
-    for module, inputs in want_inputs.items():
-        path = bundle_dir / f"{module}.onnx"
-        onnx.checker.check_model(str(path), full_check=True)
-        model = onnx.load(str(path))
+def random_arrays(setting: str, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs of every modality of a setting, in the tiny preset's shapes and dtypes."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s in preprocess_for("tiny", setting).modalities:
+        if np.issubdtype(s.dtype, np.floating):
+            out[s.name] = (rng.normal(size=(n, *s.shape)) * 3 - 8).astype(s.dtype)
+        else:
+            out[s.name] = rng.integers(0, 256, (n, *s.shape), dtype=s.dtype)
+    return out
+
+
+def check_bundle_files(bundle: Path, setting: str) -> None:
+    """One graph and one torch program per modality and fusion, the run's config and report."""
+    cfg = preprocess_for("tiny", setting)
+    names = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
+    modules = [*cfg.names, FUSION]
+    assert names == sorted([MANIFEST, "torch/config.json", "torch/report.json",
+                            *(f"{m}.onnx" for m in modules), *(f"torch/{m}.pt2" for m in modules)])
+    io = module_io(cfg)
+    for spec in cfg.modalities:
+        model = onnx.load(str(bundle / f"{spec.name}.onnx"))
+        onnx.checker.check_model(model, full_check=True)
         assert model.opset_import[0].version == 18
-        got = [(v.name, v.type.tensor_type.elem_type, [d.dim_value for d in v.type.tensor_type.shape.dim[1:]])
-               for v in model.graph.input]
-        assert got == inputs
+        [inp] = model.graph.input
+        want_type = onnx.helper.np_dtype_to_tensor_dtype(spec.dtype)
+        assert (inp.name, inp.type.tensor_type.elem_type) == (spec.onnx_input, want_type) == (io[spec.name][0][0], want_type)
+        assert [d.dim_value for d in inp.type.tensor_type.shape.dim[1:]] == list(spec.shape)
+        assert [o.name for o in model.graph.output] == ["features", "logits"]
+        if spec.dtype == np.uint8:   # the branch casts uint8 first: uint8 only at the graph input
+            readers = [n.op_type for n in model.graph.node if spec.onnx_input in n.input]
+            assert readers == ["Cast"]
         for v in [*model.graph.input, *model.graph.output]:
-            assert v.type.tensor_type.shape.dim[0].dim_param, f"{module}:{v.name} batch is not dynamic"
-    # the visual graph casts uint8 first: normalisation inside, uint8 only at the input
-    vis = onnx.load(str(bundle_dir / "visual.onnx"))
-    assert vis.graph.node[0].op_type == "Cast" and vis.graph.node[0].input[0] == "frames"
+            assert v.type.tensor_type.shape.dim[0].dim_param, f"{spec.name}:{v.name} batch is not dynamic"
+    fusion = onnx.load(str(bundle / "fusion.onnx"))
+    onnx.checker.check_model(fusion, full_check=True)
+    assert [i.name for i in fusion.graph.input] == [f"{n}_features" for n in cfg.names]
+    assert [o.name for o in fusion.graph.output] == ["logits"]
+
+
+def test_module_io_is_derived_from_the_specs():
+    assert module_io(preprocess_for("tiny", "front:image,rear:image")) == {
+        "front": (("image",), ("features", "logits")), "rear": (("image",), ("features", "logits")),
+        "fusion": (("front_features", "rear_features"), ("logits",))}
+    # audio,visual: exactly the names of schema-1 bundles
+    assert module_io(preprocess_for("tiny", "audio,visual")) == {
+        "audio": (("spectrogram",), ("features", "logits")), "visual": (("frames",), ("features", "logits")),
+        "fusion": (("audio_features", "visual_features"), ("logits",))}
+    assert list(module_io(preprocess_for("tiny", "audio,visual,flow"))["fusion"][0]) == [
+        "audio_features", "visual_features", "flow_features"]
+
+
+def test_dynamo_bundle_layout_and_onnx_checker(bundle_dir):
+    check_bundle_files(bundle_dir, "audio,visual")
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=setting_id)
+def test_bundle_layout_per_setting(tiny_bundle, setting):
+    check_bundle_files(tiny_bundle(setting), setting)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=setting_id)
+def test_export_parity_onnxruntime_vs_torch(tiny_bundle, setting):
+    """ORT and the torch.export programs (the PyTorch backend) agree with the run's own modules."""
+    bundle = tiny_bundle(setting)
+    run = load_run(bundle.parent / "tiny-run")
+    ort_engine, torch_engine = open_engine(bundle, "onnxruntime-cpu"), open_engine(bundle, "torch-cpu")
+    assert (ort_engine.backend, torch_engine.backend) == ("onnxruntime-cpu", "torch-cpu")
+    for n in (1, 3):
+        arrays = random_arrays(setting, n, seed=n)
+        feats = {}
+        for name, x in arrays.items():
+            with torch.inference_mode():
+                ref = [t.numpy() for t in run.model.branches[name](torch.from_numpy(x))]
+            for engine in (ort_engine, torch_engine):
+                got = engine.branch(name, x)
+                for r, g in zip(ref, got):
+                    assert g.dtype == np.float32 and g.shape == r.shape
+                    np.testing.assert_allclose(g, r, atol=1e-4, rtol=0)
+            feats[name] = ref[0]
+        with torch.inference_mode():
+            ref = run.model.fusion(*(torch.from_numpy(feats[m]) for m in run.model.names)).numpy()
+        for engine in (ort_engine, torch_engine):
+            np.testing.assert_allclose(engine.fusion([feats[m] for m in run.model.names]), ref, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="fusion takes"):
+        ort_engine.fusion([feats[run.model.names[0]]])
 
 
 def test_manifest_contents_and_roundtrip(bundle_dir, run_dir):
     run = load_run(run_dir)
     b = load_bundle(bundle_dir)
     m = b.manifest
-    assert m["schema_version"] == SCHEMA_VERSION
+    assert m["schema_version"] == SCHEMA_VERSION == 2
     assert b.classes == CLASSES and b.preprocess == run.preprocess
-    assert m["preprocess"] == json.loads((run_dir / "config.json").read_text())["preprocess"]
+    assert m["preprocess"] == run.preprocess.to_dict() and "modalities" in m["preprocess"]
+    assert m["modalities"] == ["audio", "visual"] and m["fields"] == ["video"] and b.fields == ("video",)
     assert b.temperature == 0.7 == run.lw_temperature        # the fitted T from the report
     assert m["metrics"] == {"eval_split": "test", "primary": "weighted",
                             "weighted": {"accuracy": 0.42}, "fused": {"accuracy": 0.4}}
-    assert (m["feature_dim"], m["num_frames"], m["fusion"]) == (64, 2, "concat")
+    assert (m["feature_dim"], m["fusion"]) == (64, "concat") and "num_frames" not in m
     assert m["onnx"]["opset"] == 18 and set(m["onnx"]["modules"]) == {"audio", "visual", "fusion"}
+    assert m["torch"]["programs"] == {k: f"torch/{k}.pt2" for k in ("audio", "visual", "fusion")}
     assert {"dimml", "torch", "onnx", "onnxruntime", "python"} <= set(m["versions"])
     files = {p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*") if p.is_file()} - {MANIFEST}
     assert set(m["files"]) == files
     for rel, entry in m["files"].items():
         assert entry["sha256"] == sha256_file(bundle_dir / rel)
-    # round trip: the manifest rewritten from its own fields is the same manifest
     again = json.loads(json.dumps(m))
     assert load_bundle(bundle_dir).manifest == again
     assert b.model_info() == {"name": "tiny-run", "version": m["version"]}
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=setting_id)
+def test_manifest_lists_the_specs(tiny_bundle, setting):
+    b = load_bundle(tiny_bundle(setting))
+    cfg = preprocess_for("tiny", setting)
+    assert b.preprocess == cfg and b.modalities == cfg.names and b.fields == cfg.fields
+    assert [s["name"] for s in b.manifest["preprocess"]["modalities"]] == list(cfg.names)
+    assert b.manifest["fields"] == list(cfg.fields)
+    assert b.modules == (*cfg.names, FUSION)
+
+
+# the manifest of a schema-1 bundle (the format before modalities were declared), for the tiny preset
+SCHEMA1_PREPROCESS = {"sample_rate": 16000, "audio_seconds": 2.0, "nperseg": 512, "noverlap": 353,
+                      "log_eps": 1e-7, "num_frames": 2, "frame_height": 64, "frame_width": 64,
+                      "max_duration_s": 600.0, "max_pixels": 4096 * 4096}
+
+
+def make_schema1_bundle(src: Path, out: Path) -> Path:
+    """A schema-1 bundle as dimml wrote it before: audio.onnx, visual.onnx, fusion.onnx (the io
+    names of the time), torch/config.json + model.pt, and the old manifest fields."""
+    out.mkdir(parents=True)
+    for m in ("audio", "visual", "fusion"):
+        shutil.copyfile(src / f"{m}.onnx", out / f"{m}.onnx")
+    (out / "torch").mkdir()
+    shutil.copyfile(src / "torch" / "config.json", out / "torch" / "config.json")
+    (out / "torch" / "model.pt").write_bytes(b"weights of the run (never opened by this dimml)")
+    io = {"audio": (["spectrogram"], ["features", "logits"]), "visual": (["frames"], ["features", "logits"]),
+          "fusion": (["audio_features", "visual_features"], ["logits"])}
+    write_manifest(out, {
+        "schema_version": 1, "name": "old-bundle", "classes": CLASSES, "modalities": ["audio", "visual"],
+        "preprocess": SCHEMA1_PREPROCESS, "feature_dim": 64, "num_frames": 2, "fusion": "concat",
+        "method": "dimml", "lw_temperature": 0.7, "output": "weighted", "metrics": {},
+        "onnx": {"opset": 18, "exporter": "dynamo",
+                 "modules": {m: {"file": f"{m}.onnx", "inputs": i, "outputs": o, "external_data": []}
+                             for m, (i, o) in io.items()}},
+        "torch": {"config": "torch/config.json", "weights": "torch/model.pt"}, "max_batch": 32, "versions": {}})
+    return out
+
+
+def test_schema1_bundle_still_loads_and_runs_as_audio_visual(bundle_dir, tmp_path):
+    old = make_schema1_bundle(bundle_dir, tmp_path / "old")
+    b = load_bundle(old)
+    assert b.schema == 1 and b.modalities == ("audio", "visual") and b.fields == ("video",)
+    assert b.preprocess == preprocess_for("tiny", "audio,visual")
+    assert b.io == load_bundle(bundle_dir).io
+    # it runs on ONNX Runtime, with the same answers as the schema-2 bundle of the same graphs
+    p_old, p_new = Predictor(old), Predictor(bundle_dir, prefer="onnxruntime-cpu")
+    assert p_old.backend == "onnxruntime-cpu"
+    arrays = random_arrays("audio,visual", 3, seed=7)
+    for a, b2 in zip(p_old.predict_arrays(arrays), p_new.predict_arrays(arrays)):
+        assert a["label"] == b2["label"] and a["modalities_used"] == ["audio", "visual"]
+        np.testing.assert_allclose(list(a["probabilities"].values()), list(b2["probabilities"].values()), atol=1e-9)
+    [solo] = p_old.predict_arrays({"visual": arrays["visual"][:1]})
+    assert solo["modalities_used"] == ["visual"] and list(solo["branches"]) == ["visual"]
+    # it holds no torch programs: the PyTorch backend says so (and auto never needs it)
+    with pytest.raises(EngineError, match="no torch program.*re-export"):
+        open_engine(old, "torch-cpu")
 
 
 def test_tampered_or_incompatible_bundle_refused(bundle_dir, tmp_path):
@@ -121,15 +225,22 @@ def test_tampered_or_incompatible_bundle_refused(bundle_dir, tmp_path):
         load_bundle(b)
 
     b = copy_bundle(bundle_dir, tmp_path / "missing")
-    (b / "torch" / "model.pt").unlink()
-    with pytest.raises(BundleError, match=r"model\.pt: file of the bundle is missing"):
+    (b / "torch" / "visual.pt2").unlink()
+    with pytest.raises(BundleError, match=r"visual\.pt2: file of the bundle is missing"):
         load_bundle(b)
 
     b = copy_bundle(bundle_dir, tmp_path / "schema")
     m = json.loads((b / MANIFEST).read_text())
     m["schema_version"] = SCHEMA_VERSION + 1
     (b / MANIFEST).write_text(json.dumps(m))
-    with pytest.raises(BundleError, match="schema version 2 is not supported"):
+    with pytest.raises(BundleError, match="schema version 3 is not supported"):
+        load_bundle(b)
+
+    b = copy_bundle(bundle_dir, tmp_path / "modules")
+    m = json.loads((b / MANIFEST).read_text())
+    m["modalities"] = ["visual", "audio"]   # not the preprocessing's order
+    (b / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="differ from the preprocessing"):
         load_bundle(b)
 
     b = copy_bundle(bundle_dir, tmp_path / "escape")
@@ -150,49 +261,60 @@ def test_export_refuses_existing_out(run_dir, bundle_dir, capsys):
     assert load_bundle(bundle_dir)   # untouched
 
 
-def test_verify_passes_on_real_clips(bundle_dir, data_dir, tmp_path, capsys):
+@pytest.mark.parametrize("setting", SETTINGS, ids=setting_id)
+def test_verify_passes_on_real_media(tiny_bundle, tiny_corpus, setting, tmp_path, capsys):
     report = tmp_path / "verify.json"
-    rc = main(["verify", str(bundle_dir), "--data", str(data_dir), "--batch-sizes", "1,4",
+    rc = main(["verify", str(tiny_bundle(setting)), "--data", str(tiny_corpus(setting)), "--batch-sizes", "1,4",
                "--quiet", "--report", str(report)])
     out = capsys.readouterr().out
     assert rc == 0, out
     summary = json.loads(report.read_text())
-    assert summary["passed"] and summary["clips"] == 9
+    names = "+".join(preprocess_for("tiny", setting).names)
+    assert summary["passed"] and summary["clips"] == 6 and summary["modalities"] == {names: 6}
     checks = {(c["backend"], c["batch_size"]) for c in summary["checks"]}
     assert {("onnxruntime-cpu", 1), ("onnxruntime-cpu", 4)} <= checks
     for c in summary["checks"]:
         assert c["max_abs_diff"] <= 1e-4 and c["top1_agreement"] == 1.0
 
 
-def test_verify_fails_when_onnx_and_weights_disagree(bundle_dir, data_dir, tmp_path, capsys):
-    """A bundle whose torch weights are not what was exported: verify must exit non-zero."""
+def test_verify_on_the_dynamo_bundle(bundle_dir, tiny_corpus, capsys):
+    rc = main(["verify", str(bundle_dir), "--data", str(tiny_corpus("audio,visual")), "--batch-sizes", "3", "--quiet"])
+    assert rc == 0, capsys.readouterr().out
+
+
+def test_verify_fails_when_onnx_and_torch_program_disagree(bundle_dir, tiny_corpus, tmp_path, capsys):
+    """A bundle whose torch fusion program is not what was exported to ONNX: verify must exit non-zero."""
     b = copy_bundle(bundle_dir, tmp_path / "drift")
-    state = torch.load(b / "torch" / "model.pt", weights_only=True)
-    state["fusion"]["fc.bias"] += 0.5   # fusion logits drift, branches stay equal
-    torch.save(state, b / "torch" / "model.pt")
+    program = torch.export.load(str(b / "torch" / "fusion.pt2"))
+    bias = next(k for k in program.state_dict if k.endswith("bias"))
+    with torch.no_grad():
+        program.state_dict[bias] += 0.5   # fusion logits drift, branches stay equal
+    torch.export.save(program, str(b / "torch" / "fusion.pt2"))
     m = json.loads((b / MANIFEST).read_text())
     write_manifest(b, {k: v for k, v in m.items() if k not in ("schema_version", "format", "version", "files")})
-    rc = main(["verify", str(b), "--data", str(data_dir), "--batch-sizes", "2", "--limit", "4", "--quiet"])
+    rc = main(["verify", str(b), "--data", str(tiny_corpus("audio,visual")), "--batch-sizes", "2", "--limit", "4",
+               "--quiet"])
     out = capsys.readouterr().out
     assert rc == 1 and "FAIL" in out and "parity FAILED" in out
 
 
-def test_fp16_conversion_keeps_fp32_io(bundle_dir, tmp_path):
+@pytest.mark.parametrize("setting", ["audio,visual", "visual,flow"], ids=setting_id)
+def test_fp16_conversion_keeps_fp32_io(tiny_bundle, setting, tmp_path):
     """The mixed-precision ONNX fed to TensorRT --fp16, checked in ONNX Runtime on the CPU."""
     import onnxruntime as ort
+
     from export.onnx_export import convert_fp16
 
-    rng = np.random.default_rng(0)
-    pp = PREPROCESS_PRESETS["tiny"]
-    feeds = {"audio": {"spectrogram": (rng.normal(size=(5, *pp.spectrogram_shape)) * 3 - 8).astype(np.float32)},
-             "visual": {"frames": rng.integers(0, 256, (5, *pp.frames_shape), dtype=np.uint8)}}
-    for module, feed in feeds.items():
-        half = convert_fp16(onnx.load(str(bundle_dir / f"{module}.onnx")))
+    bundle = tiny_bundle(setting)
+    cfg = preprocess_for("tiny", setting)
+    for name, x in random_arrays(setting, 5).items():
+        feed = {cfg.spec(name).onnx_input: x}
+        half = convert_fp16(onnx.load(str(bundle / f"{name}.onnx")))
         onnx.checker.check_model(half, full_check=True)
         assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in half.graph.initializer)
-        path = tmp_path / f"{module}.fp16.onnx"
+        path = tmp_path / f"{name}.fp16.onnx"
         onnx.save(half, str(path))
-        ref = ort.InferenceSession(str(bundle_dir / f"{module}.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
+        ref = ort.InferenceSession(str(bundle / f"{name}.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
         got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
         for r, g in zip(ref, got):
             assert g.dtype == np.float32
@@ -227,6 +349,40 @@ print(json.dumps({{"tag": tag, "path": str(b.path), "classes": b.classes, "versi
     assert res.returncode != 0 and "checksum mismatch" in res.stderr
 
 
+def _imports(path: Path) -> set[str]:
+    """Top-level package names a Python file imports (anywhere in it, lazy imports included)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_core_and_clients_never_import_training(tiny_bundle):
+    """dimml/ and clients/ hold no import of training/, and serving a bundle with the PyTorch
+    backend and scoring with the clients load no training module."""
+    offenders = [str(p.relative_to(REPO)) for d in ("dimml", "clients") for p in sorted((REPO / d).rglob("*.py"))
+                 if "training" in _imports(p)]
+    assert offenders == []
+    code = f"""
+import sys
+import clients, clients.cli, clients.score
+from dimml.predict import Predictor
+from dimml.engines import open_engine
+p = Predictor({str(tiny_bundle('audio,visual'))!r}, open_engine({str(tiny_bundle('audio,visual'))!r}, "torch-cpu"))
+import numpy as np
+from dimml.modalities import preprocess_for
+arrays = {{s.name: np.zeros((1, *s.shape), s.dtype) for s in preprocess_for("tiny", "audio,visual").modalities}}
+assert p.predict_arrays(arrays)[0]["backend"] == "torch-cpu"
+print(sorted(m for m in sys.modules if m == "training" or m.startswith("training.")))
+"""
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]"
+
+
 def _tensorrt_ready() -> str:
     if importlib.util.find_spec("tensorrt") is None:
         return "tensorrt is not installed"
@@ -238,15 +394,16 @@ def _tensorrt_ready() -> str:
 @pytest.mark.tensorrt
 @pytest.mark.skipif(bool(_tensorrt_ready()), reason=_tensorrt_ready() or "ready")
 @pytest.mark.parametrize("fp16", [False, True])
-def test_tensorrt_engines(run_dir, data_dir, tmp_path, fp16):
+@pytest.mark.parametrize("setting", SETTINGS, ids=setting_id)
+def test_tensorrt_engines(tiny_corpus, tmp_path, fp16, setting):
+    run = make_tiny_run(tmp_path / "run", setting)
     out = tmp_path / "trt"
-    args = ["bundle", "--run", str(run_dir), "--out", str(out), "--tensorrt", "--max-batch", "8",
+    args = ["bundle", "--run", str(run), "--out", str(out), "--tensorrt", "--max-batch", "8",
             "--timing-cache", str(tmp_path / "timing.cache"), "--quiet"] + (["--fp16"] if fp16 else [])
     assert main(args) == 0
     b = load_bundle(out)
-    assert len(b.engines) == 3 and {e["precision"] for e in b.engines} == {"fp16" if fp16 else "fp32"}
+    assert len(b.engines) == len(b.modules) and {e["precision"] for e in b.engines} == {"fp16" if fp16 else "fp32"}
     assert (tmp_path / "timing.cache").stat().st_size > 0
-    from dimml.engines import open_engine
     assert open_engine(b).backend == "tensorrt"
-    assert main(["verify", str(out), "--data", str(data_dir), "--backend", "tensorrt",
+    assert main(["verify", str(out), "--data", str(tiny_corpus(setting)), "--backend", "tensorrt",
                  "--batch-sizes", "1,4", "--quiet"]) == 0
