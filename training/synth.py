@@ -204,10 +204,11 @@ def plan(cfg: SynthConfig) -> list[Job]:
     names = cfg.class_names
     items: list[tuple[int, int, tuple[tuple[str, str], ...]]] = []
     if cfg.layout == "folders":
+        video, images = cfg.has_video, cfg.image_names
         for k, name in enumerate(names):
             for j in range(cfg.per_class):
-                files = ((VIDEO_FIELD, f"{name}/{j:04d}.{cfg.format}"),) if cfg.has_video else ()
-                items.append((k, j, files + tuple((m, f"{name}/{j:04d}_{m}.png") for m in cfg.image_names)))
+                files = ((VIDEO_FIELD, f"{name}/{j:04d}.{cfg.format}"),) if video else ()
+                items.append((k, j, files + tuple((m, f"{name}/{j:04d}_{m}.png") for m in images)))
         keys = [dict(f).get(VIDEO_FIELD) or f[0][1] for _, _, f in items]
         # stratified: every class in every split (the one split function of dimml.datasets)
         splits = stratified_split(keys, [k for k, _, _ in items], seed=cfg.seed, val_fraction=cfg.val_frac,
