@@ -75,6 +75,65 @@ def test_defaults_are_the_papers():
         TrainConfig(data="d", out="o", amp="fp8").resolve()
     with pytest.raises(ValueError, match="preprocessing field"):
         TrainConfig(data="d", out="o", preprocess={"fps": 3}).resolve()
+    assert c.modalities == "audio,visual" and c.preprocess_config().names == ("audio", "visual")
+
+
+def test_config_declares_the_modalities():
+    c = TrainConfig(data="d", out="o", preset="tiny", modalities="front:image,rear:image",
+                    preprocess={"front.height": 32}).resolve()
+    pp = c.preprocess_config()
+    assert pp.names == ("front", "rear") and pp.spec("front").params.height == 32
+    assert pp.spec("rear").params.height == 64    # the tiny preset's
+    legacy = TrainConfig(data="d", out="o", preprocess={"num_frames": 5}).preprocess_config()
+    assert legacy.spec("visual").params.num_frames == 5
+    with pytest.raises(ValueError, match="film fusion takes 2 modalities, not 3"):
+        TrainConfig(data="d", out="o", modalities="audio,visual,flow", fusion="film").resolve()
+    with pytest.raises(ValueError, match="'dimml' needs at least 2 modalities, got 1"):
+        TrainConfig(data="d", out="o", modalities="visual").resolve()
+    TrainConfig(data="d", out="o", modalities="visual", method="unimodal").resolve()
+    with pytest.raises(ValueError, match="needs a kind"):
+        TrainConfig(data="d", out="o", modalities="front,rear").resolve()
+    with pytest.raises(ValueError, match="unknown modality"):
+        TrainConfig(data="d", out="o", preprocess={"flow.num_pairs": 3}).resolve()
+    with pytest.raises(ValueError, match="clash with the report"):
+        TrainConfig(data="d", out="o", modalities="fused:image,rear:image").resolve()
+
+
+# The fusion parameters of runs saved before fusion heads took M inputs (audio first, visual second).
+OLD_FUSION_KEYS = {"concat": {}, "sum": {"fcs.0.": "fc_a.", "fcs.1.": "fc_v."},
+                   "gated": {"gate.": "fc_a.", "value.": "fc_v."}}
+
+
+@pytest.mark.parametrize("fusion", sorted(OLD_FUSION_KEYS))
+def test_old_runs_load_as_audio_visual(fusion, tmp_path):
+    """A run written before modalities were declared: flat preprocess, model config with num_frames."""
+    from dimml.modalities import preprocess_for
+    from training.models import build_model, build_model_config
+    pp = preprocess_for("tiny", "audio,visual")
+    torch.manual_seed(0)
+    model = build_model(build_model_config("tiny", K, pp, fusion), pp).eval()
+    state = {k: m.state_dict() for k, m in model.modules().items()}
+    old_names = OLD_FUSION_KEYS[fusion]
+    state["fusion"] = {next((old_names[p] + k[len(p):] for p in old_names if k.startswith(p)), k): v
+                       for k, v in state["fusion"].items()}
+    torch.save(state, tmp_path / "model.pt")
+    config = {"method": "dimml", "classes": [f"class{k}" for k in range(K)],
+              "preprocess": {"sample_rate": 16000, "audio_seconds": 2.0, "nperseg": 512, "noverlap": 353,
+                             "log_eps": 1e-7, "num_frames": 2, "frame_height": 64, "frame_width": 64,
+                             "max_duration_s": 600.0, "max_pixels": 4096 * 4096},
+              "model": {"num_classes": K, "widths": [8, 16, 32, 64], "blocks": [1, 1, 1, 1], "num_frames": 2,
+                        "fusion": fusion}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    run = load_run(tmp_path)
+    assert run.model.names == ("audio", "visual") and run.preprocess == pp
+    assert run.model_cfg.fusion == fusion and run.model_cfg.specs == pp.modalities
+    g = torch.Generator().manual_seed(1)
+    inputs = {"audio": torch.randn(3, *pp.spec("audio").shape, generator=g),
+              "visual": torch.randint(0, 256, (3, *pp.spec("visual").shape), generator=g, dtype=torch.uint8)}
+    _, want = model(inputs)
+    _, got = run.model(inputs)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k])
 
 
 @pytest.mark.parametrize("method", sorted(REGISTRY))

@@ -1,14 +1,15 @@
 """`python -m training fit` (train a method into RUN/) and `python -m training evaluate` (re-score RUN/).
 
     python -m training fit --data DATA --method dimml --out RUN [--preset tiny|resnet18]
+        [--modalities audio,visual | visual,flow | front:image,rear:image | ...]
         [--device auto|cpu|cuda] [--epochs N] [--lr X] ... [--set KEY=VALUE ...] [--force]
     torchrun --nproc_per_node 2 -m training fit ...        (DDP; gloo on CPU, NCCL on CUDA)
     python -m training evaluate --run RUN [--data DATA]
 
 Every TrainConfig field is a flag (--lr-step-epoch, --stage2-epochs, --no-augment, ...).
-Method hyper-parameters: --set lambda_d=0.5 --set duc_distance=dot; preprocessing:
---set preprocess.num_frames=3. Methods: dimml, dimml-duc, dimml-sclf, mmclf, joint, mlb,
-dgl, unimodal, preds-avg (training/methods/).
+Method hyper-parameters: --set lambda_d=0.5 --set duc_distance=dot; preprocessing, per
+modality: --set preprocess.visual.num_frames=3 --set preprocess.flow.num_pairs=5.
+Methods: dimml, dimml-duc, dimml-sclf, mmclf, joint, mlb, dgl, unimodal, preds-avg (training/methods/).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from pathlib import Path
 HELP = {
     "method": "training method (dimml, dimml-duc, dimml-sclf, mmclf, joint, mlb, dgl, unimodal, preds-avg)",
     "preset": "model and preprocessing preset: resnet18 (the paper) or tiny (CPU, seconds)",
+    "modalities": "the model's modalities, in order: built-in names (audio, visual, flow) or NAME:KIND "
+                  "(e.g. front:image,rear:image)",
     "device": "auto | cpu | cuda | cuda:N",
     "epochs": "stage-1 / joint epochs (default: {epochs})",
     "lr": "learning rate (default: {lr})",
@@ -32,7 +35,7 @@ HELP = {
     "stage2_step": "fusion-stage decay step (default: half of --stage2-epochs)",
     "fusion": "fusion head: concat | sum | film | gated",
     "lw_temperature": "certainty-weighting temperature T_lw (default: fitted on the validation split)",
-    "augment": "random resized crop + horizontal flip of training frames",
+    "augment": "random resized crop + horizontal flip of training images (kinds that allow it)",
     "amp": "auto (bf16 autocast on CUDA) | bf16 | off",
     "compile": "torch.compile the trained modules: auto (on CUDA) | on | off",
     "workers": "DataLoader workers (default: 0 on CPU, 4 on CUDA)",
@@ -96,7 +99,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="run folder (RUN); an interrupted run there resumes")
     _add_config_flags(p)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="method hyper-parameter (e.g. lambda_d=0.5) or preprocess.FIELD=VALUE; repeatable")
+                   help="method hyper-parameter (e.g. lambda_d=0.5) or preprocess.MODALITY.PARAM=VALUE; repeatable")
     p.add_argument("--force", action="store_true", help="start over, discarding a finished or interrupted run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_fit)

@@ -36,14 +36,14 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from dimml.config import PREPROCESS_PRESETS, PreprocessConfig
+from dimml.datasets import SPLITS, DatasetError, DatasetSpec, load_dataset, stratified_split
 from dimml.fileio import atomic_write_bytes, atomic_write_json
+from dimml.modalities import DEFAULT_MODALITIES, PreprocessConfig, preprocess_for
 from training.augment import augment_frames
-from training.cache import CachedAVDataset, DecodedCache, build_cache, default_cache_dir
-from training.datasets import SPLITS, DatasetError, DatasetSpec, load_dataset
-from training.evaluate import autocast, collect, evaluate, format_table
+from training.cache import CachedDataset, DecodedCache, build_cache, default_cache_dir
+from training.evaluate import autocast, check_output_names, collect, evaluate, format_table
 from training.methods import Batch, Method, get_method
-from training.models import FUSIONS, build_av_model, build_model_config
+from training.models import FUSIONS, build_model, build_model_config, check_fusion
 from training.run import CONFIG, REPORT, WEIGHTS, atomic_torch_save, run_config_fields, save_run_model
 
 CHECKPOINT, METRICS, LOG = "checkpoint.pt", "metrics.csv", "train.log"
@@ -68,6 +68,7 @@ class TrainConfig:
     out: str
     method: str = "dimml"
     preset: str = "resnet18"
+    modalities: str = DEFAULT_MODALITIES  # e.g. "visual,flow" or "front:image,rear:image" (dimml.modalities)
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     seed: int = 0
     # optimisation (stage "encoders"/"joint")
@@ -86,7 +87,7 @@ class TrainConfig:
     fusion: str = "concat"
     lw_temperature: float | None = None   # None: fitted on the validation split
     # execution
-    augment: bool = True                  # random resized crop + flip of frames (training only)
+    augment: bool = True                  # random resized crop + flip of image kinds (training only)
     amp: str = "auto"                     # auto (bf16 on CUDA) | bf16 | off
     compile: str = "auto"                 # auto (on CUDA) | on | off
     channels_last: bool = True            # on CUDA
@@ -103,7 +104,7 @@ class TrainConfig:
     cache_dir: str | None = None          # None: training.cache.default_cache_dir(data root)
     # overrides
     hparams: dict = field(default_factory=dict)      # method hyper-parameters (--set key=value)
-    preprocess: dict = field(default_factory=dict)   # PreprocessConfig fields (--set preprocess.key=value)
+    preprocess: dict = field(default_factory=dict)   # "<modality>.<param>" -> value (--set preprocess.visual.num_frames=3)
 
     def resolve(self) -> "TrainConfig":
         """A copy with every None default filled and choices checked."""
@@ -113,10 +114,8 @@ class TrainConfig:
                               ("fusion", FUSIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        known = {f.name for f in dataclasses.fields(PreprocessConfig)}
-        if set(self.preprocess) - known:
-            raise ValueError(f"unknown preprocessing field(s) {sorted(set(self.preprocess) - known)}; "
-                             f"PreprocessConfig has {sorted(known)}")
+        names = self.preprocess_config().names   # unknown modalities, kinds or fields fail here
+        check_output_names(names)
         d = PRESET_DEFAULTS[self.preset]
         # absolute data path: `evaluate --run RUN` and resumption work from any directory
         c = dataclasses.replace(self, data=os.path.abspath(self.data), hparams=dict(self.hparams),
@@ -132,11 +131,14 @@ class TrainConfig:
         method = get_method(c.method)
         if c.fusion not in method.fusions:
             raise ValueError(f"method {c.method!r} supports fusion {method.fusions}, not {c.fusion!r}")
+        method.check_modalities(len(names))
+        check_fusion(c.fusion, len(names))
         method.make_hparams(c.hparams, c.epochs)   # unknown or invalid hyper-parameters fail here, early
         return c
 
     def preprocess_config(self) -> PreprocessConfig:
-        return PREPROCESS_PRESETS[self.preset].replace(**self.preprocess)
+        """The run's modalities with the preset's parameters and the --set preprocess.* overrides."""
+        return preprocess_for(self.preset, self.modalities, self.preprocess)
 
 
 # ---------------------------------------------------------------------------------------
@@ -156,19 +158,6 @@ class RunData:
         return {s: int(len(r)) for s, r in self.rows.items()}
 
 
-def carve_val(rows: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val): a seeded, class-stratified `fraction` of train rows (one per class of >= 2 at least)."""
-    rng = np.random.default_rng([seed, 7919])
-    val = []
-    for k in np.unique(labels):
-        mine = rows[labels == k]
-        n = min(len(mine) - 1, max(1, round(len(mine) * fraction)))
-        if n > 0:
-            val.append(rng.permutation(mine)[:n])
-    val = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
-    return np.setdiff1d(rows, val), val
-
-
 def prepare_data(cfg: TrainConfig, preprocess: PreprocessConfig, *, rank: int = 0, world: int = 1,
                  progress: bool = True) -> RunData:
     """Read the dataset, build (rank 0) or open (others) its cache, and index the splits.
@@ -177,7 +166,7 @@ def prepare_data(cfg: TrainConfig, preprocess: PreprocessConfig, *, rank: int = 
     """
     spec = load_dataset(cfg.data, layout=cfg.layout, split_seed=cfg.split_seed, val_fraction=cfg.val_fraction,
                         test_fraction=cfg.test_fraction, speaker_disjoint=cfg.speaker_disjoint,
-                        skip_bad=cfg.skip_bad)
+                        skip_bad=cfg.skip_bad, modalities=preprocess)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(spec.root)
     if rank > 0:
         dist.barrier()   # wait for rank 0 to build the cache, then open it
@@ -185,20 +174,23 @@ def prepare_data(cfg: TrainConfig, preprocess: PreprocessConfig, *, rank: int = 
                         progress=progress and rank == 0)
     if rank == 0 and world > 1:
         dist.barrier()
-    rows = {s: cache.subset([x.path for x in spec.split(s)]) for s in SPLITS}
+    rows = {s: cache.subset([x.key for x in spec.split(s)]) for s in SPLITS}
     if len(rows["train"]) == 0:
         raise DatasetError(f"{spec.root}: no training samples")
     carved = len(rows["val"]) == 0
-    if carved:
-        rows["train"], rows["val"] = carve_val(rows["train"], np.asarray(cache.labels[rows["train"]]),
-                                               cfg.val_fraction or 0.1, cfg.split_seed)
+    if carved:   # the one class-stratified split, train rows only (keys: the rows, zero-padded so they sort)
+        train = rows["train"]
+        where = np.asarray(stratified_split([f"{r:012d}" for r in train], np.asarray(cache.labels[train]).tolist(),
+                                            seed=cfg.split_seed, val_fraction=cfg.val_fraction or 0.1,
+                                            test_fraction=0.0))
+        rows["train"], rows["val"] = train[where == "train"], train[where == "val"]
     return RunData(spec, cache, rows, carved)
 
 
 def make_loader(data: RunData, split: str, batch_size: int, workers: int, pin: bool,
                 sampler: DistributedSampler | None = None) -> DataLoader:
-    """Batches of (spec float32 [B,1,F,T], frames uint8 [B,N,H,W,3], label) from the cache."""
-    ds = CachedAVDataset(data.cache, data.rows[split])
+    """Batches of ({modality: [B, *shape]}, label [B]) from the cache."""
+    ds = CachedDataset(data.cache, data.rows[split])
     return DataLoader(ds, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=workers,
                       pin_memory=pin, persistent_workers=workers > 0, drop_last=False)
 
@@ -282,11 +274,11 @@ class Trainer:
     def num_classes(self) -> int:
         return len(self.data.spec.classes)
 
-    def features(self, split: str) -> dict[str, torch.Tensor] | None:
+    def features(self, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
         if not self.main:
             return None
         o = collect(self.model, self.eval_loader(split), self.device, self.amp_dtype)
-        return {"audio": o.features["audio"], "visual": o.features["visual"], "labels": o.labels}
+        return o.features, o.labels
 
     def eval_loader(self, split: str) -> DataLoader:
         """Sequential, unaugmented batches of a split (made once per split)."""
@@ -317,8 +309,10 @@ class Trainer:
         classes = self.data.spec.classes
         method_cls = get_method(cfg.method)
         torch.manual_seed(cfg.seed)
-        model_cfg = build_model_config(cfg.preset, len(classes), preprocess.num_frames, cfg.fusion)
-        self.model = build_av_model(model_cfg)
+        model_cfg = build_model_config(cfg.preset, len(classes), preprocess, cfg.fusion)
+        self.model = build_model(model_cfg, preprocess)
+        self.augmented = tuple(s.name for s in preprocess.modalities
+                               if cfg.augment and s.kind_obj.augment and s.kind_obj.encoder == "stack")
         hp = method_cls.make_hparams(cfg.hparams, cfg.epochs)
         self.method: Method = method_cls(self.model, hp, len(classes))
         for m in self.method.modules().values():
@@ -414,7 +408,7 @@ class Trainer:
                                     weight_decay=self.cfg.weight_decay)
         if opt_state is not None:
             optimizer.load_state_dict(opt_state)
-        sampler = DistributedSampler(CachedAVDataset(self.data.cache, self.data.rows["train"]),
+        sampler = DistributedSampler(CachedDataset(self.data.cache, self.data.rows["train"]),
                                      num_replicas=self.world, rank=self.rank, shuffle=True, seed=self.cfg.seed)
         loader = make_loader(self.data, "train", self.cfg.batch_size, self.workers,
                              self.device.type == "cuda", sampler)
@@ -454,15 +448,14 @@ class Trainer:
         bar = tqdm(loader, desc=f"{stage} {epoch + 1}/{n_epochs}", leave=False, unit="batch", file=sys.stderr,
                    disable=not (self.main and self.progress))
         seen = 0
-        for spec, frames, label in bar:
-            spec = spec.to(self.device, non_blocking=True)
-            frames = frames.to(self.device, non_blocking=True)
+        for inputs, label in bar:
+            inputs = {n: inputs[n].to(self.device, non_blocking=True) for n in self.model.names}
             label = label.to(self.device, non_blocking=True)
-            if self.cfg.augment:
-                frames = augment_frames(frames, generator=gen)
+            for n in self.augmented:   # in model order: one generator, a fixed sequence of draws
+                inputs[n] = augment_frames(inputs[n], generator=gen)
             optimizer.zero_grad(set_to_none=True)
             with autocast(self.device, self.amp_dtype):
-                res = self.method.step(stage, Batch(spec, frames, label), nets)
+                res = self.method.step(stage, Batch(inputs, label), nets)
             sum(res.losses.values()).backward()
             scales = self.method.lr_scales()
             for g in optimizer.param_groups:
