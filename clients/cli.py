@@ -1,7 +1,7 @@
 """`python -m clients` / `dimml-score`: score media files with a bundle or a server.
 
     dimml-score score INPUT [INPUT ...] --out results.csv|results.jsonl (--server URL | --bundle BUNDLE)
-    dimml-score predict VIDEO [--audio AUDIO] (--server URL | --bundle BUNDLE)
+    dimml-score predict [FIELD=]FILE [FIELD=FILE ...] (--server URL | --bundle BUNDLE)
 `dimml-score INPUT ...` (no command) means `score`.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from clients.http import ClientError
-from clients.inputs import DEFAULT_EXTS, InputError, parse_exts
+from clients.inputs import DEFAULT_EXTS, IMAGE_DEFAULT_EXTS, InputError, parse_exts
 from clients.output import OutputError
 
 COMMANDS = ("score", "predict")
@@ -24,17 +24,23 @@ EXIT_USAGE = 2          # bad arguments, INPUT, --out, bundle or server at start
 EXIT_SERVER_LOST = 3    # the server stopped answering mid-run (rows so far are kept)
 
 SCORE_EPILOG = f"""\
-output: one row per file: path, label, confidence, prob_<class>..., weight_audio, weight_visual,
-  weight_fusion, modalities_used ('+'-joined in CSV), error (empty when scored; else "<cause>: <message>").
-  Rows are appended as results arrive; an interrupted run leaves a valid file.
-paths: relative to the INPUT (a manifest .csv: to its folder; a single file: its name). With
-  several INPUTs each path starts with its INPUT's folder name (data/a, data/b -> a/..., b/...).
-labels: class sub-folders, a manifest.csv (path,label[,audio_path]) or a CREMA-D/AVE layout in an
-  INPUT give true labels: accuracy and a confusion matrix are printed at the end.
+samples: what a sample is follows the model's source fields (bundle manifest / server /metadata):
+  a model reading videos scores every video of a folder (a dataset layout adds labels and own
+  files, e.g. CREMA-D's audio); a model of own files only (e.g. front:image,rear:image) scores
+  the samples of a dataset layout naming them (manifest.csv with <name>_path columns, ModelNet40
+  renders). A manifest .csv (label, `path` for the video and/or `<name>_path` columns) scores its rows.
+output: one row per sample: path, label, confidence, prob_<class>..., weight_<branch>... (the
+  model's modalities, then fusion), modalities_used ('+'-joined in CSV), error (empty when scored;
+  else "<cause>: <message>"). Rows are appended as results arrive; an interrupted run leaves a valid file.
+paths: the sample's video (else its first file), relative to the INPUT (a manifest .csv: to its
+  folder; a single file: its name). With several INPUTs each path starts with its INPUT's folder
+  name (data/a, data/b -> a/..., b/...).
+labels: class sub-folders, a manifest.csv or a CREMA-D/AVE/UCF101/ModelNet40 layout in an INPUT
+  give true labels: accuracy and a confusion matrix are printed at the end.
 exit codes: 0 done; {EXIT_FAILED_FILES} some file failed (--fail-on-error); {EXIT_USAGE} bad arguments, inputs, --out,
   bundle or server; {EXIT_SERVER_LOST} server lost mid-run; 130 / 143 interrupted by SIGINT / SIGTERM
   (finish with --resume).
-default extensions: {','.join(DEFAULT_EXTS)}
+default extensions: {','.join(DEFAULT_EXTS)} (models reading images: {','.join(IMAGE_DEFAULT_EXTS)})
 """
 
 
@@ -63,9 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("score", help="score every media file of folders into a CSV / JSONL file",
-                       description="Score every media file of the INPUTs (folders, media files or manifest "
-                                   ".csv files), one row per file.",
+    p = sub.add_parser("score", help="score every sample of folders or manifests into a CSV / JSONL file",
+                       description="Score every sample of the INPUTs (folders, media files or manifest "
+                                   ".csv files), one row per sample.",
                        epilog=SCORE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--out", required=True, type=Path, help="results file: .csv or .jsonl")
@@ -74,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode threads (local; default: CPU count) or concurrent requests (remote; default 8)")
     p.add_argument("--batch-size", type=_at_least(int, 1), default=32, help="local mode: clips per inference batch")
     p.add_argument("--recursive", "-r", action="store_true", help="walk sub-folders too")
-    p.add_argument("--ext", default=None, help="comma-separated extensions to score (default: video formats)")
+    p.add_argument("--ext", default=None, help="comma-separated extensions a folder is walked for "
+                                               "(default: video formats; image formats for image models)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="keep the rows of an existing --out; score the rest")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -82,9 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("predict", help="classify one clip and print the result as JSON")
-    p.add_argument("video", help="media file (video with its audio track, or audio / video alone)")
-    p.add_argument("--audio", help="separate audio file for the video")
+    p = sub.add_parser("predict", help="classify one sample and print the result as JSON")
+    p.add_argument("files", nargs="+", metavar="[FIELD=]FILE",
+                   help="the sample's files by source field (e.g. video=clip.mp4 audio=voice.wav, or "
+                        "front=f.png rear=r.png); a lone FILE is the model's only field (a video)")
     _add_model_args(p)
     p.set_defaults(func=cmd_predict)
     return parser
@@ -94,7 +102,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     from clients.score import ScoreOptions, Stop, format_summary, graceful_stop, run_score
 
     opts = ScoreOptions(inputs=args.inputs, out=args.out, server=args.server, bundle=args.bundle,
-                        workers=args.workers, recursive=args.recursive, exts=parse_exts(args.ext),
+                        workers=args.workers, recursive=args.recursive,
+                        exts=None if args.ext is None else parse_exts(args.ext),
                         resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size,
                         backend=args.backend, timeout=args.timeout, retries=args.retries,
                         progress=not args.no_progress)
@@ -110,18 +119,36 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_files(items: list[str]) -> dict[str, str] | str:
+    """["video=a.mp4", "audio=b.wav"] -> {"video": ..., "audio": ...}; one bare FILE stays a path."""
+    if len(items) == 1 and "=" not in items[0]:
+        return items[0]
+    out: dict[str, str] = {}
+    for item in items:
+        field, sep, path = item.partition("=")
+        if not sep or not field or not path:
+            raise InputError(f"{item!r}: give FIELD=FILE for each file of a sample of several files")
+        if field in out:
+            raise InputError(f"field {field!r} given twice")
+        out[field] = path
+    return out
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    files = parse_files(args.files)
     if args.server:
         from clients.http import Client, RetryPolicy
 
         with Client(args.server, timeout=args.timeout, retry=RetryPolicy(retries=args.retries)) as c:
-            pred = c.predict(args.video, audio=args.audio)
-        answer = pred.to_dict()
+            answer = c.predict(files).to_dict()
     else:
         from dimml.predict import Predictor
 
         predictor = Predictor(args.bundle, prefer=args.backend)
-        [answer] = predictor.predict_clips([predictor.decode(args.video, audio=args.audio)])
+        try:
+            answer = predictor.predict_files(files)
+        except ValueError as e:   # files that do not fit the model's fields (MediaError stays itself)
+            raise e if type(e) is not ValueError else InputError(str(e)) from None
     print(json.dumps(answer, indent=2))
     return 0
 

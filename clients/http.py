@@ -1,9 +1,11 @@
 """Typed HTTP client for the dimml server (serving/service.py), synchronous and asynchronous.
 
     with Client("http://localhost:3000") as c:
-        p = c.predict("clip.mp4")                      # or bytes, or an open binary file
-        p = c.predict("face.mp4", audio="voice.wav")   # video + separate audio
-        print(p.label, p.confidence, p.weight("audio"))
+        p = c.predict("clip.mp4")                                  # the model's one field (a video)
+        p = c.predict({"video": "face.mp4", "audio": "voice.wav"})  # files by field: a video plus a
+                                                                   # modality's own file
+        p = c.predict({"front": "f.png", "rear": "r.png"})         # a model of two image views
+        print(p.label, p.confidence, p.weight("fusion"))
 
     async with AsyncClient(url) as c:
         p = await c.predict(data)
@@ -21,7 +23,7 @@ import random
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, BinaryIO, Sequence, Union
+from typing import Any, BinaryIO, Mapping, Sequence, Union
 
 import httpx
 
@@ -29,8 +31,9 @@ from clients.result import Prediction
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
-PREDICT, PREDICT_AV, PREDICT_BATCH = "/predict", "/predict_av", "/predict_batch"
+PREDICT, PREDICT_BATCH = "/predict", "/predict_batch"
 READY, METADATA = "/readyz", "/metadata"
+VIDEO_FIELD = "video"   # the upload field a lone source goes to (the server's /metadata lists its fields)
 
 # Failures where the request never reached a model (or the answer never came back): retrying
 # cannot do harm, inference is idempotent. A read timeout is not among them: the server is
@@ -184,10 +187,23 @@ def _retryable(response: httpx.Response, policy: RetryPolicy) -> bool:
     return response.status_code in policy.statuses
 
 
-def _files(video: Upload, audio: Upload | None) -> tuple[str, list[tuple[str, tuple[str, bytes, str]]]]:
-    if audio is None:
-        return PREDICT, [("video", video.part())]
-    return PREDICT_AV, [("video", video.part()), ("audio", audio.part())]
+def source_fields(files: Source | Mapping[str, Source]) -> dict[str, Source]:
+    """Files by upload field; a lone source is the video (the field of every video-reading model)."""
+    if isinstance(files, Mapping):
+        if not files:
+            raise ValueError("no file given")
+        return dict(files)
+    return {VIDEO_FIELD: files}
+
+
+def read_uploads(files: Source | Mapping[str, Source], filenames: Mapping[str, str] | None = None) -> dict[str, Upload]:
+    """Read every file of one sample (so that a retry can resend it)."""
+    names = filenames or {}
+    return {f: read_upload(src, names.get(f)) for f, src in source_fields(files).items()}
+
+
+def _parts(ups: Mapping[str, Upload]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [(f, u.part()) for f, u in ups.items()]
 
 
 class _Base:
@@ -241,13 +257,13 @@ class Client(_Base):
             return r
         raise AssertionError("unreachable")
 
-    def predict(self, video: Source, audio: Source | None = None, *, filename: str | None = None,
-                audio_filename: str | None = None) -> Prediction:
-        """Classify one clip (its own audio track, or `audio` from a separate file)."""
-        endpoint, files = _files(read_upload(video, filename),
-                                 None if audio is None else read_upload(audio, audio_filename))
-        r = self.request("POST", endpoint, files=files)
-        return _prediction(_json(r, endpoint), endpoint)
+    def predict(self, files: Source | Mapping[str, Source], *,
+                filenames: Mapping[str, str] | None = None) -> Prediction:
+        """Classify one sample: its files by upload field (the model's source fields, see
+        metadata()["upload_fields"]), or one file for the `video` field. `filenames`: the names the
+        server sees (default: each path's name)."""
+        r = self.request("POST", PREDICT, files=_parts(read_uploads(files, filenames)))
+        return _prediction(_json(r, PREDICT), PREDICT)
 
     def predict_batch(self, videos: Sequence[Source], filenames: Sequence[str] | None = None) -> list[Prediction]:
         """Classify several clips in one request; results in input order."""
@@ -259,7 +275,8 @@ class Client(_Base):
         return [_prediction(x, PREDICT_BATCH) for x in body]
 
     def metadata(self) -> dict[str, Any]:
-        """The served model: name, version, classes, preprocessing, backend."""
+        """The served model: name, version, classes, modalities, source and upload fields,
+        preprocessing, backend."""
         return _json(self.request("POST", METADATA, json={}), METADATA)
 
     def ready(self) -> bool:
@@ -318,14 +335,12 @@ class AsyncClient(_Base):
             return r
         raise AssertionError("unreachable")
 
-    async def predict(self, video: Source, audio: Source | None = None, *, filename: str | None = None,
-                      audio_filename: str | None = None) -> Prediction:
+    async def predict(self, files: Source | Mapping[str, Source], *,
+                      filenames: Mapping[str, str] | None = None) -> Prediction:
         # reading a file is blocking I/O: keep it off the event loop
-        v = await asyncio.to_thread(read_upload, video, filename)
-        a = None if audio is None else await asyncio.to_thread(read_upload, audio, audio_filename)
-        endpoint, files = _files(v, a)
-        r = await self.request("POST", endpoint, files=files)
-        return _prediction(_json(r, endpoint), endpoint)
+        ups = await asyncio.to_thread(read_uploads, files, filenames)
+        r = await self.request("POST", PREDICT, files=_parts(ups))
+        return _prediction(_json(r, PREDICT), PREDICT)
 
     async def predict_batch(self, videos: Sequence[Source], filenames: Sequence[str] | None = None) -> list[Prediction]:
         ups = [await asyncio.to_thread(read_upload, v, None if filenames is None else filenames[i])
@@ -354,4 +369,4 @@ class AsyncClient(_Base):
 
 
 __all__ = ["Client", "AsyncClient", "RetryPolicy", "ClientError", "ServerError", "ServerUnreachable",
-           "RequestTimeout", "Source", "Upload", "read_upload", "error_message"]
+           "RequestTimeout", "Source", "Upload", "read_upload", "read_uploads", "source_fields", "error_message"]

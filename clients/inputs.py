@@ -1,28 +1,36 @@
-"""What to score: INPUT folders, files or manifests -> one Job per media file, with known labels.
+"""What to score: INPUT folders, files or manifests -> one Job per sample, with known labels.
 
-Path rule (the `path` column of the output):
+A sample is one source file per field of the model (`video` for its video-derived modalities,
+a modality's name for a file of its own). What an INPUT yields depends on those fields:
+  * a model reading videos: a folder is walked for video files, each one sample (its other
+    fields, e.g. CREMA-D's separate audio, and its label come from the folder's dataset layout);
+  * a model reading own files only (e.g. front/rear images): a folder must be a dataset layout
+    that names them (manifest.csv with `<name>_path` columns, ModelNet40 renders), or, for a
+    model with a single field, is walked for its files;
+  * a manifest .csv (`path` for the video and/or `<name>_path` columns, `label`): its rows;
+  * a single media file: one sample of the model's only field.
+
+Path rule (the `path` column of the output): the sample's key file (its video, else its first
+file), and every other file of it in messages:
   * one INPUT: paths are relative to it (a folder or a manifest's folder); a single file is its name;
   * several INPUTs: each path is prefixed with its INPUT's name (`a/x.mp4` for `INPUT=data/a`;
     a single file stays its bare name), so rows from different roots never collide. Two INPUTs
     whose paths would clash (same folder name twice) are refused.
-A file reached from two INPUTs is scored once, under the first.
-
-Labels (for accuracy and the confusion matrix) and separate audio tracks come from the
-dataset layout of a folder INPUT, read by training.datasets: a manifest.csv
-(path,label[,audio_path][,split]), CREMA-D (VideoFlash/ + AudioWAV/), AVE, or class sub-folders.
+A sample reached from two INPUTs is scored once, under the first.
 """
 from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from dimml.datasets import (VIDEO_EXTS, DatasetError, detect_layout, read_ave, read_cremad, read_folders,
-                            read_manifest)
+from dimml.datasets import IMAGE_EXTS, VIDEO_EXTS, DatasetError, read_layout, read_manifest
+from dimml.modalities import VIDEO_FIELD, PreprocessConfig
 
 DEFAULT_EXTS = tuple(sorted(e.lstrip(".") for e in VIDEO_EXTS))
+IMAGE_DEFAULT_EXTS = tuple(sorted(e.lstrip(".") for e in IMAGE_EXTS))
 
 
 class InputError(ValueError):
@@ -31,23 +39,28 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Job:
-    """One file to score."""
+    """One sample to score."""
 
-    key: str                        # the output's `path`: relative, '/'-separated, unique
-    path: str                       # absolute path of the media file
-    audio_path: str | None = None   # separate audio track (CREMA-D, manifests with audio_path)
-    truth: str | None = None        # the class the dataset layout gives the file, if any
+    key: str                                # the output's `path`: relative, '/'-separated, unique
+    files: dict[str, str]                   # source field -> absolute path
+    truth: str | None = None                # the class the dataset layout gives the sample, if any
+    names: dict[str, str] = field(default_factory=dict)   # field -> display name (path rule)
 
 
-def parse_exts(text: str | Sequence[str] | None) -> tuple[str, ...]:
-    """'mp4,.FLV' -> ('flv', 'mp4'); None -> DEFAULT_EXTS."""
+def parse_exts(text: str | Sequence[str] | None, default: Sequence[str] = DEFAULT_EXTS) -> tuple[str, ...]:
+    """'mp4,.FLV' -> ('flv', 'mp4'); None -> default."""
     if text is None:
-        return DEFAULT_EXTS
+        return tuple(default)
     items = text.split(",") if isinstance(text, str) else list(text)
     exts = sorted({e.strip().lstrip(".").lower() for e in items if e.strip()})
     if not exts:
         raise InputError("--ext lists no extension")
     return tuple(exts)
+
+
+def default_exts(cfg: PreprocessConfig) -> tuple[str, ...]:
+    """What a folder is walked for: videos for a model reading them, else image files."""
+    return DEFAULT_EXTS if VIDEO_FIELD in cfg.fields else IMAGE_DEFAULT_EXTS
 
 
 def walk_media(folder: Path, exts: Iterable[str], recursive: bool) -> list[Path]:
@@ -61,57 +74,87 @@ def walk_media(folder: Path, exts: Iterable[str], recursive: bool) -> list[Path]
     return out
 
 
-def layout_labels(root: Path) -> tuple[dict[str, tuple[str, str | None]], str | None]:
-    """{real path: (class name, audio path)} from the folder's dataset layout, and the layout name.
+def _key_field(files: dict[str, str]) -> str:
+    """The field that names a sample: its video, else its first file."""
+    return VIDEO_FIELD if VIDEO_FIELD in files else next(iter(files))
 
-    Best effort: a folder that is no dataset simply has no labels (returns {}, None).
+
+def _wanted(files: dict[str, str], cfg: PreprocessConfig) -> dict[str, str]:
+    """The fields of a layout's sample that the model reads (video, its modalities' own files)."""
+    keep = {*cfg.fields, *cfg.names}
+    return {f: p for f, p in files.items() if f in keep}
+
+
+def layout_samples(root: Path, cfg: PreprocessConfig) -> tuple[list[tuple[dict[str, str], str]], str | None]:
+    """[(files by field, class name)] of the folder's dataset layout, and the layout's name.
+
+    Best effort: a folder that is no dataset simply has none (returns [], None).
     """
     try:
-        layout = detect_layout(root)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # e.g. "class folders without videos": irrelevant here
-            if layout == "manifest":
-                samples, classes = read_manifest(root / "manifest.csv" if root.is_dir() else root)
-            elif layout == "cremad":
-                samples, classes, _ = read_cremad(root)
-            elif layout == "ave":
-                samples, classes = read_ave(root)
-            else:
-                samples, classes = read_folders(root)
+            found = read_layout(root, modalities=cfg)
     except DatasetError:
-        return {}, None
-    return {os.path.realpath(s.path): (classes[s.label], s.audio_path) for s in samples}, layout
+        return [], None
+    out = []
+    for s in found.samples:
+        files = _wanted(s.files, cfg)
+        if files:
+            out.append((files, found.classes[s.label]))
+    return out, found.layout
 
 
-def _root_jobs(src: Path, exts: Sequence[str], recursive: bool) -> tuple[Path, list[tuple[Path, str | None, str | None]]]:
-    """(root the keys are relative to, [(media path, audio path, truth)]) for one INPUT."""
+def _root_jobs(src: Path, cfg: PreprocessConfig, exts: Sequence[str], recursive: bool
+               ) -> tuple[Path, list[tuple[dict[str, str], str | None]]]:
+    """(root the keys are relative to, [(files by field, truth)]) for one INPUT."""
+    fields = cfg.fields
     if src.is_dir():
-        labels, _ = layout_labels(src)
-        files = walk_media(src, exts, recursive)
-        if not files:
-            hint = ""
-            if not recursive and walk_media(src, exts, True):
-                hint = "; its sub-folders hold some: pass --recursive"
-            raise InputError(f"{src}: no media files ({', '.join(exts)}){hint}")
-        out = []
-        for f in files:
-            truth, audio = labels.get(os.path.realpath(f), (None, None))
-            out.append((f, audio, truth))
-        return src, out
+        samples, layout = layout_samples(src, cfg)
+        if VIDEO_FIELD in fields:
+            # every video of the folder; the layout adds labels and own files (by the video's real path)
+            by_video = {os.path.realpath(f[VIDEO_FIELD]): (f, t) for f, t in samples if VIDEO_FIELD in f}
+            videos = walk_media(src, exts, recursive)
+            if not videos:
+                hint = ""
+                if not recursive and walk_media(src, exts, True):
+                    hint = "; its sub-folders hold some: pass --recursive"
+                raise InputError(f"{src}: no media files ({', '.join(exts)}){hint}")
+            out = []
+            for v in videos:
+                files, truth = by_video.get(os.path.realpath(v), ({}, None))
+                out.append(({**files, VIDEO_FIELD: str(v)}, truth))
+            return src, out
+        if samples:
+            return src, [(f, t) for f, t in samples]
+        if len(fields) == 1:
+            found = walk_media(src, exts, recursive)
+            if found:
+                return src, [({fields[0]: str(p)}, None) for p in found]
+        raise InputError(f"{src}: this model reads {', '.join(fields)} per sample: give a dataset folder whose "
+                         f"layout names them (manifest.csv with {', '.join(f'{f}_path' for f in fields)} columns, "
+                         f"ModelNet40 renders){' or a folder of ' + '/'.join(exts) + ' files' if len(fields) == 1 else ''}")
     if src.suffix.lower() == ".csv":
         try:
             samples, classes = read_manifest(src)
         except DatasetError as e:
             raise InputError(str(e)) from None
-        return src.parent, [(Path(s.path), s.audio_path, classes[s.label]) for s in samples]
-    return src.parent, [(src, None, None)]
+        return src.parent, [(_wanted(s.files, cfg), classes[s.label]) for s in samples if _wanted(s.files, cfg)]
+    if len(fields) != 1:
+        raise InputError(f"{src}: this model reads {', '.join(fields)} per sample; a single file is one of "
+                         "them: give a manifest .csv naming each sample's files")
+    return src.parent, [({fields[0]: str(src)}, None)]
 
 
-def find_jobs(inputs: Sequence[str | os.PathLike], *, recursive: bool = False,
-              exts: Sequence[str] = DEFAULT_EXTS) -> list[Job]:
-    """Every media file of the INPUTs (folders, media files, manifest .csv files), keyed by the path rule."""
+def find_jobs(inputs: Sequence[str | os.PathLike], cfg: PreprocessConfig | None = None, *,
+              recursive: bool = False, exts: Sequence[str] | None = None) -> list[Job]:
+    """Every sample of the INPUTs (folders, media files, manifest .csv files), keyed by the path rule.
+
+    cfg: the model's preprocessing (its source fields decide what a sample is); default audio,visual.
+    """
     if not inputs:
         raise InputError("no INPUT given")
+    cfg = cfg or PreprocessConfig()
+    exts = tuple(exts) if exts else default_exts(cfg)
     roots = []
     for raw in inputs:
         src = Path(raw).expanduser()
@@ -123,23 +166,30 @@ def find_jobs(inputs: Sequence[str | os.PathLike], *, recursive: bool = False,
     seen_paths: set[str] = set()
     owner: dict[str, Path] = {}
     for src in roots:
-        root, found = _root_jobs(src, exts, recursive)
+        root, found = _root_jobs(src, cfg, exts, recursive)
         prefix = src.name if (many and (src.is_dir() or src.suffix.lower() == ".csv")) else ""
         if prefix and src.suffix.lower() == ".csv":
             prefix = src.parent.name
-        for path, audio, truth in found:
-            real = os.path.realpath(path)
+
+        def rel(path: str) -> str:
+            r = Path(os.path.relpath(path, root)).as_posix()
+            return f"{prefix}/{r}" if prefix else r
+
+        for files, truth in found:
+            kf = _key_field(files)
+            real = os.path.realpath(files[kf])
             if real in seen_paths:
                 continue
-            rel = Path(os.path.relpath(path, root)).as_posix()
-            key = f"{prefix}/{rel}" if prefix else rel
+            key = rel(files[kf])
             if key in owner:
                 raise InputError(f"{key!r} names a file under both {owner[key]} and {src}: give INPUTs "
                                  f"with distinct names (see the path rule in `score --help`)")
             owner[key] = src
             seen_paths.add(real)
-            jobs.append(Job(key, os.path.abspath(path), audio, truth))
+            jobs.append(Job(key, {f: os.path.abspath(p) for f, p in files.items()}, truth,
+                            {f: rel(p) for f, p in files.items()}))
     return jobs
 
 
-__all__ = ["Job", "InputError", "find_jobs", "walk_media", "layout_labels", "parse_exts", "DEFAULT_EXTS"]
+__all__ = ["Job", "InputError", "find_jobs", "walk_media", "layout_samples", "parse_exts", "default_exts",
+           "DEFAULT_EXTS", "IMAGE_DEFAULT_EXTS"]

@@ -22,7 +22,7 @@ try:
 except ImportError:   # pragma: no cover - not POSIX: no lock
     fcntl = None
 
-from clients.result import BRANCHES, Prediction
+from clients.result import Prediction
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 DIGITS = 6   # probabilities and weights are written rounded to this many decimals
@@ -32,31 +32,32 @@ class OutputError(ValueError):
     """--out cannot be written or resumed as asked."""
 
 
-def columns_for(classes: Sequence[str]) -> list[str]:
-    """path, label, confidence, prob_<class>..., weight_audio, weight_visual, weight_fusion, modalities_used, error."""
+def columns_for(classes: Sequence[str], branches: Sequence[str]) -> list[str]:
+    """path, label, confidence, prob_<class>..., weight_<branch>... (the model's modalities, then
+    fusion), modalities_used, error."""
     return (["path", "label", "confidence"] + [f"prob_{c}" for c in classes]
-            + [f"weight_{b}" for b in BRANCHES] + ["modalities_used", "error"])
+            + [f"weight_{b}" for b in branches] + ["modalities_used", "error"])
 
 
 def _num(x: float | None) -> float | None:
     return None if x is None else round(float(x), DIGITS)
 
 
-def prediction_row(key: str, pred: Prediction, classes: Sequence[str]) -> dict[str, Any]:
-    """One output row (typed values) for a scored file."""
+def prediction_row(key: str, pred: Prediction, classes: Sequence[str], branches: Sequence[str]) -> dict[str, Any]:
+    """One output row (typed values) for a scored sample."""
     row: dict[str, Any] = {"path": key, "label": pred.label, "confidence": _num(pred.confidence)}
     for c in classes:
         row[f"prob_{c}"] = _num(pred.probabilities.get(c))
-    for b in BRANCHES:
+    for b in branches:
         row[f"weight_{b}"] = _num(pred.weight(b))
     row["modalities_used"] = list(pred.modalities_used)
     row["error"] = ""
     return row
 
 
-def error_row(key: str, message: str, classes: Sequence[str]) -> dict[str, Any]:
-    """One output row for a file that could not be scored (message on one line)."""
-    row: dict[str, Any] = {c: None for c in columns_for(classes)}
+def error_row(key: str, message: str, classes: Sequence[str], branches: Sequence[str]) -> dict[str, Any]:
+    """One output row for a sample that could not be scored (message on one line)."""
+    row: dict[str, Any] = {c: None for c in columns_for(classes, branches)}
     row.update(path=key, label="", modalities_used=[], error=" ".join(str(message).split()) or "error")
     return row
 
@@ -160,11 +161,11 @@ def check_target(path: Path, *, resume: bool, overwrite: bool) -> str:
 class ResultWriter:
     """Append-only writer of result rows to a .csv or .jsonl file (see module docstring)."""
 
-    def __init__(self, path: str | os.PathLike, classes: Sequence[str], *, resume: bool = False,
-                 overwrite: bool = False):
+    def __init__(self, path: str | os.PathLike, classes: Sequence[str], branches: Sequence[str], *,
+                 resume: bool = False, overwrite: bool = False):
         self.path = Path(path)
         self.fmt = check_target(self.path, resume=resume, overwrite=overwrite)
-        self.columns = columns_for(classes)
+        self.columns = columns_for(classes, branches)
         self.existing: list[dict[str, Any]] = []    # rows found on resume
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # "a+b": never truncates on open; we lock before touching what is there

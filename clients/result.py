@@ -1,17 +1,24 @@
 """Typed prediction results, parsed from the JSON that `dimml.predict.Predictor` and the server return.
 
-The wire format (one dict per clip):
+The wire format (one dict per sample):
     {"label": str, "probabilities": {class: p},
-     "branches": {"audio" | "visual" | "fusion": {"probabilities": {class: p}, "certainty": c, "weight": w}},
-     "modalities_used": ["audio", "visual"], "model": {"name": str, "version": str}, "backend": str}
-A clip missing a modality is answered by the other branch alone, so `branches` may hold one entry.
+     "branches": {<modality> | "fusion": {"probabilities": {class: p}, "certainty": c, "weight": w}},
+     "modalities_used": [<modality>, ...], "model": {"name": str, "version": str}, "backend": str}
+The branches are the model's modalities (e.g. audio, visual; front, rear) plus its fusion head.
+A sample missing a modality is answered by the branches it has (no fusion), so `branches` may
+hold fewer entries.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-BRANCHES = ("audio", "visual", "fusion")
+FUSION = "fusion"   # the fusion head's branch name (beside one branch per modality)
+
+
+def branch_names(modalities) -> tuple[str, ...]:
+    """The branches of a model with these modalities, in answer order: the modalities, then fusion."""
+    return (*modalities, FUSION)
 
 
 @dataclass(frozen=True)
@@ -30,7 +37,7 @@ class BranchResult:
 
 @dataclass(frozen=True)
 class Prediction:
-    """A model's answer for one clip."""
+    """A model's answer for one sample."""
 
     label: str
     probabilities: dict[str, float]
@@ -77,4 +84,4 @@ class Prediction:
                 "model": {"name": self.model_name, "version": self.model_version}, "backend": self.backend}
 
 
-__all__ = ["BranchResult", "Prediction", "BRANCHES"]
+__all__ = ["BranchResult", "Prediction", "FUSION", "branch_names"]

@@ -1,11 +1,14 @@
-"""Batch scoring: every media file of some folders -> one results row each (see clients/cli.py).
+"""Batch scoring: every sample of some folders or manifests -> one results row each (see clients/cli.py).
 
-Two scorers yield (job, prediction, error) as results arrive:
-  LocalScorer   loads the bundle in-process: decode_clip runs in a thread pool (FFmpeg and
+What a sample is (a video; a video plus own files; a set of image views) follows the model's
+source fields, read from the bundle or the server's /metadata (clients/inputs.py). Two scorers
+yield (job, prediction, error) as results arrive:
+  LocalScorer   loads the bundle in-process: decode_sample runs in a thread pool (FFmpeg and
                 NumPy release the GIL; measured on 2 cores, 192 tiny-preset clips: 2 threads
                 ~45 files/s, a 2-process pool ~27 files/s with its start-up and pickling),
                 decoded clips are batched into the Predictor.
-  RemoteScorer  sends concurrent /predict requests to a server (which batches on its side).
+  RemoteScorer  sends concurrent /predict requests (files by field) to a server (which batches
+                on its side).
 `run_score` feeds them the files not yet in the output, writes rows as they come, and stops
 cleanly on Ctrl-C / SIGTERM (`graceful_stop`): no new work, finished rows flushed.
 """
@@ -24,9 +27,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from clients.http import Client, ClientError, RequestTimeout, RetryPolicy, ServerError, ServerUnreachable
-from clients.inputs import DEFAULT_EXTS, Job, find_jobs
+from clients.inputs import InputError, Job, find_jobs
 from clients.output import ResultWriter, check_target, error_row, prediction_row
-from clients.result import Prediction
+from clients.result import Prediction, branch_names
 
 Result = tuple[Job, "Prediction | None", "str | None"]   # (job, prediction, error message)
 POLL_S = 0.1   # how often waits wake up to notice a stop request
@@ -114,14 +117,15 @@ class LocalScorer:
 
         self.predictor = Predictor(bundle, max_batch=batch_size, prefer=backend)
         self.classes: list[str] = list(self.predictor.classes)
+        self.preprocess = self.predictor.preprocess
+        self.branches = branch_names(self.predictor.names)
         self.workers = workers or os.cpu_count() or 1
         self.batch_size = batch_size
         self.description = (f"bundle {self.predictor.bundle.name}:{self.predictor.bundle.version} "
                             f"on {self.predictor.backend}")
 
     def _decode(self, job: Job):
-        return self.predictor.decode(job.path, audio=job.audio_path, name=job.key,
-                                     audio_name=None if job.audio_path is None else os.path.basename(job.audio_path))
+        return self.predictor.decode(job.files, names=job.names)
 
     def _predict(self, batch: list[tuple[Job, Any]]) -> Iterator[Result]:
         clips = [c for _, c in batch]
@@ -173,7 +177,7 @@ class LocalScorer:
 
 
 class RemoteScorer:
-    """Scoring through a server: concurrent /predict (or /predict_av) requests."""
+    """Scoring through a server: concurrent /predict requests."""
 
     def __init__(self, url: str, *, workers: int = 0, timeout: float = 120.0, retries: int = 3):
         self.client = Client(url, timeout=timeout, retry=RetryPolicy(retries=retries))
@@ -182,13 +186,17 @@ class RemoteScorer:
         except BaseException:
             self.client.close()
             raise
+        from dimml.modalities import PreprocessConfig
+
         self.classes: list[str] = [str(c) for c in meta["classes"]]
+        self.preprocess = PreprocessConfig.from_dict(meta["preprocess"])
+        self.branches = branch_names(meta["modalities"])
         self.workers = workers or 8
         model = meta.get("model") or {}
         self.description = f"server {url} ({model.get('name', '?')}:{model.get('version', '?')} on {meta.get('backend', '?')})"
 
     def _predict(self, job: Job) -> Prediction:
-        return self.client.predict(job.path, audio=job.audio_path, filename=os.path.basename(job.path))
+        return self.client.predict(job.files, filenames={f: os.path.basename(p) for f, p in job.files.items()})
 
     def results(self, jobs: Iterable[Job], stop: Stop) -> Iterator[Result]:
         """As LocalScorer.results. A server that is unreachable, or still answers 429 / 503 after every
@@ -237,7 +245,7 @@ class ScoreOptions:
     bundle: str | None = None
     workers: int = 0                 # 0: CPU count (local), 8 (remote)
     recursive: bool = False
-    exts: tuple[str, ...] = DEFAULT_EXTS
+    exts: tuple[str, ...] | None = None   # None: videos, or images for a model without a video field
     resume: bool = False
     overwrite: bool = False
     batch_size: int = 32
@@ -251,7 +259,7 @@ class ScoreOptions:
 class Summary:
     """What a run did, and the whole output file's tally (resumed rows included)."""
 
-    found: int = 0                   # files the inputs hold
+    found: int = 0                   # samples the inputs hold
     skipped: int = 0                 # already in the output (resume)
     scored: int = 0                  # rows written by this run
     failed_now: int = 0
@@ -280,19 +288,24 @@ def make_scorer(opts: ScoreOptions) -> LocalScorer | RemoteScorer:
 
 
 def run_score(opts: ScoreOptions, stop: Stop | None = None, scorer: LocalScorer | RemoteScorer | None = None) -> Summary:
-    """Score every file of opts.inputs not yet in opts.out, appending rows; returns the tally."""
+    """Score every sample of opts.inputs not yet in opts.out, appending rows; returns the tally."""
     from tqdm import tqdm
 
     stop = stop or Stop()
-    jobs = find_jobs(opts.inputs, recursive=opts.recursive, exts=opts.exts)
-    check_target(Path(opts.out), resume=opts.resume, overwrite=opts.overwrite)   # before loading a model
+    for raw in opts.inputs:   # before loading a model
+        if not Path(raw).expanduser().exists():
+            raise InputError(f"{raw}: no such file or folder")
+    check_target(Path(opts.out), resume=opts.resume, overwrite=opts.overwrite)
     own = scorer is None
     scorer = scorer or make_scorer(opts)
-    summary = Summary(found=len(jobs), description=scorer.description, classes=list(scorer.classes))
     t0 = time.monotonic()
     rows: dict[str, tuple[str, str]] = {}   # path -> (label, error) of every row in the output
     try:
-        with ResultWriter(opts.out, scorer.classes, resume=opts.resume, overwrite=opts.overwrite) as writer:
+        # what a sample is follows the model's source fields
+        jobs = find_jobs(opts.inputs, scorer.preprocess, recursive=opts.recursive, exts=opts.exts)
+        summary = Summary(found=len(jobs), description=scorer.description, classes=list(scorer.classes))
+        with ResultWriter(opts.out, scorer.classes, scorer.branches, resume=opts.resume,
+                          overwrite=opts.overwrite) as writer:
             rows.update((r["path"], (r.get("label") or "", r.get("error") or "")) for r in writer.existing)
             todo = [j for j in jobs if j.key not in writer.done]
             summary.skipped = len(jobs) - len(todo)
@@ -300,7 +313,8 @@ def run_score(opts: ScoreOptions, stop: Stop | None = None, scorer: LocalScorer 
                        dynamic_ncols=True)
             try:
                 for job, pred, err in scorer.results(todo, stop):
-                    row = prediction_row(job.key, pred, scorer.classes) if pred else error_row(job.key, err, scorer.classes)
+                    row = (prediction_row(job.key, pred, scorer.classes, scorer.branches) if pred
+                           else error_row(job.key, err, scorer.classes, scorer.branches))
                     writer.write(row)
                     rows[job.key] = (row["label"] or "", row["error"] or "")
                     summary.scored += 1

@@ -4,13 +4,21 @@ Two services, so decoding and inference scale apart:
   DIMML           the HTTP entry: guards and decodes uploads (CPU, a thread pool per worker,
                   DIMML_API_WORKERS processes), then asks the inference service for results.
   DIMMLInference  one process holding the model; its `infer` API is batchable, so BentoML's
-                  adaptive batching merges decoded clips from all concurrent requests.
-Decoding goes through dimml.media.decode_clip only; the response dict comes from
+                  adaptive batching merges decoded samples from all concurrent requests.
+Decoding goes through dimml.media.decode_sample only; the response dict comes from
 dimml.predict.Predictor, the same code offline evaluation uses.
+
+The upload fields of `/predict` are the bundle's: one optional file field per source field
+(`video` for the video-derived modalities, the modality's name for one with a file of its own)
+plus, for each video-derived modality, a field named after it that replaces the video for it.
+They are read from the bundle's manifest (DIMML_BUNDLE) when this module is imported, and the
+API's signature is built from them, so BentoML's schema (/docs.json) lists exactly those fields.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -19,9 +27,10 @@ from typing import Any
 import anyio
 import bentoml
 import numpy as np
+from pydantic import Field
 
-from dimml.config import PreprocessConfig
-from dimml.media import Clip, MediaError, MediaInfo, decode_clip
+from dimml.media import Clip, MediaError, MediaInfo, decode_sample
+from dimml.modalities import VIDEO_FIELD, PreprocessConfig
 from serving.settings import Settings
 from serving.uploads import Rejected, Upload, UploadGuard, collect
 
@@ -29,9 +38,58 @@ logger = logging.getLogger("bentoml.dimml")   # under "bentoml": shown by its lo
 SETTINGS = Settings.from_env()
 
 READY_PROBE_TIMEOUT_S = 3.0
+BATCH_FIELD = "videos"   # /predict_batch's repeated file field (bundles with a video field)
+
+
+def bundle_preprocess(source: str) -> PreprocessConfig | None:
+    """The served bundle's preprocessing, read from its manifest (no checksums: the inference
+    service checks the bundle fully when it loads it); None when it cannot be read here."""
+    if not source:
+        return None
+    try:
+        from dimml.bundle import load_bundle
+        return load_bundle(source, checksums=False).preprocess
+    except Exception as e:   # the inference service reports it (and never becomes ready)
+        logger.warning("cannot read the bundle's fields from %s (%s); serving the default fields", source, e)
+        return None
+
+
+def upload_fields(cfg: PreprocessConfig) -> dict[str, str]:
+    """/predict's file fields -> their description, in order: source fields, then own-file replacements."""
+    out: dict[str, str] = {}
+    for f in cfg.fields:
+        if f == VIDEO_FIELD:
+            used = [s.name for s in cfg.modalities if s.kind_obj.from_video]
+            out[f] = f"a video file (for {', '.join(used)})"
+        else:
+            out[f] = f"the {cfg.spec(f).kind} file of modality {f!r}"
+    for name in cfg.optional_fields:
+        out.setdefault(name, f"a file of its own for modality {name!r} ({cfg.spec(name).kind}); "
+                             "replaces the video for it")
+    return out
+
+
+CFG = bundle_preprocess(SETTINGS.bundle) or PreprocessConfig()
+FIELDS = upload_fields(CFG)
+HAS_VIDEO = VIDEO_FIELD in CFG.fields
 # Upload endpoints, their file fields and how many files each takes: the guard's routing table.
-UPLOAD_ROUTES = {"/predict": {"video": 1}, "/predict_av": {"video": 1, "audio": 1},
-                 "/predict_batch": {"videos": SETTINGS.max_batch_videos}}
+UPLOAD_ROUTES: dict[str, dict[str, int]] = {"/predict": {f: 1 for f in FIELDS}}
+if HAS_VIDEO:
+    UPLOAD_ROUTES["/predict_batch"] = {BATCH_FIELD: SETTINGS.max_batch_videos}
+
+
+def with_upload_fields(func):
+    """Give `func(self, ctx, **uploads)` the signature `(self, *, <field>: Path | None = None, ...,
+    ctx: bentoml.Context)`, so that BentoML's input schema names the bundle's fields."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [inspect.Parameter(f, inspect.Parameter.KEYWORD_ONLY, annotation=Path,
+                                 default=Field(default=None, description=doc)) for f, doc in FIELDS.items()]
+    params.append(inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=bentoml.Context))
+    func.__signature__ = inspect.Signature(params, return_annotation=dict[str, Any])
+    func.__annotations__ = {**{f: Path for f in FIELDS}, "ctx": bentoml.Context,
+                            "return": dict[str, Any]}
+    return func
+
 
 INFER_SECONDS = bentoml.metrics.Histogram(
     name="dimml_inference_seconds", documentation="Model time per inference batch, by backend",
@@ -75,20 +133,19 @@ class DIMMLInference:
 
     def _warm_up(self) -> None:
         """One full-model call at start-up, so a broken engine fails here and not on a request."""
-        cfg = self.bundle.preprocess
-        self.predictor.predict_arrays(np.zeros((1, *cfg.spectrogram_shape), np.float32),
-                                      np.zeros((1, *cfg.frames_shape), np.uint8))
+        self.predictor.predict_arrays({s.name: np.zeros((1, *s.shape), s.dtype)
+                                       for s in self.bundle.preprocess.modalities})
 
     # DIMML_MAX_BATCH_SIZE=1 turns adaptive batching off (BentoML refuses max_batch_size 1)
     @bentoml.api(batchable=SETTINGS.max_batch_size > 1, max_batch_size=max(2, SETTINGS.max_batch_size),
                  max_latency_ms=SETTINGS.max_latency_ms)
     def infer(self, clips: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Decoded clips {"name", "spectrogram": [1,F,T] | None, "frames": [N,H,W,3] | None} -> answers.
+        """Decoded samples {"name", "arrays": {modality: array}} -> answers.
 
         One argument, a list, as BentoML's batching requires: concurrent requests' lists are
-        concatenated into one batch. Clips lacking a modality are answered by the other branch.
+        concatenated into one batch. Samples lacking a modality are answered by the others.
         """
-        batch = [Clip(c["spectrogram"], c["frames"], MediaInfo(c["name"], "", None)) for c in clips]
+        batch = [Clip(dict(c["arrays"]), {"upload": MediaInfo(c["name"], "", None)}) for c in clips]
         t0 = time.perf_counter()
         answers = self.predictor.predict_clips(batch)
         INFER_SECONDS.labels(backend=self.backend).observe(time.perf_counter() - t0)
@@ -98,18 +155,21 @@ class DIMMLInference:
     def metadata(self) -> dict[str, Any]:
         """Model, backend and preprocessing facts (the front service decodes with `preprocess`)."""
         m = self.bundle.manifest
+        cfg = self.bundle.preprocess
         return {"model": self.bundle.model_info(), "tag": self.bundle.tag, "backend": self.backend,
                 "classes": self.bundle.classes, "modalities": list(self.bundle.modalities),
+                "fields": list(cfg.fields), "upload_fields": list(upload_fields(cfg)),
+                "schema_version": self.bundle.schema,
                 "fusion": m.get("fusion"), "lw_temperature": self.bundle.temperature,
-                "output": self.bundle.output,
-                "preprocess": self.bundle.preprocess.to_dict(),
+                "output": self.bundle.output, "output_rule": self.bundle.output_rule.to_dict(),
+                "preprocess": cfg.to_dict(),
                 "batching": {"max_batch_size": SETTINGS.max_batch_size,
                              "max_latency_ms": SETTINGS.max_latency_ms}}
 
 
 @bentoml.service(workers=SETTINGS.api_workers, traffic={"timeout": 300})
 class DIMML:
-    """HTTP entry: multipart uploads in, one prediction per clip out."""
+    """HTTP entry: multipart uploads in, one prediction per sample out."""
 
     inference = bentoml.depends(DIMMLInference)
 
@@ -123,8 +183,12 @@ class DIMML:
         if self._meta is None:
             meta = await self.inference.to_async.metadata()
             cfg = PreprocessConfig.from_dict(meta["preprocess"])
+            if cfg.fields != CFG.fields or cfg.names != CFG.names:
+                # the API's fields were built at import from DIMML_BUNDLE; the model must match them
+                logger.error("the served model reads %s, but this API was built for %s (DIMML_BUNDLE "
+                             "unreadable at import?)", cfg.names, CFG.names)
             if SETTINGS.max_duration_s:
-                cfg = cfg.replace(max_duration_s=SETTINGS.max_duration_s)
+                cfg = dataclasses.replace(cfg, max_duration_s=SETTINGS.max_duration_s)
             self._meta, self._cfg = meta, cfg
         return self._meta
 
@@ -138,17 +202,26 @@ class DIMML:
             return False
         return True
 
-    async def _decode(self, video: Upload, audio: Upload | None = None, *, both: bool = False) -> dict[str, Any]:
-        """Decode in a worker thread (FFmpeg releases the GIL); media errors become 422."""
+    async def _decode(self, ups: dict[str, Upload]) -> dict[str, Any]:
+        """Decode one sample's uploads in a worker thread (FFmpeg releases the GIL); media errors become 422.
+
+        A missing modality is answered by the others, but a file sent in a modality's own field
+        must hold that modality (else 422 with the decoder's reason).
+        """
         await self._metadata()
+        cfg = self._cfg
 
         def work() -> dict[str, Any]:
             t0 = time.perf_counter()
-            clip = decode_clip(video.path, self._cfg, audio=audio.path if audio else None,
-                               modalities=self._meta["modalities"], allow_missing=not both,
-                               name=video.name, audio_name=audio.name if audio else None)
+            files = {f: u.path for f, u in ups.items()}
+            names = {f: u.name for f, u in ups.items()}
+            clip = decode_sample(files, cfg, names=names, allow_missing=True)
+            for f in ups:
+                if f in cfg.names and f not in clip.modalities:   # re-decode it alone for the reason
+                    decode_sample({f: files[f]}, cfg, names=names, only=[f])
             DECODE_SECONDS.observe(time.perf_counter() - t0)
-            return {"name": video.name, "spectrogram": clip.spectrogram, "frames": clip.frames}
+            first = next(iter(ups.values()))
+            return {"name": first.name, "arrays": clip.arrays}
 
         try:
             return await anyio.to_thread.run_sync(work, limiter=self._decode_limiter)
@@ -159,48 +232,49 @@ class DIMML:
         return await self.inference.to_async.infer(clips)
 
     @bentoml.api
-    async def predict(self, video: Path, ctx: bentoml.Context) -> dict[str, Any]:
-        """One video with its audio track (either may be missing: answered from the other)."""
+    @with_upload_fields
+    async def predict(self, ctx: bentoml.Context, **uploads: Path | None) -> dict[str, Any]:
+        """One sample: a file per source field of the model (each optional; at least one).
+
+        A modality whose file is missing (or a video without that track) is answered by the others.
+        """
         try:
-            [up] = collect(ctx.request.scope, "video", [video])
-            return (await self._infer([await self._decode(up)]))[0]
+            given = {f: p for f, p in uploads.items() if p is not None}
+            if not given:
+                raise Rejected(400, f"no file: give at least one of the fields {', '.join(FIELDS)}",
+                               "bad_request")
+            ups = {f: collect(ctx.request.scope, f, [p])[0] for f, p in given.items()}
+            return (await self._infer([await self._decode(ups)]))[0]
         except Rejected as e:
             return _refuse(ctx, e)
 
-    @bentoml.api
-    async def predict_av(self, video: Path, audio: Path, ctx: bentoml.Context) -> dict[str, Any]:
-        """A video and a separate audio file; each must hold its modality."""
-        try:
-            [v] = collect(ctx.request.scope, "video", [video])
-            [a] = collect(ctx.request.scope, "audio", [audio])
-            return (await self._infer([await self._decode(v, a, both=True)]))[0]
-        except Rejected as e:
-            return _refuse(ctx, e)
-
-    @bentoml.api
-    async def predict_batch(self, videos: list[Path], ctx: bentoml.Context) -> list[dict[str, Any]]:
-        """Several videos; one result each, in order. Any bad file fails the request, naming it."""
-        try:
-            if not videos:   # (too many are refused by the guard while uploading)
-                raise Rejected(400, "field 'videos' holds no file", "bad_request")
-            ups = collect(ctx.request.scope, "videos", videos)
-            # decode side by side; wait for all, then report the first bad file in upload order
-            decoded = await asyncio.gather(*(self._decode(u) for u in ups), return_exceptions=True)
-            for d in decoded:
-                if isinstance(d, BaseException):
-                    raise d
-            return await self._infer(list(decoded))
-        except Rejected as e:
-            return _refuse(ctx, e)
+    if HAS_VIDEO:
+        @bentoml.api
+        async def predict_batch(self, videos: list[Path], ctx: bentoml.Context) -> list[dict[str, Any]]:
+            """Several videos; one result each, in order. Any bad file fails the request, naming it."""
+            try:
+                if not videos:   # (too many are refused by the guard while uploading)
+                    raise Rejected(400, f"field {BATCH_FIELD!r} holds no file", "bad_request")
+                ups = collect(ctx.request.scope, BATCH_FIELD, videos)
+                # decode side by side; wait for all, then report the first bad file in upload order
+                decoded = await asyncio.gather(*(self._decode({VIDEO_FIELD: u}) for u in ups),
+                                               return_exceptions=True)
+                for d in decoded:
+                    if isinstance(d, BaseException):
+                        raise d
+                return await self._infer(list(decoded))
+            except Rejected as e:
+                return _refuse(ctx, e)
 
     @bentoml.api
     async def metadata(self) -> dict[str, Any]:
-        """Model, backend, classes, preprocessing and the service's limits."""
+        """Model, backend, classes, modalities, upload fields, preprocessing and the service's limits."""
         meta = dict(await self._metadata())
         meta["limits"] = {"max_upload_bytes": SETTINGS.max_upload_bytes,
-                          "max_batch_videos": SETTINGS.max_batch_videos,
+                          "max_batch_videos": SETTINGS.max_batch_videos if HAS_VIDEO else None,
                           "max_duration_s": self._cfg.max_duration_s if self._cfg else None,
                           "decode_threads": SETTINGS.decode_threads}
+        meta["endpoints"] = sorted(UPLOAD_ROUTES)
         return meta
 
 

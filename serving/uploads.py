@@ -72,29 +72,37 @@ class _PartChecker:
         self._headers[self._field.strip().lower()] = self._value.strip()
         self._field = self._value = b""
 
+    def _fail(self, error: Rejected) -> None:
+        """Keep the first problem in upload order (one chunk may hold several parts)."""
+        if self.error is None:
+            self.error = error
+
     def _headers_finished(self) -> None:
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
         field = options.get(b"name", b"").decode("utf-8", "replace")
         if field not in self.file_fields:
+            if b"filename" in options:   # a file this endpoint has no field for (BentoML would fail on it)
+                self._fail(Rejected(400, f"field {field!r} is not a file field of this endpoint; it takes "
+                                         f"{', '.join(self.file_fields)}", "unknown_field"))
             return
         # Starlette makes a part a file exactly when it has a filename parameter; without one
         # BentoML would treat the text as a URL to download.
         if b"filename" not in options:
-            self.error = Rejected(400, f"field {field!r} must be a file upload (a multipart part with a "
-                                       f"filename); a path or URL given as text is refused", "not_a_file")
+            self._fail(Rejected(400, f"field {field!r} must be a file upload (a multipart part with a "
+                                     f"filename); a path or URL given as text is refused", "not_a_file"))
             return
         names = self.names.setdefault(field, [])
         names.append(options[b"filename"].decode("utf-8", "replace"))
         if len(names) > self.file_fields[field]:
-            self.error = Rejected(413, f"field {field!r} takes at most {self.file_fields[field]} "
-                                       f"file(s)", "too_many_files")
+            self._fail(Rejected(413, f"field {field!r} takes at most {self.file_fields[field]} "
+                                     f"file(s)", "too_many_files"))
 
     def feed(self, chunk: bytes) -> None:
         if self.error is None and chunk:
             try:
                 self._parser.write(chunk)
             except Exception as e:  # python-multipart's parse errors
-                self.error = Rejected(400, f"malformed multipart body ({e})", "bad_request")
+                self._fail(Rejected(400, f"malformed multipart body ({e})", "bad_request"))
 
 
 class UploadGuard:

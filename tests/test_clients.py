@@ -1,10 +1,11 @@
-"""clients/: the typed HTTP client and batch scoring, against a real bundle and a real server.
+"""clients/: the typed HTTP client and batch scoring, against real bundles and real servers.
 
-A synthetic corpus (real mp4 files) with corrupt files mixed in is scored in-process with a
-tiny exported bundle and through `bentoml serve`; the two must agree row by row. Runs are
-interrupted with real signals and resumed; every file must end up exactly once. Client
-retry behaviour (429 / 503 / refused connections / timeouts), which a healthy server never
-shows on demand, is checked against a small scripted HTTP server.
+A corpus of real mp4 files with corrupt files mixed in is scored in-process with a tiny
+exported bundle and through `bentoml serve`; the two must agree row by row. Every setting's
+corpus (manifest.csv with a column per source file) is scored the same way, with a weight
+column per modality. Runs are interrupted with real signals and resumed; every file must end
+up exactly once. Client retry behaviour (429 / 503 / refused connections / timeouts), which a
+healthy server never shows on demand, is checked against a small scripted HTTP server.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,21 +25,23 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import psutil
 import pytest
 
 from clients import AsyncClient, Client, Prediction, RequestTimeout, RetryPolicy, ServerError, ServerUnreachable
 from clients.cli import main
 from clients.inputs import InputError, find_jobs
 from clients.output import OutputError, ResultWriter, error_row, read_results
+from conftest import (REPO, SETTINGS, TINY_CLASSES, free_port, setting_id, start_server, stop_server, wait_ready,
+                      write_corpus)
+from dimml.modalities import preprocess_for
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-CLASSES = ["class0", "class1", "class2"]
+CLASSES = list(TINY_CLASSES)
+AV = ("audio", "visual", "fusion")   # the branches of the audio,visual model
 UPLOAD_LIMIT_MB = 1
 # corrupt files mixed into the class folders -> the cause their row must report
-BROKEN = {"class0/garbage.mp4": "not_media", "class1/empty.mp4": "empty", "class2/truncated.mp4": "not_media"}
-VIDEO_ONLY = "class0/silent.mp4"
+BROKEN = {"cat/garbage.mp4": "not_media", "dog/empty.mp4": "empty", "owl/truncated.mp4": "not_media"}
+VIDEO_ONLY = "cat/silent.mp4"
+_free_port = free_port
 
 
 # ---------------------------------------------------------------------------------------
@@ -47,17 +49,17 @@ VIDEO_ONLY = "class0/silent.mp4"
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """3 classes x 4 synthetic clips (manifest.csv gives labels) + 3 corrupt files + 1 silent video."""
-    from training.synth import SynthConfig, synthesize, write_clip
+    """3 classes x 4 audio-video clips (manifest.csv gives labels) + 3 corrupt files + 1 silent video."""
+    from conftest import moving_texture
+    from training.synth import write_clip
 
-    d = tmp_path_factory.mktemp("corpus")
-    synthesize(d, SynthConfig(classes=3, per_class=4, seed=0, duration_s=1.0), progress=False)
+    d = write_corpus(tmp_path_factory.mktemp("corpus"), "audio,visual", per_class=4)
     rng = np.random.default_rng(0)
-    (d / "class0/garbage.mp4").write_bytes(rng.bytes(4096))
-    (d / "class1/empty.mp4").write_bytes(b"")
-    whole = (d / "class2/0000.mp4").read_bytes()
-    (d / "class2/truncated.mp4").write_bytes(whole[: len(whole) // 2])   # the mp4 index is at the end
-    write_clip(d / VIDEO_ONLY, rng.integers(0, 256, (15, 64, 64, 3), dtype=np.uint8), 15, None)
+    (d / "cat/garbage.mp4").write_bytes(rng.bytes(4096))
+    (d / "dog/empty.mp4").write_bytes(b"")
+    whole = (d / "owl/clip8.mp4").read_bytes()
+    (d / "owl/truncated.mp4").write_bytes(whole[: len(whole) // 2])   # the mp4 index is at the end
+    write_clip(d / VIDEO_ONLY, moving_texture(10, seed=99), 10, None)
     return d
 
 
@@ -66,69 +68,23 @@ def media_keys(root: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    """A tiny run with random weights, exported by the real CLI."""
-    import torch
-
-    from dimml.config import PREPROCESS_PRESETS
-    from training.models import build_av_model, build_model_config
-    from training.run import run_config_fields, save_run_model
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("export")
-    pre = PREPROCESS_PRESETS["tiny"]
-    cfg = build_model_config("tiny", len(CLASSES), pre.num_frames)
-    save_run_model(root / "run", {"method": "dimml", **run_config_fields(pre, cfg, CLASSES)}, build_av_model(cfg))
-    r = subprocess.run([sys.executable, "-m", "export", "bundle", "--run", str(root / "run"),
-                        "--out", str(root / "bundle"), "--quiet"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return root / "bundle"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_tree(proc: subprocess.Popen) -> None:
-    """SIGTERM the server, then SIGKILL whatever of its process tree is left."""
-    try:
-        tree = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
-    except psutil.NoSuchProcess:
-        tree = [proc.pid]
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=20)
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait(timeout=10)
+def bundle(tiny_bundle) -> Path:
+    """The session's tiny audio,visual bundle (random weights, exported once)."""
+    return tiny_bundle("audio,visual")
 
 
 @pytest.fixture(scope="module")
 def server(bundle, tmp_path_factory):
     """`bentoml serve serving.service:DIMML` on a free port, serving the bundle folder."""
-    port = _free_port()
     tmp = tmp_path_factory.mktemp("serve")
     env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "DIMML_BUNDLE": str(bundle),
            "DIMML_MAX_UPLOAD_MB": str(UPLOAD_LIMIT_MB), "DIMML_MAX_LATENCY_MS": "30000"}
-    with open(tmp / "serve.log", "wb") as log:
-        proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "serving.service:DIMML", "--host", "127.0.0.1",
-                                 "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server(env, tmp / "serve.log")
     try:
-        with Client(url) as c:
-            deadline = time.monotonic() + 120
-            while not c.ready():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"server did not start:\n{(tmp / 'serve.log').read_text()[-4000:]}")
-                time.sleep(0.3)
+        wait_ready(proc, url, tmp / "serve.log")
         yield url
     finally:
-        _stop_tree(proc)
+        stop_server(proc)
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
@@ -167,7 +123,7 @@ def test_local_scoring_rows(local_run, corpus):
         probs = {c: row[f"prob_{c}"] for c in CLASSES}
         assert row["label"] == max(probs, key=probs.get) and row["confidence"] == probs[row["label"]]
         assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
-        weights = [row[f"weight_{b}"] for b in ("audio", "visual", "fusion")]
+        weights = [row[f"weight_{b}"] for b in AV]
         if key == VIDEO_ONLY:   # no audio track: answered by the visual branch alone
             assert row["modalities_used"] == ["visual"] and weights == [None, 1.0, None]
         else:
@@ -206,11 +162,11 @@ def test_remote_scoring_matches_local(local_run, corpus, server, tmp_path):
 
 def test_fail_on_error_resume_and_refusals(corpus, bundle, tmp_path):
     out = tmp_path / "r.csv"
-    args = ("score", corpus / "class0/garbage.mp4", corpus / "class1/0001.mp4", "--bundle", bundle,
+    args = ("score", corpus / "cat/garbage.mp4", corpus / "dog/clip5.mp4", "--bundle", bundle,
             "--out", out, "--no-progress")
     rc, stdout, _ = run_cli(*args, "--fail-on-error")
     assert rc == 1 and "2 rows, 1 succeeded, 1 failed (not_media: 1)" in stdout
-    assert {r["path"] for r in read_results(out)} == {"garbage.mp4", "0001.mp4"}   # single files: their names
+    assert {r["path"] for r in read_results(out)} == {"garbage.mp4", "clip5.mp4"}   # single files: their names
     rc, _, stderr = run_cli(*args)                         # never overwrite silently
     assert rc == 2 and "--resume" in stderr
     rc, stdout, _ = run_cli(*args, "--resume")             # nothing left to do; no duplicate row
@@ -223,12 +179,12 @@ def test_fail_on_error_resume_and_refusals(corpus, bundle, tmp_path):
 
 def _copies(corpus: Path, dest: Path, n: int) -> set[str]:
     """n copies of the corpus's good clips plus one corrupt file: enough work to interrupt."""
-    good = sorted(p for p in corpus.rglob("0*.mp4"))
+    good = sorted(p for p in corpus.rglob("clip*.mp4"))
     for i in range(n):
         src = good[i % len(good)]
         (dest / src.parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dest / src.parent.name / f"{i:03d}.mp4")
-    shutil.copyfile(corpus / "class0/garbage.mp4", dest / "class0/garbage.mp4")
+    shutil.copyfile(corpus / "cat/garbage.mp4", dest / "cat/garbage.mp4")
     return media_keys(dest)
 
 
@@ -261,7 +217,7 @@ def test_sigterm_then_resume_local(corpus, bundle, tmp_path):
     assert 2 <= len(first) < len(keys)
     assert out.read_bytes().endswith(b"\n")                # only whole rows
     with open(out, "a") as f:                               # as if a hard kill cut a row in half
-        f.write('class1/017.mp4,class1,0.5')
+        f.write('dog/017.mp4,dog,0.5')
     rc, stdout, _ = run_cli(*cmd[3:], "--resume")
     assert rc == 0 and f"{len(first)} already in" in stdout
     paths = [r["path"] for r in read_results(out)]
@@ -308,63 +264,74 @@ def test_find_jobs_path_rules(tmp_path):
 
 def test_find_jobs_labels_from_layouts(corpus, tmp_path):
     jobs = {j.key: j for j in find_jobs([corpus], recursive=True)}
-    assert jobs["class1/0002.mp4"].truth == "class1"
+    assert jobs["dog/clip6.mp4"].truth == "dog" and jobs["dog/clip6.mp4"].files == {"video": str(corpus / "dog/clip6.mp4")}
     assert jobs[VIDEO_ONLY].truth is None                  # not in the manifest
     # a manifest given as INPUT: its rows, paths relative to its folder, audio_path honoured
-    (tmp_path / "m.csv").write_text(f"path,label,audio_path\n{corpus / 'class2/0001.mp4'},class2,"
-                                    f"{corpus / 'class0/0001.mp4'}\n")
+    (tmp_path / "m.csv").write_text(f"path,label,audio_path\n{corpus / 'owl/clip9.mp4'},owl,"
+                                    f"{corpus / 'cat/clip1.mp4'}\n")
     [job] = find_jobs([tmp_path / "m.csv"])
-    assert job.truth == "class2" and job.audio_path == str(corpus / "class0/0001.mp4")
-    assert job.key == os.path.relpath(corpus / "class2/0001.mp4", tmp_path)
+    assert job.truth == "owl" and job.files == {"video": str(corpus / "owl/clip9.mp4"),
+                                                "audio": str(corpus / "cat/clip1.mp4")}
+    assert job.key == os.path.relpath(corpus / "owl/clip9.mp4", tmp_path)
     # class sub-folders without a manifest
-    shutil.copytree(corpus / "class1", tmp_path / "plain/dog")
+    shutil.copytree(corpus / "dog", tmp_path / "plain/dog")
     assert {j.truth for j in find_jobs([tmp_path / "plain"], recursive=True)} == {"dog"}
+    # a model of two image views: a folder must name them (a manifest), a lone image cannot be a sample
+    views = preprocess_for("tiny", "front:image,rear:image")
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(b"x")
+    with pytest.raises(InputError, match="front_path, rear_path"):
+        find_jobs([tmp_path / "img"], views)
+    with pytest.raises(InputError, match="a single file is one of them"):
+        find_jobs([tmp_path / "img" / "a.png"], views)
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_result_writer_resume_cuts_partial_row(tmp_path, suffix):
     out = tmp_path / f"r{suffix}"
     odd = 'we,ird "name"\nwith newline.mp4'   # quoting and a newline survive, and resume sees one record
-    with ResultWriter(out, CLASSES) as w:
-        w.write(error_row(odd, "not_media: x", CLASSES))
-        w.write(error_row("b.mp4", "empty:\n two lines", CLASSES))
+    with ResultWriter(out, CLASSES, AV) as w:
+        w.write(error_row(odd, "not_media: x", CLASSES, AV))
+        w.write(error_row("b.mp4", "empty:\n two lines", CLASSES, AV))
     with pytest.raises(OutputError, match="--resume"):
-        ResultWriter(out, CLASSES)
+        ResultWriter(out, CLASSES, AV)
     with open(out, "ab") as f:
         f.write(b'"c.mp4,,' if suffix == ".csv" else b'{"path": "c.mp4", "lab')
-    with ResultWriter(out, CLASSES, resume=True) as w:
+    with ResultWriter(out, CLASSES, AV, resume=True) as w:
         assert w.done == {odd, "b.mp4"}
         with pytest.raises(OutputError, match="another scoring run"):
-            ResultWriter(out, CLASSES, resume=True)   # locked while open
+            ResultWriter(out, CLASSES, AV, resume=True)   # locked while open
         with pytest.raises(OutputError, match="already has a row"):
-            w.write(error_row("b.mp4", "x", CLASSES))
-        w.write(error_row("c.mp4", "empty: y", CLASSES))
+            w.write(error_row("b.mp4", "x", CLASSES, AV))
+        w.write(error_row("c.mp4", "empty: y", CLASSES, AV))
     rows = read_results(out)
     assert [r["path"] for r in rows] == [odd, "b.mp4", "c.mp4"]
     assert rows[1]["error"] == "empty: two lines" and rows[0]["confidence"] is None
     with pytest.raises(OutputError, match="another model"):
-        ResultWriter(out, ["cat", "dog"], resume=True)
+        ResultWriter(out, ["cat", "dog"], AV, resume=True)
+    with pytest.raises(OutputError, match="another model"):
+        ResultWriter(out, CLASSES, ("front", "rear", "fusion"), resume=True)   # other modalities: other columns
     # damage before the last row is not a hard kill's doing: refused, nothing cut
     lines = out.read_bytes().split(b"\n")
     lines[-3] = b"damaged"
     out.write_bytes(b"\n".join(lines))
     with pytest.raises(OutputError, match="not a result row"):
-        ResultWriter(out, CLASSES, resume=True)
+        ResultWriter(out, CLASSES, AV, resume=True)
     other = tmp_path / f"notes{suffix}"
     other.write_bytes(b"my own notes")   # no line end: must not be taken for a cut-off row
     with pytest.raises(OutputError):
-        ResultWriter(other, CLASSES, resume=True)
+        ResultWriter(other, CLASSES, AV, resume=True)
     assert other.read_bytes() == b"my own notes"
 
 
 # ---------------------------------------------------------------------------------------
 # the client against the real server
 
-def test_client_typed_results(server, corpus):
-    clip, other = corpus / "class1/0001.mp4", corpus / "class2/0003.mp4"
+def test_client_typed_results(server, corpus, bundle):
+    clip, other = corpus / "dog/clip5.mp4", corpus / "owl/clip11.mp4"
     with Client(server, timeout=60) as c:
         meta = c.metadata()
-        assert meta["classes"] == CLASSES
+        assert meta["classes"] == CLASSES and meta["upload_fields"] == ["video", "audio", "visual"]
         by_path = c.predict(clip)
         assert isinstance(by_path, Prediction) and by_path.label in CLASSES
         assert set(by_path.branches) == {"audio", "visual", "fusion"}
@@ -372,20 +339,26 @@ def test_client_typed_results(server, corpus):
         assert by_path.confidence == max(by_path.probabilities.values())
         assert by_path.model_version == meta["model"]["version"] and by_path.backend == meta["backend"]
         with open(clip, "rb") as f:
-            for same in (c.predict(clip.read_bytes(), filename="x.mp4"), c.predict(f)):
+            for same in (c.predict(clip.read_bytes(), filenames={"video": "x.mp4"}), c.predict(f),
+                         c.predict({"video": clip})):
                 assert same.label == by_path.label
                 assert same.probabilities == pytest.approx(by_path.probabilities, abs=1e-6)
-        av = c.predict(clip, audio=other)                  # this video, another clip's sound
+        av = c.predict({"video": clip, "audio": other})   # this video, another clip's sound
         assert av.modalities_used == ("audio", "visual")
         assert av.branches["visual"].probabilities == pytest.approx(by_path.branches["visual"].probabilities, abs=1e-6)
-        assert av.branches["audio"].probabilities != pytest.approx(by_path.branches["audio"].probabilities, abs=1e-6)
+        assert av.branches["audio"].certainty != by_path.branches["audio"].certainty   # the other clip's sound
+        from dimml.predict import Predictor
+        offline = Predictor(bundle).predict_files({"video": clip, "audio": other})
+        for b, r in av.branches.items():
+            assert r.probabilities == pytest.approx(offline["branches"][b]["probabilities"], rel=1e-5, abs=1e-9)
+            assert r.weight == pytest.approx(offline["branches"][b]["weight"], rel=1e-5)
         batch = c.predict_batch([clip, other])
         assert [p.label for p in batch] == [by_path.label, c.predict(other).label]
         with pytest.raises(ServerError) as e:
-            c.predict(corpus / "class0/garbage.mp4")
+            c.predict(corpus / "cat/garbage.mp4")
         assert e.value.status == 422 and "garbage.mp4" in e.value.message and "not a decodable" in e.value.message
         with pytest.raises(ServerError) as e:
-            c.predict(os.urandom(int(1.5 * UPLOAD_LIMIT_MB * 2**20)), filename="big.mp4")
+            c.predict(os.urandom(int(1.5 * UPLOAD_LIMIT_MB * 2**20)), filenames={"video": "big.mp4"})
         assert e.value.status == 413 and "limit" in e.value.message
 
     async def both():
@@ -456,7 +429,7 @@ FAST = RetryPolicy(retries=2, backoff_s=0.01)
 def test_client_retries_then_succeeds(scripted):
     scripted.run((503, {"error": "warming up"}, {"Retry-After": "0"}), (429, [{"error": "slow down"}]), (200, ANSWER))
     with Client(scripted.url, retry=FAST) as c:
-        p = c.predict(b"VIDEO-BYTES", filename="v.mp4")
+        p = c.predict(b"VIDEO-BYTES", filenames={"video": "v.mp4"})
     assert p.label == "cat" and p.confidence == 0.75 and p.weight("audio") == 1.0 and p.weight("visual") is None
     assert [path for path, _ in scripted.seen] == ["/predict"] * 3
     assert all(b"VIDEO-BYTES" in body and b'name="video"' in body for _, body in scripted.seen)   # resent whole
@@ -474,9 +447,10 @@ def test_client_errors_carry_status_and_message(scripted):
         assert len(scripted.seen) == 1                    # a 4xx other than 429 is not retried
         scripted.run((500, "boom: <traceback>"))
         with pytest.raises(ServerError) as e:
-            c.predict(b"x", audio=b"y")
+            c.predict({"front": b"x", "rear": b"y"}, filenames={"front": "f.png", "rear": "r.png"})
         assert e.value.status == 500 and e.value.message == "boom: <traceback>"
-        assert scripted.seen[0][0] == "/predict_av"
+        path, body = scripted.seen[0]   # one request, one part per field
+        assert path == "/predict" and b'name="front"; filename="f.png"' in body and b'name="rear"; filename="r.png"' in body
         scripted.run((200, {"label": "cat"}))
         with pytest.raises(ServerError, match="malformed prediction"):
             c.predict(b"x")
@@ -516,7 +490,8 @@ def test_server_lost_mid_run_stops_and_resumes(scripted, tmp_path):
     for i in range(4):
         (tmp_path / "in").mkdir(exist_ok=True)
         (tmp_path / "in" / f"{i}.mp4").write_bytes(b"x")   # the scripted server never decodes
-    meta = {"classes": ["cat", "dog"], "model": {"name": "m", "version": "1"}, "backend": "test"}
+    meta = {"classes": ["cat", "dog"], "model": {"name": "m", "version": "1"}, "backend": "test",
+            "modalities": ["audio", "visual"], "preprocess": preprocess_for("tiny", "audio,visual").to_dict()}
     out = tmp_path / "r.csv"
     args = ("score", tmp_path / "in", "--server", scripted.url, "--out", out, "--workers", "1", "--retries", "1",
             "--no-progress")
@@ -531,3 +506,51 @@ def test_server_lost_mid_run_stops_and_resumes(scripted, tmp_path):
     rc, _, stderr = run_cli("score", tmp_path / "in", "--server", dead, "--out", tmp_path / "x.csv", "--retries", "0")
     assert rc == 2 and "unreachable" in stderr             # found out at start: nothing written
     assert not (tmp_path / "x.csv").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# every setting: scoring a corpus with a column per source file, locally and through a server
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=setting_id)
+def test_score_every_setting_local(tiny_bundle, tiny_corpus, setting, tmp_path):
+    names = list(preprocess_for("tiny", setting).names)
+    corpus = tiny_corpus(setting)
+    out = tmp_path / "r.csv"
+    rc, stdout, stderr = run_cli("score", corpus, "-r", "--bundle", tiny_bundle(setting), "--out", out,
+                                 "--workers", "2", "--batch-size", "4", "--no-progress")
+    assert rc == 0, stderr
+    header = out.read_text().splitlines()[0].split(",")
+    assert header[-2 - len(names) - 1:] == [*(f"weight_{n}" for n in names), "weight_fusion",
+                                            "modalities_used", "error"]
+    rows = read_results(out)
+    assert len(rows) == 6 and all(r["error"] == "" and r["modalities_used"] == names for r in rows)
+    for r in rows:
+        assert sum(r[f"weight_{b}"] for b in (*names, "fusion")) == pytest.approx(1.0, abs=1e-5)
+    assert "6 rows, 6 succeeded, 0 failed" in stdout and "accuracy" in stdout   # labels from manifest.csv
+    # the manifest as INPUT: the same rows
+    rc, _, stderr = run_cli("score", corpus / "manifest.csv", "--bundle", tiny_bundle(setting),
+                            "--out", tmp_path / "m.jsonl", "--no-progress")
+    assert rc == 0, stderr
+    by_manifest = {r["path"]: r for r in read_results(tmp_path / "m.jsonl")}
+    assert by_manifest.keys() == {r["path"] for r in rows}
+    for r in rows:
+        assert by_manifest[r["path"]]["label"] == r["label"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", SETTINGS, ids=setting_id)
+def test_score_every_setting_remote_matches_local(tiny_bundle, tiny_server, tiny_corpus, setting, tmp_path):
+    corpus = tiny_corpus(setting)
+    local, remote = tmp_path / "local.csv", tmp_path / "remote.csv"
+    assert run_cli("score", corpus, "-r", "--bundle", tiny_bundle(setting), "--out", local, "--no-progress")[0] == 0
+    rc, stdout, stderr = run_cli("score", corpus, "-r", "--server", tiny_server(setting), "--out", remote,
+                                 "--workers", "3", "--no-progress")
+    assert rc == 0, stderr
+    want = {r["path"]: r for r in read_results(local)}
+    got = {r["path"]: r for r in read_results(remote)}
+    assert got.keys() == want.keys() and len(got) == 6
+    for key, w in want.items():
+        assert got[key]["label"] == w["label"] and got[key]["modalities_used"] == w["modalities_used"]
+        for col, v in w.items():
+            if isinstance(v, float):
+                assert got[key][col] == pytest.approx(v, abs=2e-6), (key, col)

@@ -7,11 +7,10 @@ every answer with offline prediction on the same files.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import math
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,10 +18,11 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import psutil
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import (REPO, SETTINGS, make_tiny_run, setting_id, start_server, stop_server, wait_ready,
+                      write_sample)
+
 BIN = Path(sys.executable).parent
 UPLOAD_LIMIT_MB = 1          # DIMML_MAX_UPLOAD_MB for the server under test
 MAX_DURATION_S = 2.0         # DIMML_MAX_DURATION_S: long.mp4 (3 s) is refused
@@ -79,66 +79,16 @@ def bentoml_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, bentoml_home) -> Path:
-    """A tiny run with random weights, exported by the real CLI and registered in the model store."""
-    from dimml.config import PREPROCESS_PRESETS
-    from training.models import build_av_model, build_model_config
-    from training.run import run_config_fields, save_run_model
-
-    import torch
-
-    torch.manual_seed(0)
+    """A tiny audio,visual run with random weights, exported by the real CLI and registered in the model store."""
     root = tmp_path_factory.mktemp("export")
-    pre, classes = PREPROCESS_PRESETS["tiny"], ["bark", "chime", "drum"]
-    cfg = build_model_config("tiny", len(classes), pre.num_frames)
-    save_run_model(root / "run", {"method": "dimml", **run_config_fields(pre, cfg, classes)},
-                   build_av_model(cfg))
+    make_tiny_run(root / "run", "audio,visual", classes=("bark", "chime", "drum"))
     out = root / "bundle"
     env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
     r = subprocess.run([sys.executable, "-m", "export", "bundle", "--run", str(root / "run"),
-                        "--out", str(out), "--register", MODEL_NAME, "--quiet"],
+                        "--out", str(out), "--register", MODEL_NAME, "--exporter", "torchscript", "--quiet"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tree(pid: int) -> set[int]:
-    try:
-        return {pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))}
-    except psutil.NoSuchProcess:
-        return set()
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server (it stops its workers); SIGKILL whatever of its tree is left after 15 s."""
-    tree = _tree(proc.pid)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
-    for pid in tree | _tree(proc.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=10)
-
-
-def _start(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str]:
-    """`bentoml serve serving.service:DIMML` from the repository root on a free port."""
-    port = _free_port()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "serving.service:DIMML",
-                                 "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -148,38 +98,26 @@ def server(bundle, bentoml_home, tmp_path_factory):
     env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "DIMML_BUNDLE": f"{MODEL_NAME}:latest",
            "DIMML_MAX_UPLOAD_MB": str(UPLOAD_LIMIT_MB), "DIMML_MAX_DURATION_S": str(MAX_DURATION_S),
            "DIMML_MAX_BATCH_SIZE": "8", "DIMML_MAX_LATENCY_MS": "30000", "DIMML_MAX_BATCH_VIDEOS": "6"}
-    proc, url = _start(env, log_path)
+    proc, url = start_server(env, log_path)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready in 120 s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.3)
+        wait_ready(proc, url, log_path)
         yield url
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")
 def offline(bundle):
     """Offline prediction on files: same decoding contract, same bundle, same backend choice."""
     from dimml.bundle import load_bundle
-    from dimml.media import decode_clip
     from dimml.predict import Predictor
 
     predictor = Predictor(load_bundle(bundle))
-    cfg = predictor.preprocess.replace(max_duration_s=MAX_DURATION_S)
+    cfg = dataclasses.replace(predictor.preprocess, max_duration_s=MAX_DURATION_S)
 
-    def run(path: Path, audio: Path | None = None) -> dict:
-        clip = decode_clip(path, cfg, audio=audio, allow_missing=True)
-        return predictor.predict_clips([clip])[0]
+    def run(files: Path | dict) -> dict:
+        files = files if isinstance(files, dict) else {"video": files}
+        return predictor.predict_clips([predictor.decode(files, cfg=cfg)])[0]
 
     return run
 
@@ -239,13 +177,15 @@ def test_predict_with_typed_client_matches_offline(client, media, offline):
     assert_same_answer(got, offline(media["av"]))
 
 
-def test_predict_av_raw_multipart_matches_offline(server, media, offline):
-    r = _post(f"{server}/predict_av", [_file(media["silent"], "video"), _file(media["wav"], "audio")])
+def test_video_plus_own_audio_file_raw_multipart_matches_offline(server, media, offline):
+    """A silent video plus a separate audio file (what /predict_av took before): /predict's `audio` field."""
+    r = _post(f"{server}/predict", [_file(media["silent"], "video"), _file(media["wav"], "audio")])
     assert r.status_code == 200, r.text
     got = r.json()
     assert got["modalities_used"] == ["audio", "visual"]
     assert_well_formed(got)
-    assert_same_answer(got, offline(media["silent"], audio=media["wav"]))
+    assert_same_answer(got, offline({"video": media["silent"], "audio": media["wav"]}))
+    assert _post(f"{server}/predict_av", [_file(media["silent"], "video")]).status_code == 404   # folded into /predict
 
 
 def test_predict_batch_keeps_order_and_mixes_modalities(client, server, media, offline):
@@ -328,10 +268,20 @@ def test_too_many_files_in_a_batch_is_413(server, media):
     assert "at most 6" in r.json()["error"]
 
 
-def test_predict_av_needs_audio_in_the_audio_file(server, media):
-    r = _post(f"{server}/predict_av", [_file(media["av"], "video"), _file(media["silent"], "audio")])
+def test_a_modality_own_file_must_hold_it(server, media):
+    """A file sent in a modality's own field must hold that modality (a missing video track is fine)."""
+    r = _post(f"{server}/predict", [_file(media["av"], "video"), _file(media["silent"], "audio")])
     assert r.status_code == 422
     assert r.json()["cause"] == "no_audio" and "silent.mp4" in r.json()["error"]
+
+
+def test_no_file_or_an_unknown_field_is_a_400(server, media):
+    r = _post(f"{server}/predict", [("note", (None, b"a text part, no file"))])
+    assert r.status_code == 400 and r.json()["cause"] == "bad_request"
+    assert "at least one of the fields video, audio, visual" in r.json()["error"]
+    r = _post(f"{server}/predict", [_file(media["av"]), _file(media["wav"], "sound")])
+    assert r.status_code == 400 and r.json()["cause"] == "unknown_field"
+    assert "'sound'" in r.json()["error"] and "video, audio, visual" in r.json()["error"]
 
 
 def test_oversize_upload_is_413_before_reading(server, media):
@@ -389,15 +339,22 @@ def test_still_serving_after_bad_requests(client, server, media, offline):
 # ---------------------------------------------------------------------------------------
 # metadata, readiness, metrics, build
 
-def test_metadata_reports_model_and_backend(client, bundle):
+def test_metadata_reports_model_backend_and_fields(client, bundle, server):
     from dimml.engines import open_engine
 
     meta = client.metadata()
     assert meta["backend"] == open_engine(str(bundle)).backend
     assert meta["tag"].startswith(f"{MODEL_NAME}:")
     assert meta["classes"] == ["bark", "chime", "drum"]
+    assert meta["modalities"] == ["audio", "visual"] and meta["fields"] == ["video"]
+    assert meta["upload_fields"] == ["video", "audio", "visual"] and meta["schema_version"] == 2
+    assert meta["endpoints"] == ["/predict", "/predict_batch"]
     assert meta["limits"]["max_upload_bytes"] == UPLOAD_LIMIT_MB * 2**20
     assert meta["batching"]["max_batch_size"] == 8
+    # the API schema BentoML publishes names the same fields, all optional
+    schema = httpx.get(f"{server}/docs.json", timeout=10).json()["paths"]["/predict"]["post"]["requestBody"]
+    form = schema["content"]["multipart/form-data"]["schema"]
+    assert list(form["properties"]) == ["video", "audio", "visual"] and not form.get("required")
 
 
 def test_metrics_expose_requests_latency_and_inference_time(server, client, media):
@@ -418,13 +375,14 @@ def test_bentoml_build_from_repo_root(tmp_path):
     src = next((tmp_path / "home" / "bentos" / "dimml").glob("*/src"))
     assert (src / "serving" / "service.py").is_file() and (src / "dimml" / "media.py").is_file()
     assert not (src / ".venv").exists() and not (src / "tests").exists()
+    assert not (src / "training").exists()   # serving needs no training code
 
 
 def test_never_ready_without_a_model(tmp_path, bentoml_home):
     """A bundle that cannot load: the entry service is alive, /readyz stays 503, the log says why."""
     env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "DIMML_BUNDLE": str(tmp_path / "no-bundle")}
     log_path = tmp_path / "serve.log"
-    proc, url = _start(env, log_path)
+    proc, url = start_server(env, log_path)
     try:
         deadline = time.monotonic() + 60
         while "no such bundle folder" not in log_path.read_text(errors="replace"):
@@ -442,4 +400,54 @@ def test_never_ready_without_a_model(tmp_path, bentoml_home):
             assert httpx.get(f"{url}/readyz", timeout=10).status_code == 503
             time.sleep(0.5)
     finally:
-        _stop(proc)
+        stop_server(proc)
+
+
+# ---------------------------------------------------------------------------------------
+# every setting: a served round trip with the bundle's fields, and each modality missing
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=setting_id)
+def test_served_round_trip_per_setting(tiny_server, tiny_bundle, setting, tmp_path):
+    from dimml.predict import Predictor
+
+    url = tiny_server(setting)
+    predictor = Predictor(tiny_bundle(setting))
+    names, fields = list(predictor.names), list(predictor.fields)
+    meta = httpx.post(f"{url}/metadata", json={}, timeout=30).json()
+    assert meta["modalities"] == names and meta["fields"] == fields
+    assert meta["upload_fields"] == list(dict.fromkeys(fields + names))
+
+    files = write_sample(tmp_path, setting, seed=5)
+
+    def post(sample: dict[str, str]) -> dict:
+        r = _post(f"{url}/predict", [_file(Path(p), f) for f, p in sample.items()])
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    got = post(files)
+    assert got["modalities_used"] == names and list(got["branches"]) == [*names, "fusion"]
+    assert_well_formed(got)
+    assert_same_answer(got, predictor.predict_files(files))
+
+    # each modality alone, from the field named after it (its own file, or the video for it)
+    for m in names:
+        alone = {m: files.get(m, files.get("video"))}
+        got = post(alone)
+        assert got["modalities_used"] == [m] and list(got["branches"]) == [m]
+        assert got["branches"][m]["weight"] == 1.0
+        assert_same_answer(got, predictor.predict_files(alone))
+    # one source missing: answered by the rest (no fusion)
+    for f in fields:
+        if f == "video" or len(fields) == 1:
+            continue
+        rest = {k: v for k, v in files.items() if k != f}
+        got = post(rest)
+        assert got["modalities_used"] == [n for n in names if n != f] and "fusion" not in got["branches"]
+        assert_same_answer(got, predictor.predict_files(rest))
+    if "audio" in names:   # a video without its audio track
+        silent = write_sample(tmp_path / "silent", "visual", seed=6)
+        got = post(silent)
+        assert got["modalities_used"] == [n for n in names if n != "audio"]
+        assert_same_answer(got, predictor.predict_files(silent))
+    r = _post(f"{url}/predict", [("note", (None, b"no file"))])
+    assert r.status_code == 400 and r.json()["cause"] == "bad_request"
