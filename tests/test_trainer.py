@@ -1,6 +1,7 @@
 """The trainer end to end on a synthetic corpus (tiny preset, CPU): every method learns, the run
 folder and report, the certainty weighting by hand, reproducibility, SIGKILL + resume, DDP with
-gloo, re-evaluation, and DI-MML against joint training on an imbalanced corpus."""
+gloo, re-evaluation, and DI-MML against joint training on an imbalanced corpus (audio,visual);
+the paper's methods on each of the four settings, and old runs loading as audio,visual."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SETTINGS
 
 from training.cli import main as cli_main
 from training.evaluate import collect, macro_f1
@@ -55,6 +57,23 @@ def runs(corpus, tmp_path_factory):
         return done[key]
 
     return train
+
+
+@pytest.fixture(scope="module")
+def setting_corpora(tmp_path_factory):
+    """A synthetic corpus per setting, written on first use: setting, classes, per_class -> root."""
+    made: dict = {}
+
+    def corpus_of(setting: str, classes: int = 3, per_class: int = 6) -> Path:
+        key = (setting, classes, per_class)
+        if key not in made:
+            root = tmp_path_factory.mktemp("setting")
+            synthesize(root, SynthConfig(classes=classes, per_class=per_class, modalities=setting, duration_s=1.0,
+                                         val_frac=0.15, test_frac=0.3), workers=2, progress=False)
+            made[key] = root
+        return made[key]
+
+    return corpus_of
 
 
 def primary(report: dict) -> dict:
@@ -145,6 +164,55 @@ def test_every_method_beats_chance(runs, method):
     assert primary(report)["accuracy"] >= 2 / K, report["metrics"]   # chance is 1/K
     assert report["metrics"]["probe"]["audio"] >= 2 / K
     assert (out / "model.pt").is_file() and not (out / "checkpoint.pt").exists()
+
+
+PAPER_METHODS = ("dimml", "joint", "mlb", "dgl")
+
+
+# the image setting decodes fastest: it stays in the fast lane, the video settings are slow
+@pytest.mark.parametrize("setting", [s if s == "front:image,rear:image" else pytest.param(s, marks=pytest.mark.slow)
+                                     for s in SETTINGS])
+def test_each_setting_trains_the_papers_methods(setting, setting_corpora, tmp_path):
+    """Every setting: runs of each method keyed by its modalities, from config.json to model.pt and report."""
+    names = tuple(n.split(":")[0] for n in setting.split(","))
+    corpus = setting_corpora(setting)
+    for method in PAPER_METHODS:
+        out = tmp_path / method
+        report = fit(TrainConfig(data=str(corpus), out=str(out), method=method, preset="tiny", modalities=setting,
+                                 epochs=2, stage2_epochs=1, batch_size=8,
+                                 hparams={"warmup": 1} if method == "dimml" else {}), progress=False)
+        m = report["metrics"]
+        assert set(m) == {"fused", *names, "probe"} | ({"weighted"} if method == "dimml" else set()), method
+        assert tuple(m["probe"]) == names
+        config = json.loads((out / "config.json").read_text())
+        assert config["train"]["modalities"] == setting
+        assert [d["name"] for d in config["preprocess"]["modalities"]] == list(names)
+        assert [d["name"] for d in config["model"]["modalities"]] == list(names)
+        assert list(torch.load(out / "model.pt", weights_only=True)) == [*names, "fusion"]
+        run = load_run(out)
+        assert run.model.names == names and run.preprocess.names == names
+        header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+        losses = {"dimml": names, "joint": ("fused",), "mlb": ("fused", *names), "dgl": ("fused", *names)}[method]
+        assert {f"loss_{n}" for n in losses} <= set(header), (method, header)
+        if method == "dimml":
+            assert {f"duc_{n}" for n in names} | {f"sclf_{n}" for n in names} <= set(header)
+            log = (out / "train.log").read_text()
+            assert "dimension separation at epoch 1" in log
+            assert all(f"{i}<-{j}" in log for i in names for j in names if i != j)
+        if method == "mlb":
+            assert {f"k_{n}" for n in names} <= set(header)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", SETTINGS[1:])   # audio,visual: test_every_method_beats_chance
+def test_dimml_learns_each_setting(setting, setting_corpora, tmp_path):
+    corpus = setting_corpora(setting, classes=K, per_class=20)
+    report = fit(TrainConfig(data=str(corpus), out=str(tmp_path / "run"), method="dimml", modalities=setting,
+                             **BASE), progress=False)
+    assert report["sizes"]["test"] == 6 * K
+    assert primary(report)["accuracy"] >= 2 / K, report["metrics"]   # chance is 1/K
+    for name, acc in report["metrics"]["probe"].items():
+        assert acc >= 2 / K, (name, report["metrics"])
 
 
 def test_run_folder_report_and_log(runs):
