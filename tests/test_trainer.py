@@ -343,6 +343,13 @@ def test_cli_rejects_bad_input_clearly(corpus, tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
     assert cli_main(["fit", "--data", str(corpus), "--out", out, "--method", "preds-avg", "--fusion", "film"]) == 2
     assert "fusion" in capsys.readouterr().err
+    assert cli_main(["fit", "--data", str(corpus), "--out", out, "--modalities", "front,rear"]) == 2
+    assert "modality 'front' needs a kind, e.g. front:image" in capsys.readouterr().err
+    assert cli_main(["fit", "--data", str(corpus), "--out", out, "--modalities", "audio,visual,flow",
+                     "--fusion", "gated"]) == 2
+    assert "gated fusion takes 2 modalities, not 3" in capsys.readouterr().err
+    assert cli_main(["fit", "--data", str(corpus), "--out", out, "--set", "preprocess.visual.fps=3"]) == 2
+    assert "fps" in capsys.readouterr().err
 
 
 @pytest.mark.cuda
@@ -355,4 +362,15 @@ def test_cuda_bf16_compile_run(corpus, tmp_path):
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-2, rtol=0)   # same crops on either device
     report = fit(TrainConfig(data=str(corpus), out=str(tmp_path / "gpu"), method="dimml", device="cuda",
                              **{**SHORT, "amp": "bf16", "compile": "on"}), progress=False)
+    assert primary(report)["accuracy"] >= 2 / K
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_compile_run_three_modalities(setting_corpora, tmp_path):
+    setting = "audio,visual,flow"
+    report = fit(TrainConfig(data=str(setting_corpora(setting, classes=K, per_class=20)), out=str(tmp_path / "gpu"),
+                             method="dimml", modalities=setting, device="cuda",
+                             **{**SHORT, "amp": "bf16", "compile": "on"}), progress=False)
+    assert set(report["metrics"]["probe"]) == {"audio", "visual", "flow"}
     assert primary(report)["accuracy"] >= 2 / K
