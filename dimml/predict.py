@@ -54,6 +54,21 @@ class Outputs:
         return softmax(self.combined)
 
 
+def decode_files(files: Mapping[str, Source], cfg: PreprocessConfig, *,
+                 names: Mapping[str, str] | None = None) -> Clip:
+    """One sample's files by field -> Clip, as serving and scoring decode them.
+
+    A modality without a source, or a video without that track, is absent (at least one must be
+    present); but a file given in a modality's own field must hold that modality: else the
+    decoder's MediaError for it is raised (e.g. a broken image view, a silent file sent as audio).
+    """
+    clip = decode_sample(files, cfg, names=names, allow_missing=True)
+    for field in files:
+        if field in cfg.names and field not in clip.modalities:
+            decode_sample({field: files[field]}, cfg, names=names, only=[field])   # raises the reason
+    return clip
+
+
 def _concat(parts: list[Outputs]) -> Outputs:
     first = parts[0]
     cat = lambda key: {k: np.concatenate([getattr(p, key)[k] for p in parts]) for k in getattr(first, key)}
@@ -97,14 +112,15 @@ class Predictor:
 
     def decode(self, files: Source | Mapping[str, Source], *, names: Mapping[str, str] | None = None,
                cfg: PreprocessConfig | None = None) -> Clip:
-        """decode_sample with this bundle's preprocessing; missing modalities are allowed
-        (at least one must be present). `files`: field -> file ("video", own-file modality names)."""
+        """decode_files with this bundle's preprocessing: missing modalities are allowed (at least
+        one must be present), a modality's own file must hold it. `files`: field -> file ("video",
+        own-file modality names)."""
         files = self.files_of(files)
         unknown = sorted(set(files) - {*self.fields, *self.names})
         if unknown:
             raise ValueError(f"unknown field(s) {unknown}; this model reads {', '.join(self.fields)}"
                              + (f" (a modality's own file: {', '.join(self.names)})" if VIDEO_FIELD in self.fields else ""))
-        return decode_sample(files, cfg or self.preprocess, names=names, allow_missing=True)
+        return decode_files(files, cfg or self.preprocess, names=names)
 
     def predict_files(self, files: Source | Mapping[str, Source], *,
                       names: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -220,4 +236,4 @@ class Predictor:
         return answers  # type: ignore[return-value]
 
 
-__all__ = ["Predictor", "Outputs"]
+__all__ = ["Predictor", "Outputs", "decode_files"]

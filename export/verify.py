@@ -1,7 +1,8 @@
 """`python -m export verify`: PyTorch vs the bundle's engines on real decoded clips.
 
-fp32 ONNX Runtime: max |logits difference| <= 1e-4 for every branch and the fusion, the same
-top-1 on every sample, and the same final answer (combined logits, label). TensorRT
+fp32 ONNX Runtime: max |logits difference| <= 1e-4 x max(1, max |logits|) for every branch and
+the fusion (float32 rounding grows with the logits' magnitude, which trained heads push past
+100), the same top-1 on every sample, and the same final answer (combined logits, label). TensorRT
 engines (fp32 with other kernels, or fp16): top-1 agreement >= 99% and feature cosine
 >= 0.999. Each at batch sizes 1 and several. The PyTorch reference is the bundle's
 `torch.export` programs (torch/<module>.pt2), run on the CPU.
@@ -20,9 +21,10 @@ from tqdm import tqdm
 
 from dimml.bundle import Bundle, load_bundle
 from dimml.engines import Engine, TorchEngine, open_engine, usable_engines
-from dimml.media import Clip, MediaError, decode_sample
+from dimml.media import Clip, MediaError
 from dimml.modalities import PreprocessConfig
-from dimml.predict import Outputs, Predictor
+from dimml.predict import Outputs, Predictor, decode_files
+from export.onnx_export import scaled_diff
 
 ATOL = 1e-4
 MIN_TOP1 = 0.99
@@ -41,7 +43,7 @@ class Check:
     batch_size: int
     strict: bool
     passed: bool
-    max_abs_diff: float
+    max_scaled_diff: float
     top1_agreement: float
     min_cosine: float
     combined_max_diff: float
@@ -51,7 +53,7 @@ class Check:
     def line(self) -> str:
         mode = "fp32 strict" if self.strict else "loose"
         return (f"{'PASS' if self.passed else 'FAIL'}  {self.backend:<17} batch {self.batch_size:<3} "
-                f"({mode}): max|dlogits| {self.max_abs_diff:.2e}  top-1 {self.top1_agreement:.2%}  "
+                f"({mode}): max|dlogits|/scale {self.max_scaled_diff:.2e}  top-1 {self.top1_agreement:.2%}  "
                 f"cos {self.min_cosine:.6f}  max|dZ| {self.combined_max_diff:.2e}"
                 + ("".join(f"\n      - {p}" for p in self.problems)))
 
@@ -111,7 +113,7 @@ def decode_all(sources: list[dict[str, str]], bundle: Bundle, progress: bool = T
     cfg = bundle.preprocess
     for files in tqdm(sources, desc="decode", unit="sample", file=sys.stderr, disable=not progress):
         try:
-            clips.append(decode_sample(files, cfg, allow_missing=True))
+            clips.append(decode_files(files, cfg))
         except MediaError as e:
             skipped.append(str(e))
     return clips, skipped
@@ -130,7 +132,7 @@ def compare(ref: list[Outputs], got: list[Outputs], backend: str, batch_size: in
     diffs, combined, cos, agree, total, problems = [0.0], [0.0], [1.0], 0, 0, []
     for r, g in zip(ref, got):
         for b in r.logits:
-            d = float(np.abs(r.logits[b] - g.logits[b]).max())
+            d = scaled_diff(r.logits[b], g.logits[b])
             diffs.append(d)
             same = r.logits[b].argmax(1) == g.logits[b].argmax(1)
             agree, total = agree + int(same.sum()), total + len(same)
@@ -138,7 +140,7 @@ def compare(ref: list[Outputs], got: list[Outputs], backend: str, batch_size: in
                 problems.append(f"{b}: top-1 differs on {int((~same).sum())} clip(s)")
         for b in r.features:
             cos.append(float(_cosine(r.features[b], g.features[b]).min()))
-        combined.append(float(np.abs(r.combined - g.combined).max()))
+        combined.append(scaled_diff(r.combined, g.combined))
         same = r.combined.argmax(1) == g.combined.argmax(1)
         agree, total = agree + int(same.sum()), total + len(same)
         if strict and not same.all():
@@ -146,9 +148,9 @@ def compare(ref: list[Outputs], got: list[Outputs], backend: str, batch_size: in
     top1 = agree / max(total, 1)
     if strict:
         if max(diffs) > ATOL:
-            problems.append(f"logits differ by {max(diffs):.3g} > {ATOL}")
+            problems.append(f"logits differ by {max(diffs):.3g} > {ATOL} (relative to their scale)")
         if max(combined) > ATOL:
-            problems.append(f"weighted logits differ by {max(combined):.3g} > {ATOL}")
+            problems.append(f"weighted logits differ by {max(combined):.3g} > {ATOL} (relative to their scale)")
     else:
         if top1 < MIN_TOP1:
             problems.append(f"top-1 agreement {top1:.2%} < {MIN_TOP1:.0%}")

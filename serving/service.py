@@ -5,7 +5,7 @@ Two services, so decoding and inference scale apart:
                   DIMML_API_WORKERS processes), then asks the inference service for results.
   DIMMLInference  one process holding the model; its `infer` API is batchable, so BentoML's
                   adaptive batching merges decoded samples from all concurrent requests.
-Decoding goes through dimml.media.decode_sample only; the response dict comes from
+Decoding goes through dimml.predict.decode_files (dimml.media.decode_sample) only; the response dict comes from
 dimml.predict.Predictor, the same code offline evaluation uses.
 
 The upload fields of `/predict` are the bundle's: one optional file field per source field
@@ -29,8 +29,9 @@ import bentoml
 import numpy as np
 from pydantic import Field
 
-from dimml.media import Clip, MediaError, MediaInfo, decode_sample
+from dimml.media import Clip, MediaError, MediaInfo
 from dimml.modalities import VIDEO_FIELD, PreprocessConfig
+from dimml.predict import decode_files
 from serving.settings import Settings
 from serving.uploads import Rejected, Upload, UploadGuard, collect
 
@@ -213,12 +214,7 @@ class DIMML:
 
         def work() -> dict[str, Any]:
             t0 = time.perf_counter()
-            files = {f: u.path for f, u in ups.items()}
-            names = {f: u.name for f, u in ups.items()}
-            clip = decode_sample(files, cfg, names=names, allow_missing=True)
-            for f in ups:
-                if f in cfg.names and f not in clip.modalities:   # re-decode it alone for the reason
-                    decode_sample({f: files[f]}, cfg, names=names, only=[f])
+            clip = decode_files({f: u.path for f, u in ups.items()}, cfg, names={f: u.name for f, u in ups.items()})
             DECODE_SECONDS.observe(time.perf_counter() - t0)
             first = next(iter(ups.values()))
             return {"name": first.name, "arrays": clip.arrays}

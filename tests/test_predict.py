@@ -12,6 +12,7 @@ import torch
 
 from conftest import SETTINGS, TINY_CLASSES, make_tiny_run, setting_id, write_sample
 from dimml.engines import EngineError, open_engine
+from dimml.media import MediaError
 from dimml.modalities import preprocess_for
 from dimml.predict import Predictor
 from dimml.weighting import OutputRule, softmax, weigh_named
@@ -142,6 +143,13 @@ def test_predict_files_decodes_with_the_bundle(predictors, setting, tmp_path):
             p.decode(files[own[0]])
     with pytest.raises(ValueError, match="unknown field"):
         p.decode({**files, "sonar": files[p.fields[0]]})
+    # a file given in a modality's own field must hold it: a broken one is an error, not a missing modality
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    for m in p.names:
+        with pytest.raises(MediaError, match="broken.png") as e:
+            p.decode({**files, m: broken})
+        assert e.value.cause in ("not_media", "undecodable", "no_audio", "no_video")   # never "absent"
 
 
 def test_predict_clips_groups_by_modalities(predictors, tmp_path):
