@@ -3,7 +3,11 @@ DI-MML's separation and DUC per ordered pair, MLB's k_i, DGL's zeroed-modality h
 fusion, fusion heads for M modalities, linear probes, metrics, augmentation."""
 from __future__ import annotations
 
+import atexit
 import math
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,8 +58,28 @@ def make_batch(setting: str = AV, b: int = 8, seed: int = 0) -> Batch:
     return Batch(make_inputs(setting, b, seed), torch.arange(b) % K)
 
 
+_TEACHERS: dict = {}
+
+
+def teacher_run(setting: str = AV, fusion: str = "concat") -> Path:
+    """A finished `unimodal` run holding tiny_model's weights: UMT's teachers (equal to its student)."""
+    key = (setting, fusion)
+    if key not in _TEACHERS:
+        from training.run import run_config_fields, save_run_model
+        out = Path(tempfile.mkdtemp(prefix="umt-teachers-"))
+        atexit.register(shutil.rmtree, out, True)
+        pp = small_preprocess(setting)
+        fields = run_config_fields(pp, build_model_config("tiny", K, pp, fusion), [f"c{k}" for k in range(K)])
+        save_run_model(out, {"method": "unimodal", **fields}, tiny_model(setting, fusion))
+        (out / "report.json").write_text("{}")
+        _TEACHERS[key] = out
+    return _TEACHERS[key]
+
+
 def make_method(name: str, setting: str = AV, fusion: str = "concat", **hp):
     cls = get_method(name)
+    if name == "umt":   # the only method that needs a finished run: its teachers
+        hp.setdefault("teachers", str(teacher_run(setting, fusion)))
     return cls(tiny_model(setting, fusion), cls.make_hparams(hp, epochs=12), K)
 
 

@@ -315,10 +315,13 @@ class Trainer:
                                if cfg.augment and s.kind_obj.augment and s.kind_obj.encoder == "stack")
         hp = method_cls.make_hparams(cfg.hparams, cfg.epochs)
         self.method: Method = method_cls(self.model, hp, len(classes))
-        for m in self.method.modules().values():
+        for m in (*self.method.modules().values(), *self.method.frozen.values()):
             m.to(self.device)
             if self.device.type == "cuda" and cfg.channels_last:
                 m.to(memory_format=torch.channels_last)
+        for m in self.method.frozen.values():   # method-owned, never trained (e.g. UMT's teachers)
+            m.requires_grad_(False)
+            m.eval()
 
         self.config = {
             "method": cfg.method, "description": method_cls.description,
@@ -404,7 +407,10 @@ class Trainer:
         for m in trainable.values():
             m.requires_grad_(True)
         nets = self.method.nets(stage, self._wrap)
-        optimizer = torch.optim.SGD(self.method.param_groups(stage), lr=base_lr, momentum=self.cfg.momentum,
+        groups = self.method.param_groups(stage)
+        for g in groups:   # a group's own initial rate (MSLR), else the stage's; both follow the schedule
+            g["base_lr"] = g.get("lr", base_lr)
+        optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=self.cfg.momentum,
                                     weight_decay=self.cfg.weight_decay)
         if opt_state is not None:
             optimizer.load_state_dict(opt_state)
@@ -439,6 +445,10 @@ class Trainer:
             m.eval()
         for m in self.method.trainable(stage).values():
             m.train()
+        for m in self.method.frozen.values():
+            m.eval()
+        stage_lr = self._schedule(stage)[1]
+        decay = lr / stage_lr if stage_lr else 0.0
 
         sums: dict[str, torch.Tensor] = {}
         def add(key: str, v) -> None:
@@ -457,9 +467,10 @@ class Trainer:
             with autocast(self.device, self.amp_dtype):
                 res = self.method.step(stage, Batch(inputs, label), nets)
             sum(res.losses.values()).backward()
+            self.method.after_backward(stage, nets)
             scales = self.method.lr_scales()
             for g in optimizer.param_groups:
-                g["lr"] = lr * scales.get(g["name"], 1.0)
+                g["lr"] = g.get("base_lr", stage_lr) * decay * scales.get(g["name"], 1.0)
             optimizer.step()
             b = label.shape[0]
             seen += b
@@ -477,10 +488,14 @@ class Trainer:
         n = totals.pop("n", 0) or 1
         row: dict[str, Any] = {"stage": stage, "epoch": epoch + 1, "lr": lr}
         row.update({k: v / n for k, v in totals.items()})
+        self.method.on_epoch_end(stage, epoch, self)
+        acc: dict[str, float] = {}
         if self.main and len(self.data.rows["val"]):
             o = collect(self.model, self.eval_loader("val"), self.device, self.amp_dtype)
             for k in self.method.outputs(stage):
-                row[f"val_acc_{k}"] = float((o.logits[k].argmax(1) == o.labels).double().mean())
+                acc[k] = row[f"val_acc_{k}"] = float((o.logits[k].argmax(1) == o.labels).double().mean())
+        # every rank gets rank 0's accuracies: methods that act on them (MSLR, MSES) stay in step
+        self.method.on_validation_end(stage, epoch, self.broadcast(acc), self)
         row["time_s"] = round(time.time() - t0, 3)
         if self.main:
             shown = {k: v for k, v in row.items() if k.startswith(("loss_", "train_acc_", "val_acc_"))}

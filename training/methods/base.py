@@ -5,13 +5,25 @@ augmentation, optimiser, schedule, AMP, DDP, checkpoints, logging, evaluation). 
 
     trainable(stage)   {name: module} trained in this stage (the trainer wraps each in DDP,
                        puts it in train mode and gives it requires_grad; all else is eval/frozen)
-    param_groups(stage) named SGD parameter groups (default: one per trainable module)
-    on_epoch_start(stage, epoch, ctx)   e.g. DI-MML's dimension separation
+    param_groups(stage) named SGD parameter groups (default: one per trainable module); a group
+                       may carry "lr", its own initial rate (MSLR), decayed by the stage's schedule
+    on_epoch_start(stage, epoch, ctx)   e.g. DI-MML's dimension separation, PMR's first prototypes
     step(stage, batch, nets) -> StepResult   the loss terms; the trainer back-propagates their
                        sum once and takes one optimiser step. `nets` = self.nets(stage, wrap):
-                       every module by name, the trainable ones DDP-wrapped / compiled.
-    lr_scales()        per-step learning-rate multipliers by group name (MLB), read after backward
+                       every module by name, the trainable ones DDP-wrapped / compiled, the
+                       frozen ones as they are.
+    after_backward(stage, nets)   between backward and the optimiser step: edit .grad (OGM-GE)
+    lr_scales()        per-step learning-rate multipliers by group name (MLB, MSLR), read after backward
+    on_epoch_end(stage, epoch, ctx)     after the epoch's steps, before validation (PMR's prototypes)
+    on_validation_end(stage, epoch, acc, ctx)   validation accuracy per output {name: float}
+                       ({} without a validation split), on every rank (MSLR, MSES)
     finalize(ctx) -> MultiModel   the exported branches (one per modality) and fusion head
+
+`self.frozen` holds method-owned modules that are never trained (UMT's teachers): the trainer
+moves them to the device and keeps them in eval mode without gradients; they are neither
+checkpointed nor exported (the method rebuilds them on construction). `trainable(stage)` may
+shrink during a stage (MSES stops modalities): the trainer re-reads it every epoch for the
+train/eval modes; gradients and DDP are set up once per stage.
 
 Gradient isolation is expressed with `.detach()` and `torch.no_grad()` inside `step`, so the
 single backward of the summed terms gives every parameter exactly its intended gradient.
@@ -96,6 +108,7 @@ class Method:
         self.model, self.hp, self.num_classes = model, hp, num_classes
         self.names: tuple[str, ...] = model.names
         self.extras: dict[str, nn.Module] = {}    # trained but not exported (e.g. DI-MML's S-Clf)
+        self.frozen: dict[str, nn.Module] = {}    # never trained, not checkpointed (e.g. UMT's teachers)
         self.unimodal_heads = "trained"           # how finalize obtains the exported unimodal heads
 
     @classmethod
@@ -129,7 +142,8 @@ class Method:
 
     def modules(self) -> dict[str, nn.Module]:
         """Every module with state (checkpointed, moved to the device)."""
-        clash = set(self.model.modules()) & set(self.extras)
+        model, extras, frozen = set(self.model.modules()), set(self.extras), set(self.frozen)
+        clash = (model & extras) | (model & frozen) | (extras & frozen)
         if clash:
             raise ValueError(f"method {self.name!r} keeps module(s) {sorted(clash)}: rename the modality")
         return {**self.model.modules(), **self.extras}
@@ -139,7 +153,7 @@ class Method:
 
     def nets(self, stage: str, wrap: Callable[[nn.Module], Callable] | None = None) -> dict[str, Callable]:
         """What `step` calls: every module by name, the stage's trainable ones through `wrap` (DDP, compile)."""
-        out: dict[str, Callable] = dict(self.modules())
+        out: dict[str, Callable] = {**self.frozen, **self.modules()}
         for name, m in self.trainable(stage).items():
             out[name] = wrap(m) if wrap else m
         return out
@@ -159,8 +173,17 @@ class Method:
     def step(self, stage: str, batch: Batch, nets: dict[str, Callable]) -> StepResult:
         raise NotImplementedError
 
+    def after_backward(self, stage: str, nets: dict[str, Callable]) -> None:
+        """Gradient editing after backward, before the optimiser step (default: none)."""
+
     def lr_scales(self) -> dict[str, float]:
         return {}
+
+    def on_epoch_end(self, stage: str, epoch: int, ctx: Context) -> None:
+        pass
+
+    def on_validation_end(self, stage: str, epoch: int, acc: dict[str, float], ctx: Context) -> None:
+        """Validation accuracy of this epoch per output name (modalities, "fusion"); {} without val."""
 
     def state_dict(self) -> dict[str, Any]:
         """Method state beyond module weights (checkpointed)."""
@@ -253,3 +276,80 @@ def fit_probe_heads(model: MultiModel, ctx: Context, names: tuple[str, ...] | No
     for name in names or model.names:
         probe = fit_probe(feats[name], labels, ctx.num_classes)
         set_linear(model.branches[name].head, probe.weight, probe.bias)
+
+
+@torch.no_grad()
+def fusion_slices(fusion: FusionHead) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Each modality's (weight [K, D], bias [K]) inside a concat or sum head; None for other fusions.
+
+    Concat: the head's column slice, the bias split evenly over the M modalities (OGM-GE's
+    reference and BalanceBenchmark); sum: each modality's own linear layer.
+    """
+    if isinstance(fusion, ConcatFusion):
+        m = fusion.num_inputs
+        return [(w, fusion.fc.bias / m) for w in fusion.fc.weight.chunk(m, dim=1)]
+    if isinstance(fusion, SumFusion):
+        return [(fc.weight, fc.bias) for fc in fusion.fcs]
+    return None
+
+
+def slice_logits(fusion: FusionHead, features: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Per-modality logits from the fusion head's slices (detached); None where the fusion has none."""
+    slices = fusion_slices(fusion)
+    if slices is None:
+        return None
+    return [h.detach().float() @ w.float().T + b.float() for h, (w, b) in zip(features, slices)]
+
+
+@torch.no_grad()
+def heads_from_fusion(model: MultiModel) -> bool:
+    """Write each modality's fusion slice into its unimodal head; False (nothing written) for other fusions.
+
+    Methods without unimodal heads of their own (OGM-GE, PMR, UMT, MSLR) do this before every
+    validation and at the end, so the per-modality validation accuracy and the exported heads
+    are the slice predictions the reference code reports.
+    """
+    slices = fusion_slices(model.fusion)
+    if slices is None:
+        return False
+    for n, (w, b) in zip(model.names, slices):
+        set_linear(model.branches[n].head, w, b)
+    return True
+
+
+class SliceHeads(Method):
+    """Base of the methods that train the encoders and the fusion head under the fused CE and have no
+    unimodal heads of their own (OGM-GE, PMR, UMT, MSLR): the heads are the fusion head's slices
+    (`heads_from_fusion`), refreshed before every validation and at the end; for fusions without
+    slices (FiLM, gated) the exported heads are linear probes and only the fused output is tracked.
+    """
+
+    stages = ("joint",)
+
+    def __init__(self, model: MultiModel, hp: HParams, num_classes: int):
+        super().__init__(model, hp, num_classes)
+        self.unimodal_heads = "fusion" if fusion_slices(model.fusion) is not None else "probe"
+
+    def trainable(self, stage: str) -> dict[str, nn.Module]:
+        return {**self.encoders(), FUSION_KEY: self.model.fusion}
+
+    def outputs(self, stage: str) -> tuple[str, ...]:
+        return (*self.names, FUSION_KEY) if self.unimodal_heads == "fusion" else (FUSION_KEY,)
+
+    def forward(self, batch: Batch, nets: dict[str, Callable]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every encoder's features (model order) and the fused logits."""
+        h = [nets[f"{n}_encoder"](batch.inputs[n]) for n in self.names]
+        return h, nets[FUSION_KEY](*h)
+
+    def slice_outputs(self, h: list[torch.Tensor], z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The step's logits for train accuracy: the fused output, plus the slices where there are some."""
+        sl = slice_logits(self.model.fusion, h)
+        return {**(dict(zip(self.names, sl)) if sl is not None else {}), FUSION_KEY: z}
+
+    def on_epoch_end(self, stage: str, epoch: int, ctx: Context) -> None:
+        heads_from_fusion(self.model)
+
+    def finalize(self, ctx: Context) -> MultiModel:
+        if not heads_from_fusion(self.model):
+            fit_probe_heads(self.model, ctx)
+        return self.model
