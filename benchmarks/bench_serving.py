@@ -87,16 +87,16 @@ def make_bundle(preset: str, work: Path) -> Path:
     if (out / "manifest.json").is_file():
         return out
     import torch
-    from dimml.config import PREPROCESS_PRESETS
-    from training.models import build_av_model, build_model_config
+    from dimml.modalities import preprocess_for
+    from training.models import build_model, build_model_config
     from training.run import run_config_fields, save_run_model
 
     log(f"making a {preset} bundle (random weights) in {out}")
     torch.manual_seed(0)
-    pre = PREPROCESS_PRESETS[preset]
-    cfg = build_model_config(preset, len(CLASSES), pre.num_frames)
+    pre = preprocess_for(preset, "audio,visual")
+    cfg = build_model_config(preset, len(CLASSES), pre)
     run = work / "runs" / preset
-    save_run_model(run, {"method": "dimml", **run_config_fields(pre, cfg, CLASSES)}, build_av_model(cfg))
+    save_run_model(run, {"method": "dimml", **run_config_fields(pre, cfg, CLASSES)}, build_model(cfg, pre))
     r = subprocess.run([sys.executable, "-m", "export", "bundle", "--run", str(run), "--out", str(out),
                         "--name", f"bench-{preset}", "--quiet", "--force"],
                        cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -123,17 +123,17 @@ def make_clips(shape: ClipShape, count: int, work: Path) -> list[Path]:
 def bundle_preset(bundle: Path) -> str | None:
     """The preset whose preprocessing the bundle uses (picks the synth clip shape), if any."""
     from dimml.bundle import load_bundle
-    from dimml.config import PREPROCESS_PRESETS
+    from dimml.modalities import KIND_PRESETS, preprocess_for
 
     pre = load_bundle(str(bundle)).preprocess.input_dict()
-    return next((k for k, v in PREPROCESS_PRESETS.items() if v.input_dict() == pre), None)
+    return next((k for k in KIND_PRESETS if preprocess_for(k, "audio,visual").input_dict() == pre), None)
 
 
 def media_files(inputs: list[str]) -> list[Path]:
     """The media files of folders / files / manifests, as `python -m clients score` finds them."""
     from clients.inputs import find_jobs
 
-    return [Path(j.path) for j in find_jobs(inputs, recursive=True)]
+    return [Path(j.files["video"]) for j in find_jobs(inputs, recursive=True)]
 
 
 # ---------------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CLASSES = ("cat", "dog", "owl")
+TINY_UPLOAD_LIMIT_MB = 1    # DIMML_MAX_UPLOAD_MB of the tiny servers (their samples are a few kB)
 
 
 def make_tiny_run(run_dir: Path, setting: str, *, seed: int = 0, fusion: str = "concat", temperature: float = 0.7,
@@ -114,6 +115,12 @@ def write_corpus(root: Path, setting: str, per_class: int = 2, classes: tuple[st
         for files, label in rows:
             w.writerow([files[c] for c in columns] + [label, "test"])
     return root
+
+
+def default_fast(settings=SETTINGS) -> list:
+    """The settings as parameters, all but the default audio,visual marked slow (for tests that
+    decode a corpus per setting: the fast lane keeps one)."""
+    return [s if s == "audio,visual" else pytest.param(s, marks=pytest.mark.slow) for s in settings]
 
 
 def setting_id(setting: str) -> str:
@@ -222,7 +229,7 @@ def tiny_server(tiny_bundle, tmp_path_factory):
         if setting not in running:
             tmp = tmp_path_factory.mktemp(f"serve-{setting_id(setting)}")
             env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "DIMML_BUNDLE": str(tiny_bundle(setting)),
-                   "DIMML_MAX_LATENCY_MS": "30000"}
+                   "DIMML_MAX_LATENCY_MS": "30000", "DIMML_MAX_UPLOAD_MB": str(TINY_UPLOAD_LIMIT_MB)}
             proc, url = start_server(env, tmp / "serve.log")
             running[setting] = (proc, url)
             wait_ready(proc, url, tmp / "serve.log")

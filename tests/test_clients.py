@@ -31,13 +31,13 @@ from clients import AsyncClient, Client, Prediction, RequestTimeout, RetryPolicy
 from clients.cli import main
 from clients.inputs import InputError, find_jobs
 from clients.output import OutputError, ResultWriter, error_row, read_results
-from conftest import (REPO, SETTINGS, TINY_CLASSES, free_port, setting_id, start_server, stop_server, wait_ready,
+from conftest import (REPO, SETTINGS, TINY_CLASSES, TINY_UPLOAD_LIMIT_MB, default_fast, free_port, setting_id,
                       write_corpus)
 from dimml.modalities import preprocess_for
 
 CLASSES = list(TINY_CLASSES)
 AV = ("audio", "visual", "fusion")   # the branches of the audio,visual model
-UPLOAD_LIMIT_MB = 1
+UPLOAD_LIMIT_MB = TINY_UPLOAD_LIMIT_MB
 # corrupt files mixed into the class folders -> the cause their row must report
 BROKEN = {"cat/garbage.mp4": "not_media", "dog/empty.mp4": "empty", "owl/truncated.mp4": "not_media"}
 VIDEO_ONLY = "cat/silent.mp4"
@@ -74,17 +74,9 @@ def bundle(tiny_bundle) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(bundle, tmp_path_factory):
-    """`bentoml serve serving.service:DIMML` on a free port, serving the bundle folder."""
-    tmp = tmp_path_factory.mktemp("serve")
-    env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "DIMML_BUNDLE": str(bundle),
-           "DIMML_MAX_UPLOAD_MB": str(UPLOAD_LIMIT_MB), "DIMML_MAX_LATENCY_MS": "30000"}
-    proc, url = start_server(env, tmp / "serve.log")
-    try:
-        wait_ready(proc, url, tmp / "serve.log")
-        yield url
-    finally:
-        stop_server(proc)
+def server(tiny_server) -> str:
+    """The session's `bentoml serve` of the tiny audio,visual bundle (DIMML_MAX_UPLOAD_MB=1)."""
+    return tiny_server("audio,visual")
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
@@ -511,7 +503,7 @@ def test_server_lost_mid_run_stops_and_resumes(scripted, tmp_path):
 # ---------------------------------------------------------------------------------------
 # every setting: scoring a corpus with a column per source file, locally and through a server
 
-@pytest.mark.parametrize("setting", SETTINGS, ids=setting_id)
+@pytest.mark.parametrize("setting", default_fast(), ids=setting_id)
 def test_score_every_setting_local(tiny_bundle, tiny_corpus, setting, tmp_path):
     names = list(preprocess_for("tiny", setting).names)
     corpus = tiny_corpus(setting)

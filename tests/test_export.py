@@ -16,7 +16,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import REPO, SETTINGS, TINY_CLASSES, make_tiny_run, setting_id
+from conftest import REPO, SETTINGS, TINY_CLASSES, default_fast, make_tiny_run, setting_id
 from dimml.bundle import (FUSION, MANIFEST, SCHEMA_VERSION, BundleError, load_bundle, module_io, sha256_file,
                           write_manifest)
 from dimml.engines import EngineError, open_engine
@@ -272,7 +272,7 @@ def test_export_refuses_existing_out(run_dir, bundle_dir, capsys):
     assert load_bundle(bundle_dir)   # untouched
 
 
-@pytest.mark.parametrize("setting", SETTINGS, ids=setting_id)
+@pytest.mark.parametrize("setting", default_fast(), ids=setting_id)
 def test_verify_passes_on_real_media(tiny_bundle, tiny_corpus, setting, tmp_path, capsys):
     report = tmp_path / "verify.json"
     rc = main(["verify", str(tiny_bundle(setting)), "--data", str(tiny_corpus(setting)), "--batch-sizes", "1,4",
@@ -288,6 +288,7 @@ def test_verify_passes_on_real_media(tiny_bundle, tiny_corpus, setting, tmp_path
         assert c["max_scaled_diff"] <= 1e-4 and c["top1_agreement"] == 1.0
 
 
+@pytest.mark.slow
 def test_verify_on_the_dynamo_bundle(bundle_dir, tiny_corpus, capsys):
     rc = main(["verify", str(bundle_dir), "--data", str(tiny_corpus("audio,visual")), "--batch-sizes", "3", "--quiet"])
     assert rc == 0, capsys.readouterr().out
@@ -371,12 +372,16 @@ def _imports(path: Path) -> set[str]:
     return out
 
 
-def test_core_and_clients_never_import_training(tiny_bundle):
-    """dimml/ and clients/ hold no import of training/, and serving a bundle with the PyTorch
-    backend and scoring with the clients load no training module."""
+def test_core_and_clients_never_import_training():
+    """dimml/ and clients/ hold no import of training/ (lazy imports included)."""
     offenders = [str(p.relative_to(REPO)) for d in ("dimml", "clients") for p in sorted((REPO / d).rglob("*.py"))
                  if "training" in _imports(p)]
     assert offenders == []
+
+
+@pytest.mark.slow
+def test_torch_backend_and_clients_load_no_training_module(tiny_bundle):
+    """Predicting with the PyTorch backend and importing the clients load no training module."""
     code = f"""
 import sys
 import clients, clients.cli, clients.score
