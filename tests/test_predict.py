@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import SETTINGS, TINY_CLASSES, make_tiny_run, setting_id, write_sample
+from dimml.bundle import load_bundle
 from dimml.engines import EngineError, open_engine
 from dimml.media import MediaError
 from dimml.modalities import preprocess_for
@@ -228,7 +229,7 @@ def test_fused_output_bundle_answers_by_the_fusion_head(tmp_path):
     run = make_tiny_run(tmp_path / "fused-run", "visual,flow",
                         report={"method": "joint", "primary": "fused", "lw_temperature": T, "metrics": {}})
     bundle = build_bundle(run, tmp_path / "b", BundleOptions(exporter="torchscript"), progress=False)
-    assert json.loads((bundle / "manifest.json").read_text())["output"] == "fused"
+    assert load_bundle(bundle).output_rule == OutputRule("fusion", "branch", "fusion", temperature=T)
     p = Predictor(bundle, open_engine(bundle, "onnxruntime-cpu"))
     arrays = random_arrays("visual,flow", 2)
     got = p.predict_arrays(arrays)
