@@ -300,8 +300,7 @@ def corpora(tmp_path_factory):
 def test_fit_each_baseline(setting, corpora, tmp_path):
     names = tuple(n.split(":")[0] for n in setting.split(","))
     corpus = corpora(setting)
-    small = {f"{n}.{k}": 32 for n in names for k in ("height", "width")} if setting == IMAGES else {}
-    base = dict(data=str(corpus), preset="tiny", modalities=setting, epochs=2, batch_size=8, preprocess=small)
+    base = dict(data=str(corpus), preset="tiny", modalities=setting, epochs=2, batch_size=8)
     fit(TrainConfig(out=str(tmp_path / "unimodal"), method="unimodal", **base), progress=False)
     hparams = {"umt": {"teachers": str(tmp_path / "unimodal")}, "mslr": {"every": 2},
                "mses": {"patience": 1}, "pmr": {"proto_batches": "all"}}
