@@ -546,3 +546,30 @@ def test_score_every_setting_remote_matches_local(tiny_bundle, tiny_server, tiny
         for col, v in w.items():
             if isinstance(v, float):
                 assert got[key][col] == pytest.approx(v, abs=2e-6), (key, col)
+
+
+@pytest.mark.parametrize("setting", ["audio,visual", "front:image,rear:image"], ids=setting_id)
+def test_predict_command_takes_files_by_field(tiny_bundle, tiny_corpus, setting):
+    """`dimml-score predict [FIELD=]FILE ...`: a lone file is the model's one field; FIELD=FILE otherwise."""
+    from dimml.datasets import read_manifest
+    from dimml.predict import Predictor
+
+    bundle, corpus = tiny_bundle(setting), tiny_corpus(setting)
+    samples, _ = read_manifest(corpus / "manifest.csv")
+    files = samples[0].files
+    want = Predictor(bundle).predict_files(files)
+    rc, stdout, stderr = run_cli("predict", *(f"{f}={p}" for f, p in files.items()), "--bundle", bundle)
+    assert rc == 0, stderr
+    got = json.loads(stdout)
+    assert got["label"] == want["label"] and got["modalities_used"] == want["modalities_used"]
+    assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-9)
+    if list(files) == ["video"]:
+        rc, stdout, _ = run_cli("predict", files["video"], "--bundle", bundle)
+        assert rc == 0 and json.loads(stdout)["probabilities"] == got["probabilities"]
+    else:   # several fields: a lone file cannot say which it is
+        rc, _, stderr = run_cli("predict", next(iter(files.values())), "--bundle", bundle)
+        assert rc == 2 and "give files keyed by field" in stderr
+        rc, _, stderr = run_cli("predict", "front", "--bundle", bundle)
+        assert rc == 2
+    rc, _, stderr = run_cli("predict", f"sonar={next(iter(files.values()))}", "--bundle", bundle)
+    assert rc == 2 and "unknown field" in stderr
