@@ -321,3 +321,45 @@ def test_fit_each_baseline(setting, corpora, tmp_path):
             assert "mslr after epoch 2" in log
         config = json.loads((out / "config.json").read_text())
         assert config["unimodal_heads"] == ("trained" if method == "mses" else "fusion")
+
+
+# ---------------------------------------------------------------------------------------
+# compare: UMT's teachers are the seed's unimodal run, trained once
+
+def run_compare(corpus: Path, out: Path, methods: str, *extra: str) -> dict:
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "training", "compare", "--data", str(corpus), "--methods", methods,
+           "--preset", "tiny", "--epochs", "1", "--stage2-epochs", "1", "--batch-size", "8", "--out", str(out),
+           "--quiet", *extra]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads((out / "compare.json").read_text())
+
+
+def test_compare_trains_umts_teachers_once(corpora, tmp_path):
+    out = tmp_path / "cmp"
+    summary = run_compare(corpora(IMAGES), out, "umt", "--modalities", IMAGES)
+    assert list(summary["methods"]) == ["umt"]   # the teachers' run is not a row of its own
+    config = json.loads((out / "runs" / "umt-seed0" / "config.json").read_text())
+    assert config["hparams"]["teachers"] == str(out / "runs" / "unimodal-seed0")
+    assert (out / "runs" / "unimodal-seed0" / "report.json").is_file()
+
+
+TABLE2 = "unimodal,joint,mses,mslr,ogm-ge,pmr,umt,mmclf,preds-avg,dimml"
+
+
+@pytest.mark.slow
+def test_compare_writes_table_2(corpora, tmp_path):
+    out = tmp_path / "cmp"
+    summary = run_compare(corpora(AV), out, TABLE2, "--seeds", "2")
+    assert list(summary["methods"]) == TABLE2.split(",")
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(f"{m}-seed{s}" for m in TABLE2.split(",")
+                                                                     for s in range(2))
+    for seed in range(2):   # each seed's umt learned from that seed's unimodal row
+        config = json.loads((out / "runs" / f"umt-seed{seed}" / "config.json").read_text())
+        assert config["hparams"]["teachers"] == str(out / "runs" / f"unimodal-seed{seed}")
+    md = (out / "compare.md").read_text()
+    assert "| Method | Audio | Visual | Multimodal |" in md
+    for method in TABLE2.split(","):
+        assert f"| {method}" in md

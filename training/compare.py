@@ -101,14 +101,24 @@ def train_all(args: argparse.Namespace, methods: list[str]) -> dict[str, list[di
     for field in ("modalities", "epochs", "stage2_epochs", "batch_size", "lr", "workers"):
         if getattr(args, field) is not None:
             base = replace(base, **{field: getattr(args, field)})
+    from training.methods import get_method
+
+    def trained(method: str, seed: int, hparams: dict) -> Path:
+        """The finished run of (method, seed), trained here unless it already is."""
+        run_dir = Path(args.out) / "runs" / f"{method}-seed{seed}"
+        if not (run_dir / "report.json").is_file():
+            print(f"== {method}, seed {seed} -> {run_dir}", flush=True)
+            fit(replace(base, out=str(run_dir), method=method, seed=seed, hparams=hparams), progress=not args.quiet)
+        return run_dir
+
     for method in methods:
+        teachers = get_method(method).teachers_from
         for seed in range(args.seeds):
-            run_dir = Path(args.out) / "runs" / f"{method}-seed{seed}"
-            report_path = run_dir / "report.json"
-            if not report_path.is_file():
-                print(f"== {method}, seed {seed} -> {run_dir}", flush=True)
-                fit(replace(base, out=str(run_dir), method=method, seed=seed), progress=not args.quiet)
-            reports[method].append(json.loads(report_path.read_text()))
+            # a method with teachers (UMT) gets the seed's run of their method, trained once and
+            # shared with that method's own row when the list has it
+            hparams = {"teachers": str(trained(teachers, seed, {}))} if teachers else {}
+            run_dir = trained(method, seed, hparams)
+            reports[method].append(json.loads((run_dir / "report.json").read_text()))
     return reports
 
 

@@ -101,6 +101,7 @@ class Method:
     weighting: ClassVar[bool] = False             # final output = certainty-aware weighting (Eq. 8-9)
     fusions: ClassVar[tuple[str, ...]] = FUSIONS  # fusion heads the method can export
     min_modalities: ClassVar[int] = 2             # the fewest modalities the method makes sense for
+    teachers_from: ClassVar[str | None] = None    # the method whose finished run is --set teachers=RUN (compare)
     description: ClassVar[str] = ""
 
     def __init__(self, model: MultiModel, hp: HParams, num_classes: int):

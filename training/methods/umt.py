@@ -78,6 +78,7 @@ def load_teachers(path: str, model, num_classes: int) -> dict[str, nn.Module]:
 class UMT(SliceHeads):
     name = "umt"
     hparams_cls = UMTConfig
+    teachers_from = "unimodal"
     description = "UMT: fused CE + lam * MSE to frozen unimodal teachers' features"
 
     def __init__(self, model, hp: UMTConfig, num_classes: int):
