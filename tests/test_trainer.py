@@ -19,7 +19,7 @@ from conftest import SETTINGS
 
 from training.cli import main as cli_main
 from training.evaluate import collect, macro_f1
-from training.methods import REGISTRY
+from training.methods import REGISTRY, get_method
 from training.run import load_run
 from training.synth import SynthConfig, synthesize
 from training.trainer import TrainConfig, fit, make_loader, prepare_data
@@ -48,7 +48,7 @@ def runs(corpus, tmp_path_factory):
     done: dict = {}
 
     def train(method: str, settings: str = "base", **extra) -> tuple[Path, dict]:
-        key = (method, settings, tuple(sorted(extra.items())))
+        key = (method, settings, json.dumps(extra, sort_keys=True))
         if key not in done:
             out = base / f"{method}-{settings}-{len(done)}"
             kw = {**(BASE if settings == "base" else SHORT), **extra}
@@ -158,7 +158,9 @@ def test_old_runs_load_as_audio_visual(fusion, tmp_path):
 @pytest.mark.parametrize("method", sorted(REGISTRY))
 def test_every_method_beats_chance(runs, method):
     settings = "base" if method in ("dimml", "joint") else "short"   # those two are shared
-    out, report = runs(method, settings)
+    teachers = get_method(method).teachers_from   # UMT: the unimodal run of the same settings
+    extra = {"hparams": {"teachers": str(runs(teachers, settings)[0])}} if teachers else {}
+    out, report = runs(method, settings, **extra)
     n = report["sizes"]["test"]
     assert n == 6 * K
     assert primary(report)["accuracy"] >= 2 / K, report["metrics"]   # chance is 1/K
