@@ -9,7 +9,8 @@
 Every TrainConfig field is a flag (--lr-step-epoch, --stage2-epochs, --no-augment, ...).
 Method hyper-parameters: --set lambda_d=0.5 --set duc_distance=dot; preprocessing, per
 modality: --set preprocess.visual.num_frames=3 --set preprocess.flow.num_pairs=5.
-Methods: dimml, dimml-duc, dimml-sclf, mmclf, joint, mlb, dgl, unimodal, preds-avg (training/methods/).
+Methods: dimml, dimml-duc, dimml-sclf, mmclf, joint, mlb, dgl, unimodal, preds-avg, mses, mslr,
+ogm-ge, pmr, umt (training/methods/; umt needs --set teachers=RUN, a finished unimodal run).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from pathlib import Path
 
 # Flags with more to say than their default.
 HELP = {
-    "method": "training method (dimml, dimml-duc, dimml-sclf, mmclf, joint, mlb, dgl, unimodal, preds-avg)",
+    "method": "training method (dimml, dimml-duc, dimml-sclf, mmclf, joint, mlb, dgl, unimodal, preds-avg, "
+              "mses, mslr, ogm-ge, pmr, umt)",
     "preset": "model and preprocessing preset: resnet18 (the paper) or tiny (CPU, seconds)",
     "modalities": "the model's modalities, in order: built-in names (audio, visual, flow) or NAME:KIND "
                   "(e.g. front:image,rear:image)",
