@@ -112,10 +112,11 @@ class OGMGE(SliceHeads):
                     continue
                 g = p.grad
                 if self.hp.ge:
-                    std = float(g.float().std()) + 1e-8 if g.numel() > 1 else 1e-8
-                    noise = torch.randn(g.shape, generator=self._gen, device=g.device, dtype=g.dtype) \
-                        if self._gen is not None and self._gen.device == g.device else torch.randn_like(g)
-                    g.mul_(k).add_(noise * std)
+                    # std of the unscaled gradient, kept on the device (no host sync per parameter)
+                    std = g.float().std().nan_to_num(0.0) + 1e-8
+                    gen = self._gen if self._gen is not None and self._gen.device == g.device else None
+                    noise = torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype)
+                    g.mul_(k).add_(noise * std.to(g.dtype))
                 else:
                     g.mul_(k)
 
