@@ -369,3 +369,88 @@ def test_compare_writes_table_2(corpora, tmp_path):
     assert "| Method | Audio | Visual | Multimodal |" in md
     for method in TABLE2.split(","):
         assert f"| {method}" in md
+
+
+# ---------------------------------------------------------------------------------------
+# the trainer's hooks, seen from a method
+
+@pytest.fixture
+def hook_probe():
+    """A method registered for one test: records the hooks' calls; its encoders' groups have lr 0."""
+    import torch.nn as nn
+
+    from training.methods import REGISTRY
+    from training.methods.joint import Joint
+
+    seen: dict = {"calls": [], "acc": []}
+
+    class HookProbe(Joint):
+        name = "hook-probe"
+
+        def __init__(self, model, hp, num_classes):
+            super().__init__(model, hp, num_classes)
+            self.frozen["probe.teacher"] = nn.Linear(4, 4)
+            seen["initial"] = {n: {k: v.clone() for k, v in self.branch(n).encoder.state_dict().items()}
+                               for n in self.names}
+            seen["frozen"] = self.frozen["probe.teacher"]
+
+        def param_groups(self, stage):
+            return [{"name": n, "params": list(self.branch(n).encoder.parameters()), "lr": 0.0} for n in self.names] \
+                + [{"name": "fusion", "params": list(self.model.fusion.parameters())}]
+
+        def on_epoch_start(self, stage, epoch, ctx):
+            seen["calls"].append(("start", epoch))
+
+        def step(self, stage, batch, nets):
+            assert not nets["probe.teacher"].training
+            seen["calls"].append(("step", epoch_of(seen)))
+            return super().step(stage, batch, nets)
+
+        def after_backward(self, stage, nets):
+            grads = [p.grad for p in self.model.fusion.parameters()]
+            assert all(g is not None for g in grads)      # between backward and the optimiser step
+            seen["calls"].append(("after_backward", epoch_of(seen)))
+
+        def on_epoch_end(self, stage, epoch, ctx):
+            seen["calls"].append(("end", epoch))
+
+        def on_validation_end(self, stage, epoch, acc, ctx):
+            seen["calls"].append(("validation", epoch))
+            seen["acc"].append(acc)
+
+    def epoch_of(s):
+        return next(e for c, e in reversed(s["calls"]) if c == "start")
+
+    REGISTRY[HookProbe.name] = HookProbe
+    try:
+        yield seen
+    finally:
+        del REGISTRY[HookProbe.name]
+
+
+def test_trainer_calls_the_hooks_in_order(hook_probe, corpora, tmp_path):
+    out = tmp_path / "run"
+    fit(TrainConfig(data=str(corpora(IMAGES)), out=str(out), method="hook-probe", preset="tiny", modalities=IMAGES,
+                    epochs=2, batch_size=8), progress=False)
+    calls = hook_probe["calls"]
+    for epoch in range(2):
+        mine = [c for c, e in calls if e == epoch]
+        n_steps = mine.count("step")
+        assert n_steps >= 1 and mine == ["start"] + ["step", "after_backward"] * n_steps + ["end", "validation"]
+    # validation accuracy per output, as metrics.csv has it
+    rows = (out / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    for epoch, acc in enumerate(hook_probe["acc"]):
+        assert set(acc) == {"fusion"}
+        assert acc["fusion"] == pytest.approx(float(rows[1 + epoch].split(",")[header.index("val_acc_fusion")]))
+    # a group's own lr (0 here) is honoured: the encoders never moved, the fusion head did
+    from training.run import load_run
+    run = load_run(out)
+    for n, state in hook_probe["initial"].items():
+        for k, v in run.model.branches[n].encoder.state_dict().items():
+            if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                assert torch.equal(v, state[k]), (n, k)
+    # the frozen module: eval, no gradient, neither exported nor checkpointed
+    teacher = hook_probe["frozen"]
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert "probe.teacher" not in torch.load(out / "model.pt", weights_only=True)
