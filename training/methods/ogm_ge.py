@@ -16,8 +16,9 @@ encoder (no BN, no biases, no heads); `params=weights` = every encoder parameter
 one dimension (BalanceBenchmark). The fusion head's gradients are never touched.
 Defaults: alpha 0.8 (the reference README's CREMA-D value; its argparse has no default and the
 README's generic example uses 0.1), start 0, end 50 (the reference's argparse). Needs the concat
-fusion (the slices); unimodal heads = the slices. The noise comes from a generator seeded per
-epoch, so every DDP rank draws the same noise.
+fusion (the slices); unimodal heads = the slices. The noise comes from a generator seeded from the
+run's per-epoch seed, so every DDP rank draws the same noise (and a resumed run the same as an
+uninterrupted one).
 """
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ class OGMGE(SliceHeads):
     def on_epoch_start(self, stage: str, epoch: int, ctx: Context) -> None:
         self.epoch, self._ctx = epoch, ctx
         device = next(self.model.fusion.parameters()).device
-        self._gen = torch.Generator(device=device).manual_seed(1_000_003 * 7 + epoch)
+        # the trainer has just seeded torch from (seed, stage, epoch), the same on every rank
+        self._gen = torch.Generator(device=device).manual_seed(torch.initial_seed() + 7919 * epoch)
 
     def step(self, stage: str, batch: Batch, nets) -> StepResult:
         y = batch.label
