@@ -2,7 +2,8 @@
 
 BUNDLE/ (schema 2; one branch per modality of the run, in its order)
   manifest.json      schema version, classes, preprocessing (the modality specs), modalities,
-                     source fields, model facts, versions, sha256 of every file
+                     source fields, the output rule (`output`: dimml.weighting.OutputRule.to_dict(),
+                     the answer serving and scoring give), model facts, versions, sha256 of every file
   <name>.onnx        one per modality: `<kind's onnx input>` [B, *spec.shape] (spec.dtype; uint8
                      kinds are cast inside the graph) -> features [B, D], logits [B, K]
   fusion.onnx        <name>_features [B, D] per modality, in order -> logits [B, K]
@@ -188,21 +189,23 @@ class Bundle:
 
     @property
     def output(self) -> str:
-        """"weighted" (certainty-aware weighting, DI-MML) or "fused" (the fusion head alone)."""
-        return self.manifest.get("output", "weighted")
+        """The name of the output rule: "fusion", a modality, "paper-lw" or "fitted"."""
+        return self.output_rule.name
 
     @property
     def output_rule(self) -> "OutputRule":
-        """How the answer is made from the branch logits: the manifest's `output_rule` (written by
-        bundles of runs that chose it on validation), else the paper's weighting at T, or the
-        fusion head for "fused" bundles (the weighting at T over what is present without it)."""
+        """How the answer is made from the branch logits: the manifest's `output` (OutputRule.to_dict(),
+        the rule the run chose on validation). Older manifests: `output` "weighted" (or none) is the
+        paper's weighting at `lw_temperature`, "fused" the fusion head; an interim `output_rule`
+        entry is read too."""
         from dimml.weighting import OutputRule
 
+        out = self.manifest.get("output")
+        if isinstance(out, dict):
+            return OutputRule.from_dict(out)
         if self.manifest.get("output_rule"):
             return OutputRule.from_dict(self.manifest["output_rule"])
-        if self.output == "fused":
-            return OutputRule(FUSION, "branch", FUSION, temperature=self.temperature)
-        return OutputRule.paper(self.temperature)
+        return OutputRule.legacy(out or "weighted", self.temperature)
 
     @property
     def feature_dim(self) -> int:

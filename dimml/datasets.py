@@ -559,6 +559,74 @@ def _report(msg: str, items: list[str], skip_bad: bool) -> None:
         raise DatasetError(f"{msg}:\n{format_list(items)}\n(pass skip_bad / --skip-bad to skip them with a warning)")
 
 
+def read_split_files(paths: Sequence[str | os.PathLike]) -> dict[str, str]:
+    """Clip name (file stem) -> split, from split files (`--split-file`).
+
+    Two formats, told apart by the first row:
+    - a CSV with a header holding `split` and `name` (or `path`) columns: one clip per row,
+      e.g. `name,split` / `1001_DFA_ANG_XX,train`;
+    - headerless `<name>,<anything>` rows (the DI-MML authors' CREMA-D `train.csv` / `test.csv`,
+      `<clip>,<label>`): every clip goes to the split named by the file's stem (train, val/valid,
+      test; e.g. train.csv -> train).
+    Names are compared by stem: "1001_DFA_ANG_XX", "1001_DFA_ANG_XX.flv" and "VideoFlash/1001_DFA_ANG_XX.flv"
+    all name the same clip. A clip listed in two splits is an error.
+    """
+    out: dict[str, str] = {}
+    for path in paths:
+        path = Path(path)
+        _need(path)
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+        if not rows:
+            raise DatasetError(f"{path}: empty split file")
+        head = [c.strip().lower() for c in rows[0]]
+        if "split" in head:
+            col = next((c for c in ("name", "path", "clip") if c in head), None)
+            if col is None:
+                raise DatasetError(f"{path}: a split file with a header needs a `name` (or `path`) column "
+                                   f"beside `split`, got {rows[0]}")
+            ni, si = head.index(col), head.index("split")
+            pairs = [(r[ni], _split_name(r[si], f"{path} line {i + 2}")) for i, r in enumerate(rows[1:])]
+        else:
+            split = SPLIT_ALIASES.get(path.stem.lower())
+            if split is None:
+                raise DatasetError(f"{path}: a headerless split file must be named after its split "
+                                   f"(train.csv, val.csv, test.csv), or have `name` and `split` columns")
+            pairs = [(r[0], split) for r in rows]
+        for name, split in pairs:
+            stem = Path(name.strip().replace("\\", "/")).stem
+            if not stem or split is None:
+                continue
+            if out.get(stem, split) != split:
+                raise DatasetError(f"{path}: clip {stem!r} is listed in both {out[stem]} and {split}")
+            out[stem] = split
+    return out
+
+
+def apply_split_files(samples: list[Sample], paths: Sequence[str | os.PathLike]) -> list[Sample]:
+    """Samples with the split the split files give their key's stem; unlisted samples are left out
+    (a warning says how many), as are listed clips the dataset lacks."""
+    splits = read_split_files(paths)
+    kept, unlisted = [], []
+    for s in samples:
+        split = splits.get(Path(s.key).stem)
+        if split is None:
+            unlisted.append(s.key)
+            continue
+        s.split = split
+        kept.append(s)
+    if not kept:
+        raise DatasetError(f"no sample is listed in the split file(s) {', '.join(map(str, paths))} "
+                           f"(names are matched by file stem, e.g. {Path(samples[0].key).stem if samples else '?'})")
+    if unlisted:
+        warnings.warn(f"{len(unlisted)} sample(s) not listed in the split file(s), left out:\n{format_list(unlisted)}",
+                      stacklevel=3)
+    missing = len(splits) - len(kept)
+    if missing > 0:
+        warnings.warn(f"{missing} clip(s) listed in the split file(s) are not in the dataset", stacklevel=3)
+    return kept
+
+
 def _why_unusable(path: str) -> str | None:
     """Why a source path cannot be read ("missing", "empty file", "empty folder"), or None."""
     if os.path.isdir(path):
@@ -596,13 +664,16 @@ def _select_fields(samples: list[Sample], cfg: PreprocessConfig, root: Path, lay
 def load_dataset(data: str | os.PathLike, *, layout: str = "auto", split_seed: int = 0,
                  val_fraction: float = 0.1, test_fraction: float = 0.2, speaker_disjoint: bool = False,
                  skip_bad: bool = False, split_id: int = 1,
-                 modalities: PreprocessConfig | None = None) -> DatasetSpec:
+                 modalities: PreprocessConfig | None = None,
+                 split_files: Sequence[str | os.PathLike] = ()) -> DatasetSpec:
     """Read a dataset folder (or manifest CSV) into labelled, split samples; checks their files exist.
 
     modalities: the run's PreprocessConfig. With it, samples keep only the fields its modalities
     read, every modality must have a source in every sample, and the modelnet40 views take its
     image modalities' names. Without it, every field a layout gives is kept and checked.
     split_id: which of UCF101's three official splits (1..3).
+    split_files: files that assign each clip its split (read_split_files; e.g. the DI-MML authors'
+    CREMA-D train.csv and test.csv); they override the layout's splits, unlisted samples are left out.
     """
     _check_fractions(val_fraction, test_fraction)
     found = read_layout(data, layout, split_id=split_id, modalities=modalities)
@@ -634,6 +705,8 @@ def load_dataset(data: str | os.PathLike, *, layout: str = "auto", split_seed: i
         if not samples:
             raise DatasetError(f"{root}: no usable samples left after skipping {len(why)} bad ones")
 
+    if split_files:
+        samples = apply_split_files(samples, split_files)
     todo = [s for s in samples if s.split is None]
     if speaker_disjoint:
         splits = group_split([s.key for s in todo], cremad_speaker, seed=split_seed,
@@ -647,7 +720,7 @@ def load_dataset(data: str | os.PathLike, *, layout: str = "auto", split_seed: i
 
 
 __all__ = ["Sample", "DatasetSpec", "DatasetError", "Layout", "load_dataset", "read_layout", "detect_layout",
-           "read_manifest", "read_folders", "read_cremad", "read_ave", "read_ucf101", "read_modelnet40",
+           "read_manifest", "read_folders", "read_split_files", "apply_split_files", "read_cremad", "read_ave", "read_ucf101", "read_modelnet40",
            "manifest_field", "manifest_column", "image_names", "kind_name", "stratified_split", "group_split", "split_sizes", "cremad_speaker",
            "format_list", "SPLITS", "LAYOUTS", "VIDEO_EXTS", "IMAGE_EXTS", "CREMAD_EMOTIONS", "MODELNET_VIEWS",
            "MODELNET_NAMES", "UCF_FLOW_DIRS"]

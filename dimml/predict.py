@@ -12,12 +12,13 @@ Each answer (JSON-ready: str keys, Python floats), for a bundle with modalities 
      "modalities_used": ["<m1>", ...],
      "model": {"name": "...", "version": "..."}, "backend": "onnxruntime-cpu"}
 `probabilities` is the softmax of Z = sum_i w_i z_i over the branches of the modalities
-present, plus the fusion head when every modality is present; the weights sum to 1. The
-weights follow the bundle's output rule (dimml.weighting.OutputRule, `Bundle.output_rule`):
-DI-MML's certainty-aware weighting (Eq. 8-9) by default; weight 1 on the fusion head for a
-method that answers by it (manifest "output": "fused": joint, MLB, DGL, the ablations) or on
-whichever head a rule chosen on validation names. A sample lacking some modality is answered
-by the branches it has (the weighting over them; one branch: weight 1); `branches` then holds
+present, plus the fusion head when every modality is present; the weights sum to 1. They follow
+the bundle's output rule (`Bundle.output_rule`, applied by dimml.weighting.OutputRule.apply): the
+rule the run chose on validation (the fusion head, one unimodal head, the paper's Eq. 8-9 at its
+T, or the fitted prior weighting); weight 1 on the fusion head for methods that answer by it
+(joint, MLB, DGL, the ablations). Each branch's certainty (Eq. 8) is reported whatever the rule.
+A sample lacking some modality is answered by the branches it has (a head rule whose head is
+absent: the weighting at the rule's T over them; one branch: weight 1); `branches` then holds
 those only.
 """
 from __future__ import annotations

@@ -113,8 +113,18 @@ class OutputRule:
         return cls("paper-lw", "weighted", temperature=float(temperature))
 
     @classmethod
-    def head(cls, branch: str) -> "OutputRule":
-        return cls(branch, "branch", branch)
+    def head(cls, branch: str, temperature: float = 1.0) -> "OutputRule":
+        return cls(branch, "branch", branch, temperature=float(temperature))
+
+    @classmethod
+    def legacy(cls, output: str, temperature: float) -> "OutputRule":
+        """The rule of runs and bundles from before output rules: `output` "weighted" (the paper's
+        Eq. 8-9 at T) or "fused" (the fusion head; the weighting at T when a modality is missing)."""
+        if output == "fused":
+            return cls.head(FUSION, temperature)
+        if output == "weighted":
+            return cls.paper(temperature)
+        raise ValueError(f"output must be 'weighted' or 'fused' (or an output rule), got {output!r}")
 
     def apply(self, logits: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
         """{branch: [B, K]} -> (Z [B, K], weights {branch: [B]}, certainties {branch: [B]})."""

@@ -110,9 +110,9 @@ def build_bundle(run_dir: str | os.PathLike, out: str | os.PathLike, opts: Bundl
             "fusion": run.model_cfg.fusion,
             "method": run.config.get("method"),
             "lw_temperature": run.lw_temperature,
-            # the method's final output: DI-MML weighs the branches, the others answer by fusion
-            "output": (run.report or {}).get("primary", "weighted"),
-            **({"output_rule": run.report["output_rule"]} if (run.report or {}).get("output_rule") else {}),
+            # the run's final output rule (chosen on validation for DI-MML; the fusion head for the
+            # others): what serving and scoring answer with
+            "output": run.output_rule.to_dict(),
             "metrics": _metrics(run.report),
             "onnx": {"opset": opts.opset, "exporter": opts.exporter, "modules": modules},
             "torch": torch_files,

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from training.losses import (DUC_TEMPERATURE, class_centroids, dimension_scores, duc_loss,
-                             expected_calibration_error, mlb_coefficients, separate_dimensions,
-                             transfer_dimensions)
+from dimml.metrics import expected_calibration_error
+from training.losses import (DUC_TEMPERATURE, class_centroids, dimension_scores, duc_loss, mlb_coefficients,
+                             separate_dimensions, transfer_dimensions)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -148,13 +149,12 @@ def _duc_naive(s: torch.Tensor, t: torch.Tensor, dims: list[int], temp: float, d
     return total / b
 
 
-@pytest.mark.parametrize("distance,squared,naive", [("euclidean", True, "sq"), ("euclidean", False, "plain"),
-                                                     ("dot", True, "dot")])
-def test_duc_equals_naive_loop(distance, squared, naive):
+@pytest.mark.parametrize("distance,naive", [("sqeuclidean", "sq"), ("euclidean", "plain"), ("dot", "dot")])
+def test_duc_equals_naive_loop(distance, naive):
     s = torch.randn(6, 10, generator=_gen(5), dtype=torch.float64)
     t = torch.randn(6, 10, generator=_gen(6), dtype=torch.float64)
     dims = [0, 3, 4, 8]
-    got = duc_loss(s, t, torch.tensor(dims), temperature=0.7, distance=distance, squared=squared)
+    got = duc_loss(s, t, torch.tensor(dims), temperature=0.7, distance=distance)
     assert got.dim() == 0
     assert float(got) == pytest.approx(_duc_naive(s, t, dims, 0.7, naive), rel=1e-5)
 
@@ -185,7 +185,7 @@ def test_duc_dot_reproduces_the_authors_released_loss():
     assert float(ours) == pytest.approx(float(ref), rel=1e-6)
 
 
-@pytest.mark.parametrize("distance", ["euclidean", "dot"])
+@pytest.mark.parametrize("distance", ["dot", "euclidean", "sqeuclidean"])
 def test_duc_gradient_is_unidirectional_and_confined_to_dims(distance):
     s = torch.randn(5, 12, generator=_gen(9), requires_grad=True)
     t = torch.randn(5, 12, generator=_gen(10), requires_grad=True)
@@ -211,9 +211,9 @@ def test_duc_zero_distance_has_finite_gradient():
     # dead dims: student and teacher equal (zero) -> plain Euclidean would hit sqrt'(0) = inf
     s = torch.zeros(4, 6, requires_grad=True)
     t = torch.zeros(4, 6)
-    for squared in (True, False):
+    for distance in ("euclidean", "sqeuclidean"):
         s.grad = None
-        duc_loss(s, t, torch.arange(6), temperature=1.0, squared=squared).backward()
+        duc_loss(s, t, torch.arange(6), temperature=1.0, distance=distance).backward()
         assert torch.isfinite(s.grad).all()
 
 
@@ -224,27 +224,49 @@ def test_duc_temperature_and_distance_behave_as_expected():
     s = t + 0.1 * torch.randn(b, m, generator=g, dtype=torch.float64)     # aligned pairs
     dims = torch.arange(m)
     # aligned pairs: a sharper temperature separates the positive more -> lower loss
-    sharp = duc_loss(s, t, dims, temperature=0.5)
-    soft = duc_loss(s, t, dims, temperature=5.0)
+    sharp = duc_loss(s, t, dims, temperature=0.5, distance="sqeuclidean")
+    soft = duc_loss(s, t, dims, temperature=5.0, distance="sqeuclidean")
     assert sharp < soft
     # infinite temperature -> uniform softmax over the batch -> log B, for every distance
-    for dist in ("euclidean", "dot"):
+    for dist in ("dot", "euclidean", "sqeuclidean"):
         assert float(duc_loss(s, t, dims, temperature=1e9, distance=dist)) == pytest.approx(math.log(b), rel=1e-6)
     # squared Euclidean at T equals dot at T/2 plus a -|t_j|^2/T bias on each candidate
     tau = 3.0
     bias = -(t ** 2).sum(1) / (2 * tau)
     ref = torch.nn.functional.cross_entropy(s @ t.T / tau + bias[None, :], torch.arange(b))
-    got = duc_loss(s, t, dims, temperature=2 * tau, distance="euclidean")
+    got = duc_loss(s, t, dims, temperature=2 * tau, distance="sqeuclidean")
     assert float(got) == pytest.approx(float(ref), rel=1e-9)
     # ... so with equal teacher norms the two distances coincide, but not otherwise
     tn = t / t.norm(dim=1, keepdim=True) * 2.0
-    assert float(duc_loss(s, tn, dims, temperature=2 * tau)) == pytest.approx(
+    assert float(duc_loss(s, tn, dims, temperature=2 * tau, distance="sqeuclidean")) == pytest.approx(
         float(duc_loss(s, tn, dims, temperature=tau, distance="dot")), rel=1e-9)
     assert float(got) != pytest.approx(float(duc_loss(s, t, dims, temperature=tau, distance="dot")), rel=1e-3)
-    # default temperature is the per-distance constant
-    for dist in ("euclidean", "dot"):
+    # default: the released code's dot product at T = 50; each distance has its own default T
+    assert DUC_TEMPERATURE == {"dot": 50.0, "sqeuclidean": 100.0, "euclidean": 1.0}
+    assert float(duc_loss(s, t, dims)) == float(duc_loss(s, t, dims, temperature=50.0, distance="dot"))
+    for dist in ("dot", "euclidean", "sqeuclidean"):
         assert float(duc_loss(s, t, dims, distance=dist)) == float(
             duc_loss(s, t, dims, temperature=DUC_TEMPERATURE[dist], distance=dist))
+
+
+def _duc_grad(s: torch.Tensor, t: torch.Tensor, distance: str, temperature: float) -> torch.Tensor:
+    s = s.clone().requires_grad_(True)
+    duc_loss(s, t, torch.arange(s.shape[1]), temperature=temperature, distance=distance).backward()
+    return s.grad.flatten()
+
+
+def test_duc_distances_give_different_gradients():
+    g = _gen(15)
+    # non-negative pooled-like features (values up to ~10) with teacher norms that vary across the batch
+    t = torch.rand(16, 32, generator=g, dtype=torch.float64) * torch.linspace(1.5, 9.0, 16, dtype=torch.float64)[:, None]
+    s = torch.rand(16, 32, generator=g, dtype=torch.float64) * 6
+    dot, sq, plain = (_duc_grad(s, t, d, DUC_TEMPERATURE[d]) for d in ("dot", "sqeuclidean", "euclidean"))
+    cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))
+    # plain and squared Euclidean are different losses (not a rescaling of each other)
+    assert cos(sq, plain) < 0.99
+    assert not torch.allclose(_duc_grad(s, t, "euclidean", 1.0), _duc_grad(s, t, "sqeuclidean", 1.0))
+    # squared Euclidean at T = 100 is not the dot product at T = 50 when teacher norms vary
+    assert cos(dot, sq) < 0.9
 
 
 def test_duc_rejects_bad_arguments():
@@ -253,8 +275,6 @@ def test_duc_rejects_bad_arguments():
         duc_loss(s, s, torch.arange(2), distance="cosine")
     with pytest.raises(ValueError, match="temperature"):
         duc_loss(s, s, torch.arange(2), temperature=0.0)
-    with pytest.raises(ValueError, match="temperature"):
-        duc_loss(s, s, torch.arange(2), squared=False)
     with pytest.raises(ValueError, match=r"\[B, D\]"):
         duc_loss(s, torch.zeros(3, 5), torch.arange(2))
 
@@ -295,19 +315,19 @@ def test_mlb_three_modalities_and_balance():
 # ECE
 
 def test_ece_by_hand():
-    probs = torch.tensor([[0.9, 0.1], [0.85, 0.15], [0.3, 0.7], [0.45, 0.55]], dtype=torch.float64)
-    labels = torch.tensor([0, 1, 1, 0])
+    probs = np.array([[0.9, 0.1], [0.85, 0.15], [0.3, 0.7], [0.45, 0.55]])
+    labels = np.array([0, 1, 1, 0])
     # 5 bins: (.8,1]: {.9 right, .85 wrong} -> |0.5 - 0.875| * 2/4 = 0.1875
     #         (.6,.8]: {.7 right} -> 0.3 * 1/4 = 0.075;  (.4,.6]: {.55 wrong} -> 0.55 * 1/4 = 0.1375
-    assert expected_calibration_error(probs, labels, n_bins=5) == pytest.approx(0.4, abs=1e-12)
+    assert expected_calibration_error(probs, labels, bins=5) == pytest.approx(0.4, abs=1e-12)
     # one bin: |acc - mean conf| = |0.5 - 0.75| = 0.25
-    assert expected_calibration_error(probs, labels, n_bins=1) == pytest.approx(0.25, abs=1e-12)
+    assert expected_calibration_error(probs, labels, bins=1) == pytest.approx(0.25, abs=1e-12)
 
 
 def test_ece_bin_edges_are_right_closed():
     # conf 0.6 belongs to (0.4, 0.6], alone: (|1 - .6| + |0 - .7|)/2 = 0.55; in (0.6, 0.8] it would be 0.15
-    probs = torch.tensor([[0.6, 0.2, 0.2], [0.7, 0.2, 0.1]], dtype=torch.float64)
-    assert expected_calibration_error(probs, torch.tensor([0, 2]), n_bins=5) == pytest.approx(0.55, abs=1e-12)
+    probs = np.array([[0.6, 0.2, 0.2], [0.7, 0.2, 0.1]])
+    assert expected_calibration_error(probs, np.array([0, 2]), bins=5) == pytest.approx(0.55, abs=1e-12)
 
 
 def test_ece_equals_loop_reference_on_random_data():
@@ -323,4 +343,4 @@ def test_ece_equals_loop_reference_on_random_data():
             acc = sum(int(probs[i].argmax()) == int(labels[i]) for i in members) / len(members)
             conf = sum(float(probs[i].max()) for i in members) / len(members)
             total += len(members) / 300 * abs(acc - conf)
-    assert expected_calibration_error(probs, labels) == pytest.approx(total, abs=1e-12)
+    assert expected_calibration_error(probs.numpy(), labels.numpy()) == pytest.approx(total, abs=1e-12)

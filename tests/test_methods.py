@@ -16,7 +16,8 @@ from conftest import SETTINGS
 
 from dimml.modalities import parse_modalities, preprocess_for
 from training.augment import AugmentConfig, augment_frames
-from training.evaluate import confusion_matrix, evaluate, fit_probe, macro_f1
+from dimml.metrics import confusion, macro_f1
+from training.evaluate import evaluate, fit_probe
 from training.losses import DUC_TEMPERATURE, transfer_dimensions
 from training.methods import REGISTRY, Batch, get_method
 from training.methods.base import averaging_fusion, zero_modality_head
@@ -455,14 +456,17 @@ def test_mlb_coefficients_follow_the_formula(alpha, beta_max, setting):
 # ---------------------------------------------------------------------------------------
 # evaluation pieces
 
-def test_evaluate_weighs_every_head_and_fusion_and_reports_per_modality():
+def test_evaluate_forced_paper_rule_weighs_every_head_and_fusion_and_reports_per_modality():
     from dimml.weighting import weigh
     setting = "audio,visual,flow"
     model = tiny_model(setting)
     batches = [(make_inputs(setting, b=6, seed=s), torch.arange(6) % K) for s in range(3)]
     loaders = {"train": batches[:2], "val": batches[2:], "test": batches[1:]}
     report = evaluate(model, loaders, method="dimml", num_classes=K, classes=[f"c{k}" for k in range(K)],
-                      weighting=True, lw_temperature=0.5, device=torch.device("cpu"), progress=False)
+                      weighting=True, lw_temperature=0.5, device=torch.device("cpu"), progress=False,
+                      output="paper-lw")
+    assert report["output"]["forced"] and report["output_rule"] == {"name": "paper-lw", "rule": "weighted",
+                                                                    "branch": None, "temperature": 0.5, "prior": {}}
     m = report["metrics"]
     assert set(m) == {"fused", "weighted", "audio", "visual", "flow", "probe"}
     assert set(m["probe"]) == {"audio", "visual", "flow"}
@@ -492,9 +496,8 @@ def test_macro_f1_and_confusion_match_scikit_learn():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 5, 200)
     pred = np.where(rng.random(200) < 0.6, y, rng.integers(0, 4, 200))   # class 4 never predicted
-    yt, pt = torch.from_numpy(y), torch.from_numpy(pred)
-    assert macro_f1(pt, yt, 6) == pytest.approx(metrics.f1_score(y, pred, average="macro"))
-    np.testing.assert_array_equal(confusion_matrix(pt, yt, 5).numpy(), metrics.confusion_matrix(y, pred))
+    assert macro_f1(pred, y, 6) == pytest.approx(metrics.f1_score(y, pred, average="macro"))
+    np.testing.assert_array_equal(confusion(pred, y, 5), metrics.confusion_matrix(y, pred))
 
 
 # ---------------------------------------------------------------------------------------

@@ -251,8 +251,9 @@ def test_output_rule_from_the_report_is_used(tmp_path):
                         report={"method": "dimml", "primary": "weighted", "lw_temperature": T, "metrics": {},
                                 "output_rule": rule.to_dict()})
     bundle = build_bundle(run, tmp_path / "b", BundleOptions(exporter="torchscript"), progress=False)
+    assert json.loads((bundle / "manifest.json").read_text())["output"] == rule.to_dict()
     p = Predictor(bundle, open_engine(bundle, "onnxruntime-cpu"))
-    assert p.rule == rule
+    assert p.rule == rule and p.bundle.output == "rear"
     arrays = random_arrays("front:image,rear:image", 2, seed=9)
     ref = reference(load_run(run), arrays)
     for i, a in enumerate(p.predict_arrays(arrays)):
@@ -260,3 +261,34 @@ def test_output_rule_from_the_report_is_used(tmp_path):
         np.testing.assert_allclose(list(a["probabilities"].values()), softmax(ref["logits"]["rear"])[i], atol=1e-5)
     [front_only] = p.predict_arrays({"front": arrays["front"][:1]})
     assert front_only["branches"]["front"]["weight"] == 1.0
+
+
+def test_older_manifests_map_to_output_rules(tmp_path):
+    """Manifests from before output rules (`output` "weighted" | "fused" | absent, plus
+    `lw_temperature`; or the interim `output_rule` entry) load as the paper's rule / the fusion head."""
+    run = make_tiny_run(tmp_path / "old-run", "audio,visual")
+    bundle = build_bundle(run, tmp_path / "b", BundleOptions(exporter="torchscript"), progress=False)
+    mpath = bundle / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    assert manifest["output"] == OutputRule.paper(T).to_dict()   # a report without a rule: the paper's at its T
+
+    def rule_of(**output) -> OutputRule:
+        m = {k: v for k, v in manifest.items() if k != "output"}
+        mpath.write_text(json.dumps({**m, **output}))
+        return load_bundle(bundle).output_rule
+
+    assert rule_of(output="weighted") == OutputRule.paper(T) == rule_of()
+    assert rule_of(output="fused") == OutputRule.head("fusion", T)
+    assert rule_of(output="fused", output_rule=OutputRule.head("audio").to_dict()) == OutputRule.head("audio")
+    # an old "weighted" manifest answers with exactly Eq. 8-9 at its T
+    rule_of(output="weighted")
+    p = Predictor(bundle, open_engine(bundle, "onnxruntime-cpu"))
+    arrays = random_arrays("audio,visual", 3, seed=4)
+    ref = reference(load_run(run), arrays)
+    for i, a in enumerate(p.predict_arrays(arrays)):
+        np.testing.assert_allclose(list(a["probabilities"].values()), ref["probs"][i], rtol=1e-4, atol=1e-5)
+        for b, v in a["branches"].items():
+            assert v["weight"] == pytest.approx(ref["weights"][b][i], abs=1e-5)
+            assert v["certainty"] == pytest.approx(ref["certainties"][b][i], abs=1e-5)
+    with pytest.raises(ValueError, match="'weighted' or 'fused'"):
+        rule_of(output="mean")

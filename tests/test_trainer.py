@@ -18,7 +18,8 @@ import torch
 from conftest import SETTINGS
 
 from training.cli import main as cli_main
-from training.evaluate import collect, macro_f1
+from dimml.metrics import macro_f1
+from training.evaluate import collect
 from training.methods import REGISTRY, get_method
 from training.run import load_run
 from training.synth import SynthConfig, synthesize
@@ -114,8 +115,12 @@ def test_config_declares_the_modalities():
         TrainConfig(data="d", out="o", modalities="front,rear").resolve()
     with pytest.raises(ValueError, match="unknown modality"):
         TrainConfig(data="d", out="o", preprocess={"flow.num_pairs": 3}).resolve()
-    with pytest.raises(ValueError, match="clash with the report"):
-        TrainConfig(data="d", out="o", modalities="fused:image,rear:image").resolve()
+    for name in ("fused", "weighted", "probe"):   # report keys
+        with pytest.raises(ValueError, match="reserved"):
+            TrainConfig(data="d", out="o", modalities=f"{name}:image,rear:image").resolve()
+    with pytest.raises(ValueError, match="output must be one of"):
+        TrainConfig(data="d", out="o", output="flow").resolve()
+    assert TrainConfig(data="d", out="o", output="visual").resolve().output == "visual"
 
 
 # The fusion parameters of runs saved before fusion heads took M inputs (audio first, visual second).
@@ -228,6 +233,21 @@ def test_run_folder_report_and_log(runs):
         assert set(m[name]) == {"accuracy", "macro_f1", "ece"} and 0 <= m[name]["ece"] <= 1
     assert report["primary"] == "weighted" and report["lw_temperature"] > 0
     assert report["lw_temperature_source"] == "val"
+    # 3 validation clips per class: too few to choose an output -> the fusion head, said in the
+    # report, the table and the log
+    out_facts = report["output"]
+    assert out_facts["fallback"] and out_facts["chosen"] == "fusion" and "too small" in out_facts["reason"]
+    assert report["output_rule"] == {"name": "fusion", "rule": "branch", "branch": "fusion",
+                                     "temperature": report["lw_temperature"], "prior": {}}
+    assert m["weighted"] == m["fused"]
+    cands = out_facts["candidates"]
+    assert set(cands) == {"fusion", "audio", "visual", "paper-lw", "fitted"}
+    for name, row in cands.items():
+        assert {"accuracy", "macro_f1", "ece"} <= set(row), name
+    assert {k: cands["audio"][k] for k in m["audio"]} == m["audio"]
+    assert cands["paper-lw"]["temperature"] == report["lw_temperature"]
+    log = (out / "train.log").read_text()
+    assert "warning: validation split too small" in log and "final output: fusion" in log
     assert sum(map(sum, report["confusion"])) == report["sizes"]["test"]
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == "dimml" and config["inference"] == "weighted"
@@ -246,8 +266,11 @@ def test_run_folder_report_and_log(runs):
     assert joint["metrics"]["visual"]["accuracy"] == joint["metrics"]["probe"]["visual"]
 
 
-def test_weighted_output_equals_a_hand_computation(runs, corpus):
-    out, report = runs("dimml")
+def test_forced_paper_output_equals_a_hand_computation(runs, corpus):
+    # --output paper-lw with --lw-temperature fixed: exactly the paper's Eq. 8-9
+    out, report = runs("dimml", output="paper-lw", lw_temperature=0.3)
+    assert report["output"]["forced"] and report["output"]["chosen"] == "paper-lw"
+    assert report["lw_temperature"] == 0.3 and report["lw_temperature_source"] == "config"
     run = load_run(out)
     data = prepare_data(TrainConfig(data=str(corpus), out=str(out), preset="tiny"), run.preprocess, progress=False)
     o = collect(run.model, make_loader(data, "test", 16, 0, False), torch.device("cpu"))
@@ -264,7 +287,9 @@ def test_weighted_output_equals_a_hand_computation(runs, corpus):
         preds.append(max(range(K), key=lambda k: weighted[k]))
     pred = torch.tensor(preds)
     assert report["metrics"]["weighted"]["accuracy"] == pytest.approx(float((pred == o.labels).double().mean()))
-    assert report["metrics"]["weighted"]["macro_f1"] == pytest.approx(macro_f1(pred, o.labels, K))
+    assert report["metrics"]["weighted"]["macro_f1"] == pytest.approx(macro_f1(pred.numpy(), o.labels.numpy(), K))
+    paper = report["output"]["candidates"]["paper-lw"]
+    assert paper["temperature"] == 0.3 and report["metrics"]["weighted"] == {k: paper[k] for k in report["metrics"]["weighted"]}
 
 
 def test_cpu_runs_are_reproducible(runs):

@@ -1,34 +1,43 @@
-"""Evaluation of a trained MultiModel: metrics per output, certainty weighting, linear probes, report.json.
+"""Evaluation of a trained MultiModel: metrics per output, the final output rule, linear probes, report.json.
 
-On the test split: accuracy, macro-F1 and ECE of the fused output, of the certainty-weighted
-output (methods whose final output it is: the M unimodal heads plus fusion weighed, T_lw fitted
-on the validation split unless given) and of each modality's head; plus the linear-probe
-accuracy of each frozen encoder (a linear classifier fitted on its train features, scored on
-test: the modality-competition measure). Report metrics are keyed "fused", "weighted", each
-modality's name, and "probe" ({modality: accuracy}).
+On the test split: accuracy, macro-F1 and ECE (dimml.metrics) of the fusion head ("fused"), of
+each modality's head, and of the method's final output. Methods whose final output is a
+weighting (`Method.weighting`: dimml) answer with the rule chosen on the validation split by
+dimml.weighting.select_output among the candidates fusion head, each unimodal head, the paper's
+weighting (Eq. 8-9, T fixed by lw_temperature or fitted) and the fitted prior weighting; the
+report's "output" lists every candidate's test metrics and cross-validation scores, the choice
+and why (a validation split under MIN_VAL_PER_CLASS clips per class falls back to the fusion
+head, with a warning). `output` forces a rule instead ("paper-lw" with a fixed lw_temperature
+is exactly the paper). Other methods answer with their fusion head. Report metrics are keyed
+"fused", "weighted" (the final output of weighting methods), each modality's name, and "probe"
+({modality: linear-probe accuracy of the frozen encoder, fitted on train features}: the
+modality-competition measure).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import sys
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from dimml.weighting import fit_temperature, weigh
-from training.losses import expected_calibration_error
+from dimml import metrics as M
+from dimml.weighting import (MIN_VAL_PER_CLASS, OutputRule, fit_prior_weighting, fit_temperature, select_output,
+                             softmax)
 from training.models import FUSION_KEY, MultiModel
 
-OUTPUT_KEYS = ("fused", "weighted", "probe")   # report metrics keys besides the modalities'
+AUTO = "auto"                                 # choose the final output on validation (weighting methods)
+WEIGHTINGS = ("paper-lw", "fitted")           # output rules besides the heads (FUSION_KEY, each modality)
 
 
-def check_output_names(names: Iterable[str]) -> None:
-    """ValueError when a modality name would clash with a report output key."""
-    clash = set(names) & set(OUTPUT_KEYS)
-    if clash:
-        raise ValueError(f"modality name(s) {sorted(clash)} clash with the report's outputs {OUTPUT_KEYS}; rename them")
+def output_choices(names: Iterable[str]) -> tuple[str, ...]:
+    """Values of TrainConfig.output for a run with these modalities."""
+    return (AUTO, FUSION_KEY, *names, *WEIGHTINGS)
 
 
 @dataclass
@@ -72,31 +81,13 @@ def collect(model: MultiModel, loader: Iterable, device: torch.device, amp_dtype
 # ---------------------------------------------------------------------------------------
 # metrics
 
-def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((pred == labels).double().mean()) if labels.numel() else float("nan")
-
-
-def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """[K, K] counts: row = true class, column = predicted class."""
-    idx = labels.long() * num_classes + pred.long()
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def macro_f1(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
-    """Mean F1 over the classes that occur in labels or predictions (scikit-learn's default)."""
-    cm = confusion_matrix(pred, labels, num_classes).double()
-    tp = cm.diag()
-    support, predicted = cm.sum(1), cm.sum(0)
-    present = (support + predicted) > 0
-    f1 = 2 * tp / (support + predicted).clamp_min(1)
-    return float(f1[present].mean()) if present.any() else float("nan")
-
-
-def branch_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
-    """Accuracy, macro-F1 and ECE (15 bins) of one output."""
-    pred = logits.argmax(1)
-    return {"accuracy": accuracy(pred, labels), "macro_f1": macro_f1(pred, labels, num_classes),
-            "ece": expected_calibration_error(logits.double().softmax(1), labels)}
+def branch_metrics(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
+                   num_classes: int) -> dict[str, float]:
+    """Accuracy, macro-F1 and ECE (15 bins) of one output (dimml.metrics)."""
+    z, y = np.asarray(logits, dtype=np.float64), np.asarray(labels)
+    pred = z.argmax(1)
+    return {"accuracy": M.accuracy(pred, y), "macro_f1": M.macro_f1(pred, y, num_classes),
+            "ece": M.expected_calibration_error(softmax(z), y) if y.size else float("nan")}
 
 
 # ---------------------------------------------------------------------------------------
@@ -135,7 +126,71 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2
 def probe_accuracy(train: Outputs, test: Outputs, side: str, num_classes: int) -> float:
     layer = fit_probe(train.features[side], train.labels, num_classes)
     with torch.no_grad():
-        return accuracy(layer(test.features[side]).argmax(1), test.labels)
+        return M.accuracy(layer(test.features[side]).argmax(1).numpy(), test.labels.numpy())
+
+
+# ---------------------------------------------------------------------------------------
+# the final output
+
+def _np(logits: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {n: v.numpy().astype(np.float64) for n, v in logits.items()}
+
+
+def paper_temperature(val_logits: Mapping[str, np.ndarray], val_labels: np.ndarray,
+                      lw_temperature: float | None) -> tuple[float, str]:
+    """T of the paper's weighting: the configured one, else fitted on validation, else 1."""
+    if lw_temperature is not None:
+        return float(lw_temperature), "config"
+    if len(val_labels):
+        return fit_temperature(list(val_logits.values()), val_labels), "val"
+    return 1.0, "default"
+
+
+def choose_output(val_logits: Mapping[str, np.ndarray], val_labels: np.ndarray, *, weighting: bool,
+                  output: str = AUTO, lw_temperature: float | None = None,
+                  log: Callable[[str], None] | None = None) -> tuple[OutputRule, dict[str, Any], dict[str, OutputRule]]:
+    """The final output rule from validation logits {modality..., "fusion": [N, K]}.
+
+    Returns (rule, selection facts for the report, every candidate rule by name). `output`:
+    "auto" (weighting methods: select_output; others: the fusion head) or a candidate's name
+    (forced). A "branch" rule carries the paper's T, used when its branch is missing at serving.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    names = [n for n in val_logits if n != FUSION_KEY]
+    if output not in output_choices(names):
+        raise ValueError(f"output must be one of {output_choices(names)}, got {output!r}")
+    labels = np.asarray(val_labels, dtype=np.int64)
+    t, t_source = paper_temperature(val_logits, labels, lw_temperature)
+    rules: dict[str, OutputRule] = {n: dataclasses.replace(OutputRule.head(n), temperature=t)
+                                    for n in (FUSION_KEY, *names)}
+    rules["paper-lw"] = OutputRule.paper(t)
+    if len(np.unique(labels)) >= 2:   # something to fit (on a tiny split only reported, never chosen by auto)
+        rules["fitted"] = fit_prior_weighting(val_logits, labels)
+    facts: dict[str, Any] = {"lw_temperature": t, "lw_temperature_source": t_source, "forced": output != AUTO}
+    if output != AUTO:
+        if output not in rules:
+            raise ValueError(f"output {output!r} cannot be fitted: the validation split has "
+                             f"{len(labels)} clip(s) of {len(np.unique(labels))} class(es)")
+        rule = rules[output]
+        facts.update(chosen=output, fallback=False, reason=f"forced by the configuration (output={output})")
+    elif not weighting:
+        rule = rules[FUSION_KEY]
+        facts.update(chosen=FUSION_KEY, fallback=False, reason="the method's final output is its fusion head")
+    else:
+        rule, sel = select_output(val_logits, labels, temperature=lw_temperature)
+        facts.update(chosen=sel["chosen"], fallback=sel["fallback"], reason=sel["reason"])
+        if "folds" in sel:
+            facts["folds"] = sel["folds"]
+        facts["cv"] = sel["candidates"]
+        if rule.rule == "branch":
+            rule = rules[rule.name]
+        rules[sel["chosen"]] = rule
+        if sel["fallback"]:
+            log(f"warning: {sel['reason']} (min {MIN_VAL_PER_CLASS} per class; add validation clips, "
+                "or force a rule with --output)")
+    facts["rule"] = rule.to_dict()
+    log(f"final output: {facts['chosen']} ({facts['reason']})")
+    return rule, facts, rules
 
 
 # ---------------------------------------------------------------------------------------
@@ -144,65 +199,82 @@ def probe_accuracy(train: Outputs, test: Outputs, side: str, num_classes: int) -
 def evaluate(model: MultiModel, loaders: dict[str, Iterable], *, method: str, num_classes: int,
              classes: list[str], weighting: bool, lw_temperature: float | None, device: torch.device,
              amp_dtype: torch.dtype | None = None, unimodal_heads: str = "trained",
-             sizes: dict[str, int] | None = None, progress: bool = True) -> dict:
+             sizes: dict[str, int] | None = None, progress: bool = True, output: str = AUTO,
+             log: Callable[[str], None] | None = None) -> dict:
     """Score a model on loaders {"train", "val", "test"}; returns the report dict (see module doc).
 
     With no test samples the validation split is scored instead (said in "eval_split").
     """
-    check_output_names(model.names)
     outs = {split: collect(model, loader, device, amp_dtype, desc=f"evaluate {split}" if progress else None)
             for split, loader in loaders.items()}
     eval_split = "test" if outs["test"].labels.numel() else "val"
     test, k = outs[eval_split], num_classes
-    metrics = {"fused": branch_metrics(test.logits[FUSION_KEY], test.labels, k),
-               **{n: branch_metrics(test.logits[n], test.labels, k) for n in model.names}}
-    final = test.logits[FUSION_KEY]
-    t_source = None
-    if weighting:
-        names = [*model.names, FUSION_KEY]
-        if lw_temperature is not None:
-            t, t_source = float(lw_temperature), "config"
-        elif outs["val"].labels.numel():
-            t = fit_temperature([outs["val"].logits[n].numpy() for n in names], outs["val"].labels.numpy())
-            t_source = "val"
-        else:
-            t, t_source = 1.0, "default"
-        z, _, _ = weigh([test.logits[n].numpy() for n in names], t)
-        final = torch.from_numpy(z)
-        metrics["weighted"] = branch_metrics(final, test.labels, k)
-    else:
-        t = None
+    order = (*model.names, FUSION_KEY)
+    val_z, test_z = ({n: z[n] for n in order} for z in (_np(outs["val"].logits), _np(test.logits)))
+    y = test.labels.numpy()
+    rule, facts, rules = choose_output(val_z, outs["val"].labels.numpy(), weighting=weighting, output=output,
+                                       lw_temperature=lw_temperature, log=log)
+    candidates = {}
+    for name, r in rules.items():
+        row = branch_metrics(r.apply(test_z)[0], y, k)
+        row.update((key, v) for key, v in (facts.get("cv") or {}).get(name, {}).items())
+        if r.rule == "weighted":
+            row["temperature"] = r.temperature
+            if r.prior:
+                row["prior"] = dict(r.prior)
+        candidates[name] = row
+    facts["candidates"] = candidates
+    final = rule.apply(test_z)[0]
+    metrics = {"fused": branch_metrics(test_z[FUSION_KEY], y, k), **{n: branch_metrics(test_z[n], y, k) for n in model.names}}
+    weighted = weighting or facts["forced"]
+    if weighted:
+        metrics["weighted"] = branch_metrics(final, y, k)
     metrics["probe"] = {n: probe_accuracy(outs["train"], test, n, k) for n in model.names}
     return {
         "method": method,
-        "primary": "weighted" if weighting else "fused",
+        "primary": "weighted" if weighted else "fused",
         "metrics": metrics,
-        "lw_temperature": t,
-        "lw_temperature_source": t_source,
+        "output": facts,
+        "output_rule": rule.to_dict(),
+        "lw_temperature": facts["lw_temperature"] if weighted else None,
+        "lw_temperature_source": facts["lw_temperature_source"] if weighted else None,
         "unimodal_heads": unimodal_heads,
         "eval_split": eval_split,
         "sizes": sizes or {s: int(o.labels.numel()) for s, o in outs.items()},
         "classes": list(classes),
-        "confusion": confusion_matrix(final.argmax(1), test.labels, k).tolist(),
+        "confusion": M.confusion(final.argmax(1), y, k).tolist(),
     }
 
 
 def format_table(report: dict) -> str:
-    """The report as a small text table."""
+    """The report as a small text table: the heads, the final output, every candidate, the probes."""
     m = report["metrics"]
-    t = report.get("lw_temperature")
+    out = report.get("output") or {}
     modalities = list(m["probe"])
-    head = f"method {report['method']}  (final output: {report['primary']}"
-    head += f", T_lw={t:.3g} from {report['lw_temperature_source']})" if t is not None else ")"
-    width = max(10, *(len(n) + 2 for n in modalities))
+    head = f"method {report['method']}  (final output: {out.get('chosen', report['primary'])}"
+    t = report.get("lw_temperature")
+    head += f", paper T_lw={t:.3g} from {report['lw_temperature_source']})" if t is not None else ")"
+    width = max(12, *(len(n) + 2 for n in modalities))
     lines = [head, f"{report['eval_split']} split, n={report['sizes'].get(report['eval_split'])}",
              f"{'output':<{width}}{'accuracy':>10}{'macro_f1':>10}{'ece':>8}"]
     for name in ("fused", "weighted", *modalities):
         if name in m:
             r = m[name]
             note = "  (probe head)" if name in modalities and report["unimodal_heads"] == "probe" else ""
+            note = "  (final output)" if name == "weighted" else note
             lines.append(f"{name:<{width}}{r['accuracy']:>10.4f}{r['macro_f1']:>10.4f}{r['ece']:>8.4f}{note}")
     p = m["probe"]
     lines.append(f"{'probe':<{width}}" + "  ".join(f"{n} {p[n]:.4f}" for n in modalities)
                  + "  (linear probe accuracy)")
+    cands = out.get("candidates") or {}
+    if len(cands) > 1:
+        lines.append(f"candidate outputs ({report['eval_split']} metrics; cv_acc on validation):")
+        lines.append(f"  {'candidate':<{width}}{'accuracy':>10}{'macro_f1':>10}{'ece':>8}{'cv_acc':>8}  T")
+        for name, r in cands.items():
+            cv = f"{r['cv_accuracy']:>8.4f}" if "cv_accuracy" in r else f"{'-':>8}"
+            temp = f"  {r['temperature']:.3g}" if "temperature" in r else ""
+            mark = "  <- chosen" if name == out.get("chosen") else ""
+            lines.append(f"  {name:<{width}}{r['accuracy']:>10.4f}{r['macro_f1']:>10.4f}{r['ece']:>8.4f}{cv}{temp}{mark}")
+    if out:
+        lines.append(("WARNING: " if out.get("fallback") else "") + f"chose {out['chosen']}: {out['reason']}")
     return "\n".join(lines)

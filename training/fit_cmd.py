@@ -24,7 +24,11 @@ from pathlib import Path
 HELP = {
     "method": "training method (dimml, dimml-duc, dimml-sclf, mmclf, joint, mlb, dgl, unimodal, preds-avg, "
               "mses, mslr, ogm-ge, pmr, umt)",
-    "preset": "model and preprocessing preset: resnet18 (the paper) or tiny (CPU, seconds)",
+    "preset": "model and preprocessing preset: resnet18 (the paper), tiny (CPU, seconds) or paper-cremad "
+              "(the authors' released CREMA-D run: 10 s audio, fixed T_lw = 1 paper-lw output)",
+    "split_file": "comma-separated files assigning each clip its split: the authors' headerless "
+                  "train.csv,test.csv (<clip>,<label> rows; split = file name) or a CSV with name and split "
+                  "columns; unlisted clips are left out",
     "modalities": "the model's modalities, in order: built-in names (audio, visual, flow) or NAME:KIND "
                   "(e.g. front:image,rear:image)",
     "device": "auto | cpu | cuda | cuda:N",
@@ -37,6 +41,9 @@ HELP = {
     "stage2_step": "fusion-stage decay step (default: half of --stage2-epochs)",
     "fusion": "fusion head: concat | sum | film | gated",
     "lw_temperature": "certainty-weighting temperature T_lw (default: fitted on the validation split)",
+    "output": "final output: auto (dimml: chosen on validation among the fusion head, each unimodal head, "
+              "paper-lw and fitted; other methods: the fusion head) or forced: fusion | MODALITY | paper-lw "
+              "(the paper's Eq. 8-9; with --lw-temperature fixed, exactly the paper) | fitted",
     "augment": "random resized crop + horizontal flip of training images (kinds that allow it)",
     "amp": "auto (bf16 autocast on CUDA) | bf16 | off",
     "compile": "torch.compile the trained modules: auto (on CUDA) | on | off",
@@ -113,6 +120,8 @@ def register(subparsers) -> None:
     e.add_argument("--cache-dir", default=None)
     e.add_argument("--lw-temperature", type=float, default=None,
                    help="certainty-weighting temperature (default: the run's setting, else fitted on val)")
+    e.add_argument("--output", default=None,
+                   help="final output rule: auto | fusion | MODALITY | paper-lw | fitted (default: the run's setting)")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--workers", type=int, default=None)
     e.set_defaults(func=run_evaluate)
@@ -157,7 +166,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         report = evaluate(run.model.to(device), loaders, method=run.method, num_classes=len(run.classes),
                           classes=run.classes, weighting=weighting == "weighted", lw_temperature=lw,
                           device=device, amp_dtype=pick_amp(cfg.amp, device),
-                          unimodal_heads=run.config.get("unimodal_heads", "trained"), sizes=data.sizes)
+                          unimodal_heads=run.config.get("unimodal_heads", "trained"), sizes=data.sizes,
+                          output=args.output or cfg.output or "auto")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

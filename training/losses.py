@@ -7,8 +7,7 @@ DI-MML (Fan et al., ACM MM 2024; reference code github.com/fanyunfeng-bit/DI-MML
     duc_loss                             Eq. 6    dimension-decoupled unidirectional InfoNCE
 MLB (Kontras et al., BMVC 2024; reference code github.com/kkontras/MLB):
     mlb_coefficients                     Eq. 4-7  per-modality gradient coefficients k_i
-Metrics:
-    expected_calibration_error                    ECE of Guo et al. 2017 (equal-width bins)
+(Classification metrics, ECE included, live in dimml/metrics.py.)
 """
 from __future__ import annotations
 
@@ -19,14 +18,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Default DUC temperature per distance. The released code uses the unnormalised dot product
-# with --temperature 50 for CREMA-D / ModelNet and 10 for AVE / UCF (README and run.sh of
-# fanyunfeng-bit/DI-MML, main_CFT.py); our encoders are the same ResNet18 + average pool
-# without normalisation, so the feature scale (and thus T) carries over. Squared Euclidean
-# logits are -(|s|^2 - 2 s.t + |t|^2)/T = 2 s.t/T - |t|^2/T + const(s), i.e. the dot product at
-# T/2 plus a teacher-norm bias, so T = 100 matches the authors' dot-product loss at T = 50.
-DUC_TEMPERATURE = {"dot": 50.0, "euclidean": 100.0}
-DUC_DISTANCES = ("euclidean", "dot")
+# DUC distances and their default temperatures.
+#   dot          s.t / T, unnormalised: the authors' released code (loss/contrast_loss.py,
+#                main_CFT.py), T = 50 as its run scripts use for CREMA-D and ModelNet (10 for AVE
+#                and UCF). Our encoders are the same ResNet + average pool without normalisation,
+#                so the feature scale, and with it T, carries over. The default.
+#   sqeuclidean  -|s - t|^2 / T. Expanded, 2 s.t/T - |t|^2/T + const(s): T = 100 gives the
+#                s.t term the dot product's scale at T = 50. It is NOT the same loss: the
+#                -|t_j|^2/T term differs per candidate teacher, so whenever teacher norms vary
+#                in a batch (always, for real features) the softmax and the gradients differ
+#                (gradient cosines of 0.33 to 0.5 against the dot product's at
+#                T = 50 measured with varied teacher norms; tests/test_losses.py).
+#   euclidean    -|s - t| / T, the paper's Eq. 6 as written (plain distance). Neither the paper
+#                nor the released code gives a T for it; 1 leaves the distances unscaled
+#                (set duc_temperature to tune it).
+DUC_TEMPERATURE = {"dot": 50.0, "sqeuclidean": 100.0, "euclidean": 1.0}
+DUC_DISTANCES = ("dot", "euclidean", "sqeuclidean")
+DUC_DEFAULT_DISTANCE = "dot"
 _CHUNK_ELEMENTS = 1 << 24  # N*K*D floats held at once by dimension_scores (64 MB in float32)
 
 
@@ -111,11 +119,12 @@ def transfer_dimensions(effective: Mapping[str, Tensor]) -> dict[str, dict[str, 
 
 
 def duc_loss(h_student: Tensor, h_teacher: Tensor, dims: Tensor, temperature: float | None = None,
-             distance: str = "euclidean", *, squared: bool = True) -> Tensor:
+             distance: str = DUC_DEFAULT_DISTANCE) -> Tensor:
     """Eq. 6: InfoNCE of student sub-vectors against the (detached) teacher's, same sample positive.
 
-    logits[k, j] = -|s_k - t_j|^2 / T  ("euclidean"; plain |s_k - t_j| with squared=False)
-                 =  s_k . t_j / T      ("dot", unnormalised, as the released code)
+    logits[k, j] =  s_k . t_j / T       ("dot", unnormalised: the released code; default)
+                 = -|s_k - t_j| / T     ("euclidean": the paper's Eq. 6)
+                 = -|s_k - t_j|^2 / T   ("sqeuclidean")
     temperature None -> DUC_TEMPERATURE[distance]. Mean over the batch. Empty dims -> a zero
     that stays in the student's graph.
     """
@@ -125,8 +134,6 @@ def duc_loss(h_student: Tensor, h_teacher: Tensor, dims: Tensor, temperature: fl
         raise ValueError(f"student and teacher features must both be [B, D], got "
                          f"{tuple(h_student.shape)} and {tuple(h_teacher.shape)}")
     if temperature is None:
-        if distance == "euclidean" and not squared:
-            raise ValueError("no reference temperature for plain Euclidean DUC: pass temperature=")
         temperature = DUC_TEMPERATURE[distance]
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -143,7 +150,7 @@ def duc_loss(h_student: Tensor, h_teacher: Tensor, dims: Tensor, temperature: fl
         # Explicit differences (not |s|^2 - 2 s.t + |t|^2): exact, and >= 0 without cancellation.
         d2 = (s[:, None, :] - t[None, :, :]).pow(2).sum(-1)                   # [B, B]
         # clamp: sqrt has an infinite slope at 0 (e.g. dead ReLU dims equal in both modalities)
-        logits = -(d2 if squared else d2.clamp_min(1e-12).sqrt())
+        logits = -(d2 if distance == "sqeuclidean" else d2.clamp_min(1e-12).sqrt())
     target = torch.arange(s.shape[0], device=s.device)
     return F.cross_entropy(logits / temperature, target)
 
@@ -177,25 +184,3 @@ def mlb_coefficients(probs_true: Mapping[str, Tensor], alpha: float, beta_max: f
                        torch.tensor(2.0, dtype=r.dtype))
     k = 1 + (beta - 1) * torch.tanh(alpha * (r - 1))
     return {n: float(k[i]) for i, n in enumerate(names)}
-
-
-@torch.no_grad()
-def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
-    """ECE (Guo et al. 2017): sum_b |B_b|/N |acc(B_b) - conf(B_b)|, confidence = max prob.
-
-    Equal-width bins ((b-1)/n, b/n] as in the paper (a confidence of exactly 0 goes to the first bin).
-    """
-    if probs.dim() != 2 or labels.dim() != 1 or probs.shape[0] != labels.shape[0]:
-        raise ValueError(f"probs must be [N, K] and labels [N], got {tuple(probs.shape)} and {tuple(labels.shape)}")
-    if probs.shape[0] == 0:
-        raise ValueError("no samples: probs is empty")
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    conf, pred = probs.detach().double().max(dim=1)
-    correct = (pred == labels.to(pred.device)).double()
-    # Inner edges as i/n in Python: correctly rounded, so 0.6 falls in (0.4, 0.6] for n=5.
-    edges = torch.tensor([i / n_bins for i in range(1, n_bins)], dtype=torch.float64, device=conf.device)
-    bins = torch.bucketize(conf, edges, right=False)                      # (lo, hi] -> 0..n-1
-    gap = torch.zeros(n_bins, dtype=torch.float64, device=conf.device)
-    gap.index_add_(0, bins, correct - conf)                               # sum(acc) - sum(conf) per bin
-    return float(gap.abs().sum() / conf.shape[0])

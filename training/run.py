@@ -4,7 +4,7 @@ RUN/
   config.json   resolved configuration (method, preset, preprocess with the modality specs, model, classes,
                 hyper-parameters)
   model.pt      final weights of the exported modules {<modality>: branch, ..., "fusion": head}
-  report.json   test metrics and the certainty-weighting temperature (written by evaluation)
+  report.json   test metrics, every candidate output and the chosen output rule (written by evaluation)
 Runs written before modalities were declared (a flat audio+visual preprocess dict, a model config
 without modalities, fusion parameters named for audio/visual) load as audio+visual.
 """
@@ -19,6 +19,7 @@ import torch
 
 from dimml.config import PreprocessConfig
 from dimml.fileio import atomic_path, atomic_write_json
+from dimml.weighting import OutputRule
 from training.models import FUSION_HEADS, FUSION_KEY, ModelConfig, MultiModel, build_model
 
 CONFIG, WEIGHTS, REPORT = "config.json", "model.pt", "report.json"
@@ -52,6 +53,14 @@ class Run:
         if self.report and self.report.get("lw_temperature") is not None:
             return float(self.report["lw_temperature"])
         return float(self.config.get("lw_temperature") or 1.0)
+
+    @property
+    def output_rule(self) -> OutputRule:
+        """The final output chosen at evaluation (report "output_rule"); older reports: by "primary"."""
+        if self.report and self.report.get("output_rule"):
+            return OutputRule.from_dict(self.report["output_rule"])
+        return OutputRule.legacy((self.report or {}).get("primary", self.config.get("inference", "weighted")),
+                                 self.lw_temperature)
 
 
 def save_run_model(run_dir: Path, config: dict[str, Any], model: MultiModel) -> None:

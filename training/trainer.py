@@ -41,7 +41,7 @@ from dimml.fileio import atomic_write_bytes, atomic_write_json
 from dimml.modalities import DEFAULT_MODALITIES, PreprocessConfig, preprocess_for
 from training.augment import augment_frames
 from training.cache import CachedDataset, DecodedCache, build_cache, default_cache_dir
-from training.evaluate import autocast, check_output_names, collect, evaluate, format_table
+from training.evaluate import AUTO, autocast, collect, evaluate, format_table, output_choices
 from training.methods import Batch, Method, get_method
 from training.models import FUSIONS, build_model, build_model_config, check_fusion
 from training.run import CONFIG, REPORT, WEIGHTS, atomic_torch_save, run_config_fields, save_run_model
@@ -50,14 +50,18 @@ CHECKPOINT, METRICS, LOG = "checkpoint.pt", "metrics.csv", "train.log"
 RUN_FILES = (CHECKPOINT, METRICS, LOG, CONFIG, WEIGHTS, REPORT, "curves.png", "confusion.png")
 
 # Values a TrainConfig leaves None, per preset. resnet18: the paper. tiny: learns the
-# synthetic corpus in seconds on a CPU.
+# synthetic corpus in seconds on a CPU. paper-cremad: the authors' released CREMA-D run (their
+# README / run script): ResNet18, 10 s of audio at 16 kHz (257 x 1004), 3 frames at 224 with
+# random resized crop + flip, SGD lr 1e-3 (x0.1 at epoch 70), 150 + 20 epochs, batch 16, DUC dot
+# product at T = 50 (the default), and the paper's weighting at their fixed T = 1 as the output.
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     "resnet18": dict(epochs=150, lr=1e-3, stage2_epochs=20),
     "tiny": dict(epochs=30, lr=2e-2, stage2_epochs=10),
+    "paper-cremad": dict(epochs=150, lr=1e-3, stage2_epochs=20, lw_temperature=1.0, output="paper-lw"),
 }
 LR_STEP_FRACTION = 70 / 150       # the paper decays after 70 of 150 epochs
 # Fields that may change between a run and its resumption (how, not what, is computed).
-VOLATILE = ("device", "workers", "decode_workers", "compile", "cache_dir", "eval_batch_size")
+VOLATILE = ("device", "workers", "decode_workers", "compile", "cache_dir", "eval_batch_size", "output")
 
 
 @dataclass
@@ -86,6 +90,9 @@ class TrainConfig:
     # model / inference
     fusion: str = "concat"
     lw_temperature: float | None = None   # None: fitted on the validation split
+    # final output: auto (weighting methods: chosen on validation; others: the fusion head) or forced:
+    # fusion | <modality> | paper-lw (Eq. 8-9 at lw_temperature) | fitted (training.evaluate)
+    output: str | None = None             # None: the preset's, else auto
     # execution
     augment: bool = True                  # random resized crop + flip of image kinds (training only)
     amp: str = "auto"                     # auto (bf16 on CUDA) | bf16 | off
@@ -102,6 +109,8 @@ class TrainConfig:
     speaker_disjoint: bool = False
     skip_bad: bool = False
     cache_dir: str | None = None          # None: training.cache.default_cache_dir(data root)
+    split_file: str | None = None         # comma-separated split files (dimml.datasets.read_split_files),
+                                          # e.g. the authors' CREMA-D train.csv,test.csv
     # overrides
     hparams: dict = field(default_factory=dict)      # method hyper-parameters (--set key=value)
     preprocess: dict = field(default_factory=dict)   # "<modality>.<param>" -> value (--set preprocess.visual.num_frames=3)
@@ -115,11 +124,16 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         names = self.preprocess_config().names   # unknown modalities, kinds or fields fail here
-        check_output_names(names)
         d = PRESET_DEFAULTS[self.preset]
+        output = self.output if self.output is not None else d.get("output", AUTO)
+        if output not in output_choices(names):
+            raise ValueError(f"output must be one of {output_choices(names)}, got {output!r}")
         # absolute data path: `evaluate --run RUN` and resumption work from any directory
         c = dataclasses.replace(self, data=os.path.abspath(self.data), hparams=dict(self.hparams),
-                                preprocess=dict(self.preprocess))
+                                preprocess=dict(self.preprocess), output=output)
+        if c.split_file:
+            c.split_file = ",".join(os.path.abspath(p.strip()) for p in c.split_file.split(",") if p.strip())
+        c.lw_temperature = d.get("lw_temperature") if c.lw_temperature is None else c.lw_temperature
         c.epochs = d["epochs"] if c.epochs is None else c.epochs
         c.lr = d["lr"] if c.lr is None else c.lr
         c.lr_step_epoch = max(1, round(c.epochs * LR_STEP_FRACTION)) if c.lr_step_epoch is None else c.lr_step_epoch
@@ -166,7 +180,8 @@ def prepare_data(cfg: TrainConfig, preprocess: PreprocessConfig, *, rank: int = 
     """
     spec = load_dataset(cfg.data, layout=cfg.layout, split_seed=cfg.split_seed, val_fraction=cfg.val_fraction,
                         test_fraction=cfg.test_fraction, speaker_disjoint=cfg.speaker_disjoint,
-                        skip_bad=cfg.skip_bad, modalities=preprocess)
+                        skip_bad=cfg.skip_bad, modalities=preprocess,
+                        split_files=cfg.split_file.split(",") if cfg.split_file else ())
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(spec.root)
     if rank > 0:
         dist.barrier()   # wait for rank 0 to build the cache, then open it
@@ -527,7 +542,7 @@ class Trainer:
                           classes=self.data.spec.classes, weighting=method_cls.weighting,
                           lw_temperature=self.cfg.lw_temperature, device=self.device, amp_dtype=self.amp_dtype,
                           unimodal_heads=self.method.unimodal_heads, sizes=self.data.sizes,
-                          progress=self.progress)
+                          progress=self.progress, output=self.cfg.output, log=self.log)
         atomic_write_json(self.out / REPORT, report)
         print(format_table(report), flush=True)
         plot_curves(self.history, self.out / "curves.png")

@@ -32,7 +32,8 @@ from typing import Any, ClassVar, Iterable, Mapping
 import numpy as np
 
 VIDEO_FIELD = "video"          # the upload field / manifest column (`path`) of the video file
-RESERVED = ("fusion", "video", "label", "split", "path")   # names a modality may not take
+# Names a modality may not take: modules, manifest columns, report keys and output-rule names.
+RESERVED = ("fusion", "video", "label", "split", "path", "fused", "weighted", "probe", "fitted")
 # Built-in modality names and the kind each stands for (any other name needs `name:kind`).
 BUILTIN_NAMES = {"audio": "audio", "visual": "frames", "flow": "flow"}
 DEFAULT_MODALITIES = "audio,visual"
@@ -193,6 +194,8 @@ KIND_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "resnet18": {},
     "tiny": {"audio": {"seconds": 2.0}, "frames": {"num_frames": 2, "height": 64, "width": 64},
              "flow": {"num_pairs": 2, "height": 64, "width": 64}, "image": {"height": 64, "width": 64}},
+    # the DI-MML authors' CREMA-D run: 10 s at 16 kHz -> a 257 x 1004 spectrogram; 3 frames at 224
+    "paper-cremad": {"audio": {"sample_rate": 16000, "seconds": 10.0}, "frames": {"num_frames": 3, "height": 224, "width": 224}},
 }
 
 

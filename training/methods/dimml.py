@@ -9,7 +9,12 @@ loss. No term of L_i reaches another encoder. Dimension separation (Eq. 3-5) run
 modality on the train features after `warmup` epochs, again every `sep_every` epochs (0:
 once, as the paper).
 Stage "fusion": encoders frozen (eval, no grad), the fusion head trained with CE.
-Inference: certainty-aware logit weighting of the M unimodal logits and the fusion logits (Eq. 8-9).
+Inference: the output chosen on validation (training.evaluate / dimml.weighting.select_output)
+among the fusion head, each unimodal head, the certainty-aware weighting of the M unimodal
+logits and the fusion logits (Eq. 8-9) and a fitted weighting; `--output paper-lw` with a fixed
+`--lw-temperature` forces exactly the paper's Eq. 8-9.
+DUC distance (training.losses): the released code's unnormalised dot product at T = 50 by
+default; the paper's plain Euclidean and squared Euclidean are options.
 
 Ablations (paper Table 3), same code with other defaults:
     mmclf       two-stage only (TS = "MM Clf"): lambda_s = lambda_D = 0, fused output
@@ -24,7 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from training.losses import DUC_DISTANCES, DUC_TEMPERATURE, duc_loss, separate_dimensions, transfer_dimensions
+from training.losses import (DUC_DEFAULT_DISTANCE, DUC_DISTANCES, DUC_TEMPERATURE, duc_loss, separate_dimensions,
+                             transfer_dimensions)
 from training.methods.base import Batch, Context, HParams, Method, StepResult, ce, register
 from training.models import FUSION_KEY
 
@@ -38,8 +44,8 @@ class DIMMLConfig(HParams):
     lambda_d: float = 1.0               # DUC weight (Eq. 7)
     warmup: int | None = None           # epochs before dimension separation; None: 20/150 of the epochs
     sep_every: int = 0                  # re-separate every n epochs after warmup; 0: once (the paper)
-    duc_distance: str = "euclidean"     # "euclidean" (the paper) or "dot" (the authors' code)
-    duc_temperature: float | None = None  # None: training.losses.DUC_TEMPERATURE[distance]
+    duc_distance: str = DUC_DEFAULT_DISTANCE   # "dot" (the released code), "euclidean" (the paper), "sqeuclidean"
+    duc_temperature: float | None = None       # None: training.losses.DUC_TEMPERATURE[distance] (dot 50)
 
     def resolve(self, epochs: int) -> None:
         if self.duc_distance not in DUC_DISTANCES:
