@@ -454,3 +454,23 @@ def test_trainer_calls_the_hooks_in_order(hook_probe, corpora, tmp_path):
     teacher = hook_probe["frozen"]
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert "probe.teacher" not in torch.load(out / "model.pt", weights_only=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,sets", [("ogm-ge", []), ("pmr", ["proto_batches=all"]), ("mslr", ["every=1"]),
+                                         ("mses", ["patience=1"])])
+def test_baselines_under_ddp_with_gloo(method, sets, corpora, tmp_path):
+    """Two processes: scores all-reduced, prototypes and validation accuracy broadcast from rank 0."""
+    import subprocess
+    import sys
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training",
+           "fit", "--data", str(corpora(IMAGES)), "--out", str(out), "--method", method, "--preset", "tiny",
+           "--modalities", IMAGES, "--batch-size", "8", "--epochs", "2", "--no-progress",
+           *(a for s in sets for a in ("--set", s))]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = (out / "train.log").read_text()
+    assert "2 process(es)" in log and (out / "report.json").is_file()
+    if method == "mslr":
+        assert "mslr after epoch 1" in log and "mslr after epoch 2" in log
