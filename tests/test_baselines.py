@@ -302,7 +302,7 @@ def corpora(tmp_path_factory):
     return corpus_of
 
 
-@pytest.mark.parametrize("setting", [IMAGES, pytest.param(AV, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("setting", [IMAGES, pytest.param(AV, marks=[pytest.mark.slow, pytest.mark.timeout(3600)])])
 def test_fit_each_baseline(setting, corpora, tmp_path):
     names = tuple(n.split(":")[0] for n in setting.split(","))
     corpus = corpora(setting)
@@ -356,6 +356,7 @@ TABLE2 = "unimodal,joint,mses,mslr,ogm-ge,pmr,umt,mmclf,preds-avg,dimml"
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(7200)   # 20 runs
 def test_compare_writes_table_2(corpora, tmp_path):
     out = tmp_path / "cmp"
     summary = run_compare(corpora(AV), out, TABLE2, "--seeds", "2")
