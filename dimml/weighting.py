@@ -1,6 +1,7 @@
-"""Certainty-aware logit weighting (DI-MML Eq. 8-9), shared by evaluation, serving and scoring.
+"""Certainty-aware logit weighting (DI-MML Eq. 8-9) and the final output rules, shared by
+evaluation, serving and scoring.
 
-For each instance j and branch i in {audio, visual, fusion}:
+For each instance j and branch i (each modality's head, and the fusion head):
     c_j^i = max_k softmax(z_j^i)_k                  (Eq. 8, the branch's certainty)
     w_j   = softmax_i(c_j^i / T)                    (Eq. 9)
     Z_j   = sum_i w_j^i z_j^i
