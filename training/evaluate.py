@@ -16,7 +16,6 @@ modality-competition measure).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
@@ -161,8 +160,7 @@ def choose_output(val_logits: Mapping[str, np.ndarray], val_labels: np.ndarray, 
         raise ValueError(f"output must be one of {output_choices(names)}, got {output!r}")
     labels = np.asarray(val_labels, dtype=np.int64)
     t, t_source = paper_temperature(val_logits, labels, lw_temperature)
-    rules: dict[str, OutputRule] = {n: dataclasses.replace(OutputRule.head(n), temperature=t)
-                                    for n in (FUSION_KEY, *names)}
+    rules: dict[str, OutputRule] = {n: OutputRule.head(n, t) for n in (FUSION_KEY, *names)}
     rules["paper-lw"] = OutputRule.paper(t)
     if len(np.unique(labels)) >= 2:   # something to fit (on a tiny split only reported, never chosen by auto)
         rules["fitted"] = fit_prior_weighting(val_logits, labels)
