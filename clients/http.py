@@ -177,6 +177,8 @@ def _json(response: httpx.Response, endpoint: str) -> Any:
 
 
 def _prediction(obj: Any, endpoint: str) -> Prediction:
+    if isinstance(obj, dict) and "error" in obj and "status" in obj:   # a /predict_batch slot's error
+        raise ServerError(int(obj["status"]), str(obj["error"]), endpoint, obj)
     try:
         return Prediction.from_dict(obj)
     except ValueError as e:

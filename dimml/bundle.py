@@ -317,6 +317,11 @@ def _is_tag(source: str) -> bool:
         (not version or re.match(r"^[A-Za-z0-9._-]+$", version) is not None)
 
 
+def is_model_tag(source: str | os.PathLike) -> bool:
+    """Whether load_bundle reads `source` from the BentoML model store (not an existing folder)."""
+    return not Path(source).exists() and _is_tag(str(source))
+
+
 def load_bundle(source: str | os.PathLike | Bundle, *, checksums: bool = True) -> Bundle:
     """A bundle folder, or a BentoML model-store tag ("name" = latest, or "name:version").
 
@@ -359,6 +364,6 @@ def register_bundle(source: str | os.PathLike, name: str | None = None,
     return str(model.tag)
 
 
-__all__ = ["Bundle", "BundleError", "load_bundle", "check_bundle", "register_bundle",
+__all__ = ["Bundle", "BundleError", "load_bundle", "is_model_tag", "check_bundle", "register_bundle",
            "write_manifest", "sha256_file", "model_name", "check_name", "list_files",
            "module_io", "FUSION", "SCHEMA_VERSION", "READABLE_SCHEMAS", "MANIFEST"]

@@ -1,6 +1,8 @@
 """Decoded samples -> answers: the one place serving, batch scoring and `export verify` predict.
 
     predictor = Predictor("BUNDLE" or "name:version")           # picks the best engine here
+    prediction = predictor.predict("clip.mp4")                    # a dimml.Prediction (also: a list,
+                                                                  # or files by field: video=..., audio=...)
     answer = predictor.predict_files({"video": "a.mp4"})          # files keyed by source field
     clips = [predictor.decode({"front": "f.png", "rear": "r.png"}), ...]
     answers = predictor.predict_clips(clips)                      # one dict per clip, same order
@@ -25,15 +27,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from dimml.bundle import FUSION, Bundle, load_bundle
-from dimml.engines import Engine, open_engine
+from dimml.engines import BACKENDS, FAMILIES, Engine, open_engine
 from dimml.media import Clip, Source, decode_sample
 from dimml.modalities import VIDEO_FIELD, PreprocessConfig
 from dimml.weighting import softmax
+
+if TYPE_CHECKING:
+    from dimml.prediction import Prediction
 
 
 @dataclass
@@ -70,6 +75,32 @@ def decode_files(files: Mapping[str, Source], cfg: PreprocessConfig, *,
     return clip
 
 
+def backend_order(prefer: str | Sequence[str], device: int | str | None = None) -> tuple[list[str], int]:
+    """(backends to try in order, GPU index) for a backend preference and a device: an int or
+    "cuda:N" picks GPU N (GPU backends only when given as "cuda..."), "cpu" keeps the CPU backends."""
+    names = [prefer] if isinstance(prefer, str) else list(prefer)
+    order: list[str] = []
+    for n in names:
+        if n not in FAMILIES and n not in BACKENDS:
+            raise ValueError(f"unknown backend {n!r}; choose from {', '.join(('auto', *FAMILIES, *BACKENDS))}")
+        order += [b for b in FAMILIES.get(n, (n,)) if b not in order]
+    if device is None or isinstance(device, int):
+        device_id, keep = int(device or 0), None
+    else:
+        kind, _, index = str(device).strip().lower().partition(":")
+        if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+            raise ValueError(f"device must be a GPU index, 'cuda', 'cuda:N' or 'cpu', got {device!r}")
+        device_id, keep = int(index or 0), kind
+    if device_id < 0:
+        raise ValueError(f"device index must be >= 0, got {device_id}")
+    if keep is not None:
+        # tensorrt runs on the GPU; every other backend names its device as its suffix
+        order = [b for b in order if (b.endswith("-cpu") if keep == "cpu" else not b.endswith("-cpu"))]
+        if not order:
+            raise ValueError(f"no backend of {names} runs on device {device!r}")
+    return order, device_id
+
+
 def _concat(parts: list[Outputs]) -> Outputs:
     first = parts[0]
     cat = lambda key: {k: np.concatenate([getattr(p, key)[k] for p in parts]) for k in getattr(first, key)}
@@ -84,11 +115,21 @@ class Predictor:
     """
 
     def __init__(self, bundle: Bundle | str | os.PathLike, engine: Engine | None = None,
-                 max_batch: int = 32, prefer: str | Sequence[str] = "auto"):
+                 max_batch: int = 32, prefer: str | Sequence[str] = "auto", *,
+                 backend: str | Sequence[str] | None = None, device: int | str | None = None,
+                 decode_threads: int | None = None):
+        """bundle: a folder or a model-store tag; backend (alias `prefer`): "auto", a family or a
+        backend name, or an order (dimml.engines.open_engine); device: a GPU index, "cuda:N", "cuda"
+        or "cpu" (CPU backends only); decode_threads: `predict` on a list decodes this many files at
+        once (default: the CPU count, at most 8)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.bundle = load_bundle(bundle)
-        self.engine = engine if engine is not None else open_engine(self.bundle, prefer)
+        if engine is None:
+            order, device_id = backend_order(backend if backend is not None else prefer, device)
+            engine = open_engine(self.bundle, order, device_id=device_id)
+        self.engine = engine
+        self.decode_threads = decode_threads or min(8, os.cpu_count() or 1)
         self.max_batch = min(max_batch, self.engine.max_batch or max_batch)
         self.classes = self.bundle.classes
         self.preprocess: PreprocessConfig = self.bundle.preprocess
@@ -127,6 +168,37 @@ class Predictor:
                       names: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Decode one sample's files (keyed by source field) and answer it."""
         return self.predict_clips([self.decode(files, names=names)])[0]
+
+    def predict(self, files: Source | Mapping[str, Source] | Sequence[Source | Mapping[str, Source]] | None = None,
+                /, **by_field: Source) -> "Prediction | list[Prediction]":
+        """The Python API: typed answers, the same `Prediction` the HTTP client returns.
+
+            predictor.predict("clip.mp4")                          # one file (one source field)
+            predictor.predict(video="face.mp4", audio="voice.wav")  # files by field
+            predictor.predict({"front": "f.png", "rear": "r.png"})  # the same as a mapping
+            predictor.predict(["a.mp4", "b.flv"])                  # a list -> a list, in order
+
+        A list is decoded in a thread pool of `decode_threads` (FFmpeg releases the GIL) and
+        run in batches of `max_batch`; a bad file raises dimml.media.MediaError naming it.
+        """
+        from dimml.prediction import Prediction
+
+        if by_field:
+            if files is not None:
+                raise TypeError("give files positionally or by field, not both")
+            files = by_field
+        if files is None:
+            raise TypeError(f"no file given; this model reads {', '.join(self.fields)}")
+        if isinstance(files, (list, tuple)):
+            samples = list(files)
+            if len(samples) <= 1 or self.decode_threads <= 1:
+                clips = [self.decode(f) for f in samples]
+            else:
+                from concurrent.futures import ThreadPoolExecutor
+                with ThreadPoolExecutor(min(self.decode_threads, len(samples))) as pool:
+                    clips = list(pool.map(self.decode, samples))
+            return [Prediction.from_dict(a) for a in (self.predict_clips(clips) if clips else [])]
+        return Prediction.from_dict(self.predict_files(files))
 
     # -- arrays -----------------------------------------------------------------------
 
@@ -237,4 +309,4 @@ class Predictor:
         return answers  # type: ignore[return-value]
 
 
-__all__ = ["Predictor", "Outputs", "decode_files"]
+__all__ = ["Predictor", "Outputs", "decode_files", "backend_order"]

@@ -1,4 +1,6 @@
-"""Typed prediction results, parsed from the JSON that `dimml.predict.Predictor` and the server return.
+"""Typed prediction results: what `dimml.Predictor.predict` and the HTTP client (`clients.Client`) return.
+
+Parsed from the JSON that `dimml.predict.Predictor` and the server produce (no third-party imports).
 
 The wire format (one dict per sample):
     {"label": str, "probabilities": {class: p},

@@ -32,6 +32,8 @@ from pydantic import Field
 from dimml.media import Clip, MediaError, MediaInfo
 from dimml.modalities import VIDEO_FIELD, PreprocessConfig
 from dimml.predict import decode_files
+from serving.openapi import OpenAPIErrors
+from serving.schemas import Answer, BatchItem, ItemError
 from serving.settings import Settings
 from serving.uploads import Rejected, Upload, UploadGuard, collect
 
@@ -70,7 +72,22 @@ def upload_fields(cfg: PreprocessConfig) -> dict[str, str]:
     return out
 
 
-CFG = bundle_preprocess(SETTINGS.bundle) or PreprocessConfig()
+def declared_model(tag: str) -> "bentoml.models.BentoModel | None":
+    """The model the inference service declares (so `bentoml build` packs it): `tag` when it is in
+    the model store; else None (a warning: the Bento would hold no model)."""
+    if not tag:
+        return None
+    ref = bentoml.models.BentoModel(tag)
+    if ref.stored is None:
+        logger.warning("model %s is not in the BentoML model store: the service declares no model "
+                       "(register one: python -m export bundle ... --register %s)", tag, tag.split(":")[0])
+        return None
+    return ref
+
+
+MODEL = declared_model(SETTINGS.model_tag)
+SOURCE = SETTINGS.bundle or (SETTINGS.model_tag if MODEL is not None else "")   # what the model is read from
+CFG = bundle_preprocess(SOURCE) or PreprocessConfig()
 FIELDS = upload_fields(CFG)
 HAS_VIDEO = VIDEO_FIELD in CFG.fields
 # Upload endpoints, their file fields and how many files each takes: the guard's routing table.
@@ -86,9 +103,8 @@ def with_upload_fields(func):
     params += [inspect.Parameter(f, inspect.Parameter.KEYWORD_ONLY, annotation=Path,
                                  default=Field(default=None, description=doc)) for f, doc in FIELDS.items()]
     params.append(inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=bentoml.Context))
-    func.__signature__ = inspect.Signature(params, return_annotation=dict[str, Any])
-    func.__annotations__ = {**{f: Path for f in FIELDS}, "ctx": bentoml.Context,
-                            "return": dict[str, Any]}
+    func.__signature__ = inspect.Signature(params, return_annotation=Answer)
+    func.__annotations__ = {**{f: Path for f in FIELDS}, "ctx": bentoml.Context, "return": Answer}
     return func
 
 
@@ -109,28 +125,41 @@ def _refuse(ctx: bentoml.Context, e: Rejected):
 
 # BentoML 1.4 recycles the entry service's connection to this one every 100 calls by default,
 # failing the calls in flight (HTTP 500 under load): keep one long-lived connection instead.
+# A GPU is asked for when the settings want GPU backends only (serving.settings.Settings.gpus).
 @bentoml.service(workers=1, traffic={"timeout": 120},
-                 runner_connection={"max_requests": 1_000_000_000, "max_age": 1e9})
+                 runner_connection={"max_requests": 1_000_000_000, "max_age": 1e9},
+                 **({"resources": {"gpu": SETTINGS.gpus}} if SETTINGS.gpus else {}))
 class DIMMLInference:
     """Loads the bundle once, picks the backend, and serves batched inference on decoded clips.
 
+    The model is the one it declares (`bundle_model`, DIMML_MODEL or a DIMML_BUNDLE tag: packed
+    by `bentoml build`), or the bundle folder DIMML_BUNDLE names.
     Its /readyz answers only once __init__ (load, engine choice, warm-up) has finished.
     """
+
+    if MODEL is not None:
+        bundle_model = MODEL
 
     def __init__(self) -> None:
         from dimml.bundle import load_bundle
         from dimml.engines import open_engine
         from dimml.predict import Predictor
 
-        if not SETTINGS.bundle:
-            raise RuntimeError("DIMML_BUNDLE is not set: give a bundle folder or a model-store tag")
-        self.bundle = load_bundle(SETTINGS.bundle)
-        self.engine = open_engine(self.bundle, prefer=SETTINGS.backend_order)
+        if SETTINGS.bundle:
+            source = SETTINGS.bundle
+        elif MODEL is not None:
+            source = str(self.bundle_model.tag)   # resolved from the model store (the Bento's own, when built)
+        else:
+            raise RuntimeError(f"no model: DIMML_BUNDLE is not set and {SETTINGS.model} is not in the BentoML "
+                               "model store (give a bundle folder or tag, or register one with "
+                               "python -m export bundle ... --register NAME)")
+        self.bundle = load_bundle(source)
+        self.engine = open_engine(self.bundle, prefer=SETTINGS.backend_order, device_id=SETTINGS.device_id)
         self.predictor = Predictor(self.bundle, engine=self.engine, max_batch=SETTINGS.max_batch_size)
         self.backend: str = self.engine.backend
         self._warm_up()
         logger.info("loaded bundle %s:%s from %s on backend %s", self.bundle.name,
-                    self.bundle.version, SETTINGS.bundle, self.backend)
+                    self.bundle.version, source, self.backend)
 
     def _warm_up(self) -> None:
         """One full-model call at start-up, so a broken engine fails here and not on a request."""
@@ -229,10 +258,11 @@ class DIMML:
 
     @bentoml.api
     @with_upload_fields
-    async def predict(self, ctx: bentoml.Context, **uploads: Path | None) -> dict[str, Any]:
+    async def predict(self, ctx: bentoml.Context, **uploads: Path | None) -> Answer:
         """One sample: a file per source field of the model (each optional; at least one).
 
         A modality whose file is missing (or a video without that track) is answered by the others.
+        A refused request gets a 4xx JSON body {"error", "cause"} (400, 413, 415, 422).
         """
         try:
             given = {f: p for f, p in uploads.items() if p is not None}
@@ -240,27 +270,31 @@ class DIMML:
                 raise Rejected(400, f"no file: give at least one of the fields {', '.join(FIELDS)}",
                                "bad_request")
             ups = {f: collect(ctx.request.scope, f, [p])[0] for f, p in given.items()}
-            return (await self._infer([await self._decode(ups)]))[0]
+            return Answer.model_validate((await self._infer([await self._decode(ups)]))[0])
         except Rejected as e:
             return _refuse(ctx, e)
 
     if HAS_VIDEO:
         @bentoml.api
-        async def predict_batch(self, videos: list[Path], ctx: bentoml.Context) -> list[dict[str, Any]]:
-            """Several videos; one result each, in order. Any bad file fails the request, naming it."""
+        async def predict_batch(self, videos: list[Path], ctx: bentoml.Context) -> list[BatchItem]:
+            """Several videos; one item each, in upload order: an answer, or for a file that cannot
+            be decoded its error {"error", "cause", "status"} (the others are still answered).
+            A request refused as a whole (no file, too many, too large, not multipart) gets a 4xx."""
             try:
                 if not videos:   # (too many are refused by the guard while uploading)
                     raise Rejected(400, f"field {BATCH_FIELD!r} holds no file", "bad_request")
                 ups = collect(ctx.request.scope, BATCH_FIELD, videos)
-                # decode side by side; wait for all, then report the first bad file in upload order
                 decoded = await asyncio.gather(*(self._decode({VIDEO_FIELD: u}) for u in ups),
                                                return_exceptions=True)
-                for d in decoded:
-                    if isinstance(d, BaseException):
-                        raise d
-                return await self._infer(list(decoded))
             except Rejected as e:
                 return _refuse(ctx, e)
+            for d in decoded:   # anything but a refused file is a server fault: a 500 as before
+                if isinstance(d, BaseException) and not isinstance(d, Rejected):
+                    raise d
+            good = [d for d in decoded if not isinstance(d, Rejected)]
+            answers = iter(await self._infer(good) if good else [])
+            return [ItemError(error=d.message, cause=d.cause, status=d.status) if isinstance(d, Rejected)
+                    else Answer.model_validate(next(answers)) for d in decoded]
 
     @bentoml.api
     async def metadata(self) -> dict[str, Any]:
@@ -275,3 +309,5 @@ class DIMML:
 
 
 DIMML.add_asgi_middleware(UploadGuard, routes=UPLOAD_ROUTES, max_bytes=SETTINGS.max_upload_bytes)
+DIMML.add_asgi_middleware(OpenAPIErrors, routes=list(UPLOAD_ROUTES),
+                          answers={"/predict_batch": list[BatchItem]} if HAS_VIDEO else {})

@@ -12,7 +12,11 @@ from dimml.engines import BACKENDS, FAMILIES
 class Settings:
     """Everything an operator can tune; each field has an env variable DIMML_<FIELD upper-cased>."""
 
-    bundle: str = ""                  # DIMML_BUNDLE: bundle directory or BentoML model-store tag
+    bundle: str = ""                  # DIMML_BUNDLE: bundle directory or BentoML model-store tag (overrides DIMML_MODEL)
+    model: str = "dimml-model:latest"  # DIMML_MODEL: the model-store tag the service declares (`bentoml build` packs it)
+    device_id: int = 0                # DIMML_DEVICE_ID: the GPU the GPU backends use
+    gpu: int = -1                     # DIMML_GPU: GPUs the inference service asks BentoML for; -1 = 1 when
+                                      # DIMML_BACKEND names GPU backends only, else 0
     backend: str = "auto"             # DIMML_BACKEND: a backend, a family, or a comma-separated order
     max_batch_size: int = 32          # DIMML_MAX_BATCH_SIZE: clips per inference batch
     max_latency_ms: int = 10_000      # DIMML_MAX_LATENCY_MS: longest a clip may queue for a batch (then 503)
@@ -26,6 +30,25 @@ class Settings:
     def backend_order(self) -> list[str]:
         """DIMML_BACKEND as dimml.engines.open_engine's `prefer` list."""
         return [b.strip() for b in self.backend.split(",") if b.strip()]
+
+    @property
+    def model_tag(self) -> str:
+        """The model-store tag the service declares: DIMML_BUNDLE when it is one, else DIMML_MODEL;
+        '' when DIMML_BUNDLE is a folder (nothing to pack)."""
+        from dimml.bundle import is_model_tag
+
+        if not self.bundle:
+            return self.model
+        return self.bundle if is_model_tag(self.bundle) else ""
+
+    @property
+    def gpus(self) -> int:
+        """GPUs to ask for (BentoML `resources`): DIMML_GPU, or 1 when every backend of DIMML_BACKEND
+        runs on a GPU (tensorrt, onnxruntime-cuda, torch-cuda)."""
+        if self.gpu >= 0:
+            return self.gpu
+        order = [b for n in self.backend_order for b in FAMILIES.get(n, (n,))]
+        return int(bool(order) and not any(b.endswith("-cpu") for b in order))
 
     @property
     def max_upload_bytes(self) -> int:
@@ -54,6 +77,8 @@ class Settings:
         bad = [b for b in self.backend_order if b not in known] or ([] if self.backend_order else [""])
         if bad:
             raise ValueError(f"DIMML_BACKEND={self.backend!r}: {bad[0]!r} is not one of {', '.join(known)}")
+        if self.device_id < 0:
+            raise ValueError(f"DIMML_DEVICE_ID must be >= 0, got {self.device_id}")
         for name in ("max_batch_size", "max_latency_ms", "max_batch_videos", "decode_threads", "api_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DIMML_{name.upper()} must be >= 1, got {getattr(self, name)}")

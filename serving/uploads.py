@@ -46,6 +46,30 @@ class Upload:
     name: str          # for messages: "video 'clip.mp4'"
 
 
+MAX_FILENAME_BYTES = 200   # of the name's last path component: BentoML stores an upload as
+                           # tmpXXXXXXXX<name>, and file systems stop at 255 bytes (else HTTP 500)
+
+
+def bad_filename(raw: bytes) -> str:
+    """Why a client file name cannot reach BentoML's temporary-file naming ('' when it can).
+
+    BentoML 1.4 names an upload's temporary file after the last path component of the client's
+    name: longer than the file system allows, or holding NUL, it fails with HTTP 500; a name
+    that is not UTF-8 fails in Starlette's form parser. Path separators are harmless (only the
+    last component is used), so they pass.
+    """
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "is not UTF-8"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "holds control characters"
+    base = os.path.basename(name)   # as BentoML takes it
+    if len(base.encode("utf-8")) > MAX_FILENAME_BYTES:
+        return f"is longer than {MAX_FILENAME_BYTES} bytes ({len(base.encode('utf-8'))})"
+    return ""
+
+
 class _PartChecker:
     """Streams a multipart body through python-multipart's parser, looking only at part headers."""
 
@@ -91,8 +115,13 @@ class _PartChecker:
             self._fail(Rejected(400, f"field {field!r} must be a file upload (a multipart part with a "
                                      f"filename); a path or URL given as text is refused", "not_a_file"))
             return
+        bad = bad_filename(options[b"filename"])
+        if bad:
+            self._fail(Rejected(400, f"field {field!r}: the file name {bad}; rename the file "
+                                     f"(names are kept only for messages)", "bad_filename"))
+            return
         names = self.names.setdefault(field, [])
-        names.append(options[b"filename"].decode("utf-8", "replace"))
+        names.append(options[b"filename"].decode("utf-8"))
         if len(names) > self.file_fields[field]:
             self._fail(Rejected(413, f"field {field!r} takes at most {self.file_fields[field]} "
                                      f"file(s)", "too_many_files"))
