@@ -168,18 +168,24 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    """Run a command; `prog` names it in usage and errors (`dimml score` runs `score` as 'dimml score')."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "score")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if prog and argv:
+        from dimml.cli import set_prog
+        set_prog(parser, argv[0], prog)
+    args = parser.parse_args(argv)
+    name = prog or f"dimml-score {args.command}"
     try:
         return int(args.func(args) or 0)
     except _known_errors() as e:
-        print(f"dimml-score {args.command}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:   # a second Ctrl-C: rows written so far are complete
-        print(f"dimml-score {args.command}: aborted", file=sys.stderr)
+        print(f"{name}: aborted", file=sys.stderr)
         return 130
 
 

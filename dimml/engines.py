@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from dimml.bundle import FUSION, Bundle, BundleError, load_bundle
+from dimml.extras import MissingExtra, onnxruntime_conflict, require
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,9 @@ class OrtEngine(Engine):
 
     def __init__(self, bundle: Bundle, device: str = "cpu", device_id: int = 0,
                  threads: int | None = None):
-        import onnxruntime as ort
+        ort = require("onnxruntime", "gpu" if device == "cuda" else "cpu", what=f"onnxruntime-{device}")
+        if onnxruntime_conflict():
+            log.warning(onnxruntime_conflict())
 
         self._setup(bundle)
         if device not in ("cpu", "cuda"):
@@ -126,7 +129,7 @@ class TorchEngine(Engine):
     reference. Loads what the bundle holds; needs no model code (never imports training)."""
 
     def __init__(self, bundle: Bundle, device: str = "cpu"):
-        import torch
+        torch = require("torch", "train", what=f"torch-{'cuda' if device.startswith('cuda') else 'cpu'}")
 
         self._setup(bundle)
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -345,9 +348,9 @@ def _unavailable(backend: str, bundle: Bundle, device_id: int) -> str:
         return usable_engines(bundle, device_id)[1]
     if backend == "onnxruntime-cuda":
         try:
-            import onnxruntime as ort
-        except ImportError:
-            return "onnxruntime is not installed"
+            ort = require("onnxruntime", "gpu", what=backend)
+        except MissingExtra as e:
+            return str(e)
         return "" if "CUDAExecutionProvider" in ort.get_available_providers() else "no CUDAExecutionProvider"
     if backend == "torch-cuda":
         return "" if cuda_compute_capability(device_id) else "no CUDA GPU visible to torch"

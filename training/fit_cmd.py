@@ -1,6 +1,7 @@
 """`python -m training fit` (train a method into RUN/) and `python -m training evaluate` (re-score RUN/).
 
     python -m training fit --data DATA --method dimml --out RUN [--preset tiny|resnet18]
+        [--config run.yaml|RUN/config.json] [--print-config] [--logger csv|tensorboard]
         [--modalities audio,visual | visual,flow | front:image,rear:image | ...]
         [--device auto|cpu|cuda] [--epochs N] [--lr X] ... [--set KEY=VALUE ...] [--force]
     torchrun --nproc_per_node 2 -m training fit ...        (DDP; gloo on CPU, NCCL on CUDA)
@@ -52,6 +53,8 @@ HELP = {
     "layout": "dataset layout: auto | manifest | folders | cremad | ave",
     "speaker_disjoint": "CREMA-D: split by speaker",
     "skip_bad": "skip missing or undecodable files with a warning instead of failing",
+    "logger": "scalars: csv (metrics.csv, always written) | tensorboard (also per-step and per-epoch "
+              "scalars in RUN/tensorboard/; needs pip install 'dimml[tensorboard]')",
 }
 NOT_FLAGS = ("data", "out", "hparams", "preprocess")
 
@@ -104,8 +107,13 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("fit", help="train a method into a run folder",
                               description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="dataset folder or manifest CSV")
-    p.add_argument("--out", required=True, help="run folder (RUN); an interrupted run there resumes")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="TrainConfig fields from a YAML or JSON file (a RUN/config.json as it is); flags override it")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration (JSON, readable by --config) and exit")
+    p.add_argument("--data", default=None, help="dataset folder or manifest CSV (required, here or in --config)")
+    p.add_argument("--out", default=None,
+                   help="run folder (RUN); an interrupted run there resumes (required, here or in --config)")
     _add_config_flags(p)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="method hyper-parameter (e.g. lambda_d=0.5) or preprocess.MODALITY.PARAM=VALUE; repeatable")
@@ -130,12 +138,20 @@ def register(subparsers) -> None:
 def run_fit(args: argparse.Namespace) -> int:
     from training.trainer import TrainConfig, fit
     try:
+        from training.config_file import config_values, dump, merge, read_file
         hparams, preprocess = parse_sets(args.sets)
-        names = {f.name for f in dataclasses.fields(TrainConfig)} - set(NOT_FLAGS)
-        given = {k: v for k, v in vars(args).items() if k in names and v is not None}
-        cfg = TrainConfig(data=args.data, out=args.out, hparams=hparams, preprocess=preprocess, **given)
+        names = {f.name for f in dataclasses.fields(TrainConfig)} - set(NOT_FLAGS) | {"data", "out"}
+        from_file = config_values(read_file(args.config), args.config) if args.config else {}
+        values = merge(from_file, {k: v for k, v in vars(args).items() if k in names}, hparams, preprocess)
+        for key in ("data", "out"):
+            if not values.get(key):
+                raise ValueError(f"--{key} is required (on the command line or in --config)")
+        cfg = TrainConfig(**values)
+        if args.print_config:
+            print(dump(dataclasses.asdict(cfg.resolve())))
+            return 0
         fit(cfg, force=args.force, progress=not args.no_progress)
-    except ValueError as e:   # includes DatasetError and MediaError: the user's input, said clearly
+    except (ValueError, FileNotFoundError) as e:   # includes DatasetError and MediaError: the user's input
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

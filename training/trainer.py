@@ -22,6 +22,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import os
 import sys
 import time
@@ -40,6 +41,7 @@ from dimml.datasets import SPLITS, DatasetError, DatasetSpec, load_dataset, stra
 from dimml.fileio import atomic_write_bytes, atomic_write_json
 from dimml.modalities import DEFAULT_MODALITIES, PreprocessConfig, preprocess_for
 from training.augment import augment_frames
+from training.logs import LOGGER, LOGGERS, Scalars, attach, detach, open_scalars
 from training.cache import CachedDataset, DecodedCache, build_cache, default_cache_dir
 from training.evaluate import AUTO, autocast, collect, evaluate, format_table, output_choices
 from training.methods import Batch, Method, get_method
@@ -61,7 +63,7 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 LR_STEP_FRACTION = 70 / 150       # the paper decays after 70 of 150 epochs
 # Fields that may change between a run and its resumption (how, not what, is computed).
-VOLATILE = ("device", "workers", "decode_workers", "compile", "cache_dir", "eval_batch_size", "output")
+VOLATILE = ("device", "workers", "decode_workers", "compile", "cache_dir", "eval_batch_size", "output", "logger")
 
 
 @dataclass
@@ -101,6 +103,7 @@ class TrainConfig:
     workers: int | None = None            # DataLoader workers; None: 0 on CPU, 4 on CUDA
     decode_workers: int = 2               # processes decoding media into the cache
     eval_batch_size: int | None = None    # None: 4 x batch_size
+    logger: str = "csv"                   # scalars: csv (metrics.csv) | tensorboard (also RUN/tensorboard/)
     # data
     layout: str = "auto"
     split_seed: int = 0
@@ -120,7 +123,7 @@ class TrainConfig:
         if self.preset not in PRESET_DEFAULTS:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESET_DEFAULTS)}")
         for name, allowed in (("amp", ("auto", "bf16", "off")), ("compile", ("auto", "on", "off")),
-                              ("fusion", FUSIONS)):
+                              ("fusion", FUSIONS), ("logger", LOGGERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         names = self.preprocess_config().names   # unknown modalities, kinds or fields fail here
@@ -244,6 +247,8 @@ class Trainer:
         self.out = Path(self.cfg.out)
         self.history: list[dict] = []
         self._eval_loaders: dict[str, DataLoader] = {}
+        self.scalars: Scalars = Scalars()   # TensorBoard when cfg.logger says so (rank 0, set in _run)
+        self._log_handlers: list[logging.Handler] = []
 
     # ----- process group, device, logging
 
@@ -260,14 +265,14 @@ class Trainer:
         self.amp_dtype = pick_amp(self.cfg.amp, self.device)
         self.compile = self.cfg.compile == "on" or (self.cfg.compile == "auto" and cuda)
         self.workers = self.cfg.workers if self.cfg.workers is not None else (4 if cuda else 0)
+        self._log_handlers = attach(self.out / LOG) if self.main else []
 
-    def log(self, msg: str) -> None:
+    def log(self, msg: str, level: int = logging.INFO) -> None:
+        """A message of the run (rank 0): logger "dimml.train" -> RUN/train.log and stderr (training.logs)."""
         if not self.main:
             return
-        tqdm.write(msg, file=sys.stderr)
         self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / LOG, "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+        LOGGER.log(level, msg)
 
     def broadcast(self, obj: Any) -> Any:
         if self.world == 1:
@@ -310,12 +315,16 @@ class Trainer:
         try:
             return self._run()
         finally:
+            self.scalars.close()
+            detach(self._log_handlers)
             if self.world > 1 and dist.is_initialized():
                 dist.destroy_process_group()
 
     def _run(self) -> dict | None:
         cfg = self.cfg
         state = self.broadcast(self._start_state() if self.main else None)
+        if self.main:
+            self.scalars = open_scalars(cfg.logger, self.out, fresh=state == "fresh")
         if state == "finished":
             return json.loads((self.out / REPORT).read_text()) if self.main else None
 
@@ -473,7 +482,8 @@ class Trainer:
         bar = tqdm(loader, desc=f"{stage} {epoch + 1}/{n_epochs}", leave=False, unit="batch", file=sys.stderr,
                    disable=not (self.main and self.progress))
         seen = 0
-        for inputs, label in bar:
+        step0 = len(self.history) * len(loader)   # TensorBoard step: training batches so far, all stages
+        for bi, (inputs, label) in enumerate(bar):
             inputs = {n: inputs[n].to(self.device, non_blocking=True) for n in self.model.names}
             label = label.to(self.device, non_blocking=True)
             for n in self.augmented:   # in model order: one generator, a fixed sequence of draws
@@ -487,6 +497,8 @@ class Trainer:
             for g in optimizer.param_groups:
                 g["lr"] = g.get("base_lr", stage_lr) * decay * scales.get(g["name"], 1.0)
             optimizer.step()
+            if self.main and self.scalars.enabled:   # per-step values cost a device sync: only when logged
+                self.scalars.write(step0 + bi, {"lr": lr, **{f"step/loss_{k}": v for k, v in res.losses.items()}})
             b = label.shape[0]
             seen += b
             for k, v in res.losses.items():
@@ -512,6 +524,9 @@ class Trainer:
         # every rank gets rank 0's accuracies: methods that act on them (MSLR, MSES) stay in step
         self.method.on_validation_end(stage, epoch, self.broadcast(acc), self)
         row["time_s"] = round(time.time() - t0, 3)
+        if self.main:
+            self.scalars.write(step0 + len(loader), {f"epoch/{k}": v for k, v in row.items()
+                                                     if k not in ("stage", "epoch") and isinstance(v, (int, float))})
         if self.main:
             shown = {k: v for k, v in row.items() if k.startswith(("loss_", "train_acc_", "val_acc_"))}
             self.log(f"{stage} epoch {epoch + 1}/{n_epochs} lr {lr:.3g} "
