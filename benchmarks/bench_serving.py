@@ -359,6 +359,48 @@ class Level:
     infer_ms_per_clip: float = float("nan")   # model time / clips (server)
     decode_ms: float = float("nan")       # decode time per upload (server, in its thread pool)
     cpu: dict[str, float] = field(default_factory=dict)
+    cpu_ms_per_clip: dict[str, float] = field(default_factory=dict)   # CPU per answered clip, by process role
+
+
+def role_cpu_s(server_pid: int) -> dict[str, float]:
+    """CPU seconds (all threads) of the server's processes by role: `api` (the DIMML entry service:
+    HTTP, multipart parsing, decoding, inter-service client), `inference` (DIMMLInference: batching,
+    inter-service server, model) and `arbiter` (bentoml serve itself)."""
+    import psutil
+
+    out = {"api": 0.0, "inference": 0.0, "arbiter": 0.0}
+    try:
+        root = psutil.Process(server_pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return out
+    for p in procs:
+        try:
+            cmd = " ".join(p.cmdline())
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        role = ("inference" if "--service-name DIMMLInference" in cmd else
+                "api" if "--service-name" in cmd else "arbiter")
+        out[role] += t.user + t.system
+    return out
+
+
+def decode_only(files: list[Path], bundle: Path, threads: int, count: int) -> float:
+    """Clips/s of the server's own decode call (dimml.predict.decode_files with the bundle's
+    preprocessing) over `count` files in a thread pool of `threads`, in this process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dimml.bundle import load_bundle
+    from dimml.predict import decode_files
+
+    cfg = load_bundle(str(bundle), checksums=False).preprocess
+    jobs = [files[i % len(files)] for i in range(count)]
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda f: decode_files({"video": f}, cfg), jobs[:threads]))   # warm-up
+        t0 = time.perf_counter()
+        list(pool.map(lambda f: decode_files({"video": f}, cfg), jobs))
+        return count / (time.perf_counter() - t0)
 
 
 def _load(url: str, payloads: list[tuple[str, bytes]], concurrency: int, requests: int,
@@ -410,14 +452,18 @@ def run_level(server: Server, payloads: list[tuple[str, bytes]], concurrency: in
               max_s: float, busy_cores: float, tries: int) -> Level:
     """One concurrency level, with the server's metric deltas over it."""
     def once():
-        before = server.metrics()
+        before, roles0, self0 = server.metrics(), role_cpu_s(server.proc.pid), CpuMonitor._self_s()
         lat, errors, wall = _load(server.url, payloads, concurrency, requests, max_s)
-        after = server.metrics()
-        return lat, errors, wall, {k: after[k] - before[k] for k in after}
+        after, roles1, self1 = server.metrics(), role_cpu_s(server.proc.pid), CpuMonitor._self_s()
+        roles = {k: roles1[k] - roles0[k] for k in roles0}
+        roles["client"] = self1 - self0
+        return lat, errors, wall, {k: after[k] - before[k] for k in after}, roles
 
-    (lat, errors, wall, m), cpu = measure_quietly(once, [server.proc.pid], busy_cores, tries)
+    (lat, errors, wall, m, roles), cpu = measure_quietly(once, [server.proc.pid], busy_cores, tries)
     lv = Level(concurrency, requests=len(lat) + sum(errors.values()), ok=len(lat), errors=dict(errors),
                wall_s=round(wall, 3), cpu=cpu)
+    if lat:
+        lv.cpu_ms_per_clip = {k: round(1000 * v / len(lat), 2) for k, v in roles.items()}
     if lat:
         ms = np.asarray(lat) * 1000
         lv.p50_ms, lv.p99_ms, lv.mean_ms = (float(np.percentile(ms, 50)), float(np.percentile(ms, 99)),
@@ -556,9 +602,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--busy-cores", type=float, default=0.3,
                    help="repeat a level when other processes used more CPU than this (%(default)s cores)")
     p.add_argument("--tries", type=int, default=3, help="attempts per level at most (%(default)s)")
+    p.add_argument("--decode-threads", type=int, default=os.cpu_count() or 1,
+                   help="decode-only baseline: thread pool size (%(default)s = the cores)")
+    p.add_argument("--decode-count", type=int, default=96,
+                   help="decode-only baseline: files decoded per measurement (%(default)s); 0 = skip it")
     p.add_argument("--work", type=Path, help="folder for bundles, clips, logs; reused (default: temporary)")
     p.add_argument("--json", type=Path, help="also write all figures here")
     return p
+
+
+def ratio_table(runs: list[ServerRun], decode_cps: dict[str, list[float]], threads: int) -> str:
+    """Serving clips/s as a ratio to decode-only clips/s (same run, same cores), and where each
+    answered clip's CPU went, by process (server /metrics give decode and model time apart)."""
+    rows = [f"| bundle | mode | clients | serving clips/s | decode-only clips/s ({threads} threads, before / after) "
+            "| serving / decode-only | CPU ms per clip: client / API (decode) / inference (model) / arbiter |",
+            "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in runs:
+        base = decode_cps.get(r.label)
+        if not base:
+            continue
+        mean = sum(base) / len(base)
+        for lv in r.levels:
+            c = lv.cpu_ms_per_clip
+            rows.append(f"| {r.label} | {r.mode} | {lv.concurrency} | {lv.clips_per_s:.1f} | "
+                        f"{mean:.1f} ({' / '.join(f'{b:.1f}' for b in base)}) | **{lv.clips_per_s / mean:.2f}** | "
+                        f"{c.get('client', float('nan')):.1f} / {c.get('api', float('nan')):.1f} "
+                        f"({_f(lv.decode_ms, '.1f')}) / {c.get('inference', float('nan')):.1f} "
+                        f"({_f(lv.infer_ms_per_clip, '.1f')}) / {c.get('arbiter', float('nan')):.1f} |")
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     runs: list[ServerRun] = []
+    decode_cps: dict[str, list[float]] = {}   # label -> decode-only clips/s, before and after the servers
     try:
         if args.bundle:
             targets = [(args.bundle.name, args.bundle, bundle_preset(args.bundle))]
@@ -586,12 +658,19 @@ def main(argv: list[str] | None = None) -> int:
                 files = make_clips(shape, args.num_clips, work)
                 shapes[label] = f"{len(files)} synth clips {shape.describe()}"
             payloads = [(f.name, f.read_bytes()) for f in files]
+            if args.decode_count:   # the baseline, in the same run on the same cores, before and after
+                decode_cps[label] = [decode_only(files, bundle, args.decode_threads, args.decode_count)]
+                log(f"{label}: decode-only {decode_cps[label][0]:.1f} clips/s ({args.decode_threads} threads)")
             for mode in modes:
                 env = {**extra, "DIMML_MAX_BATCH_SIZE": str(args.max_batch_size if mode == "batched" else 1)}
                 runs.append(bench_server(label, mode, bundle, payloads, env, args, work))
+            if args.decode_count:
+                decode_cps[label].append(decode_only(files, bundle, args.decode_threads, args.decode_count))
+                log(f"{label}: decode-only {decode_cps[label][1]:.1f} clips/s after the servers")
     finally:
         if args.json and runs:
-            args.json.write_text(json.dumps({"machine": machine(), "runs": [asdict(r) for r in runs]}, indent=1))
+            args.json.write_text(json.dumps({"machine": machine(), "decode_only_clips_per_s": decode_cps,
+                                             "runs": [asdict(r) for r in runs]}, indent=1))
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -604,6 +683,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(runs))
     print()
     print(breakdown(runs))
+    if decode_cps:
+        print()
+        print(ratio_table(runs, decode_cps, args.decode_threads))
     for r in runs:
         if r.server_exceptions:
             print(f"\n{r.label} {r.mode}: server log exceptions: "

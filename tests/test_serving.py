@@ -214,18 +214,37 @@ def test_one_modality_is_answered_by_its_branch_alone(server, media, offline, ke
     assert_same_answer(got, offline(media[key]))
 
 
-def test_32_concurrent_requests_all_succeed(server, media, offline):
-    keys = ["av", "av2", "silent", "wav"] * 8
+def test_64_request_burst_all_succeed(server, media, offline):
+    """64 requests at once (64 client threads, one connection each): all 200, all equal to offline."""
+    keys = ["av", "av2", "silent", "wav"] * 16
     want = {k: offline(media[k]) for k in set(keys)}
+    start = concurrent.futures.thread.threading.Barrier(len(keys))
 
     def call(k: str) -> tuple[str, httpx.Response]:
-        return k, _post(f"{server}/predict", [_file(media[k])], timeout=120)
+        start.wait(timeout=60)   # released together: a burst, not a ramp
+        return k, _post(f"{server}/predict", [_file(media[k])], timeout=180)
 
-    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+    with concurrent.futures.ThreadPoolExecutor(len(keys)) as pool:
         results = list(pool.map(call, keys))
-    assert [r.status_code for _, r in results] == [200] * 32, [r.text for _, r in results if r.status_code != 200]
+    assert [r.status_code for _, r in results] == [200] * 64, [r.text for _, r in results if r.status_code != 200]
     for k, r in results:
         assert_same_answer(r.json(), want[k])
+
+
+def test_python_api_equals_the_served_answer(server, bundle, media):
+    """dimml.Predictor(...).predict on the same files gives the server's answer (one, a list, by field)."""
+    import dimml
+
+    predictor = dimml.Predictor(bundle)
+    served = _post(f"{server}/predict", [_file(media["av"])]).json()
+    local = predictor.predict(media["av"])
+    assert isinstance(local, dimml.Prediction)
+    assert_same_answer(served, local.to_dict())
+    batch = _post(f"{server}/predict_batch", [_file(media[k], "videos") for k in ("av2", "silent")]).json()
+    for got, want in zip(predictor.predict([media["av2"], media["silent"]]), batch):
+        assert_same_answer(want, got.to_dict())
+    served = _post(f"{server}/predict", [_file(media["silent"], "video"), _file(media["wav"], "audio")]).json()
+    assert_same_answer(served, predictor.predict(video=media["silent"], audio=media["wav"]).to_dict())
 
 
 def test_sustained_load_past_connection_recycling(server, media):
@@ -256,10 +275,58 @@ def test_bad_media_is_a_422_naming_file_and_cause(server, media, key, cause, wor
     assert words in body["error"] and media[key].name in body["error"]
 
 
-def test_bad_file_in_a_batch_is_named(server, media):
-    r = _post(f"{server}/predict_batch", [_file(media[k], "videos") for k in ("av", "garbage", "empty")])
-    assert r.status_code == 422
-    assert r.json()["cause"] == "not_media" and "videos[1] 'garbage.mp4'" in r.json()["error"]
+def test_bad_files_in_a_batch_get_their_error_in_their_slot(server, media, offline):
+    """/predict_batch answers per item: the good files their predictions, each bad one its error."""
+    order = ("av", "garbage", "av2", "empty")
+    r = _post(f"{server}/predict_batch", [_file(media[k], "videos") for k in order])
+    assert r.status_code == 200, r.text
+    items = r.json()
+    assert len(items) == 4
+    assert_same_answer(items[0], offline(media["av"]))
+    assert_same_answer(items[2], offline(media["av2"]))
+    assert items[1] == {"error": items[1]["error"], "cause": "not_media", "status": 422}
+    assert "videos[1] 'garbage.mp4'" in items[1]["error"]
+    assert items[3]["cause"] == "empty" and items[3]["status"] == 422 and "videos[3] 'empty.mp4'" in items[3]["error"]
+    # one bad file alone: still a list, with its error
+    r = _post(f"{server}/predict_batch", [_file(media["garbage"], "videos")])
+    assert r.status_code == 200 and r.json()[0]["cause"] == "not_media"
+    # the typed client raises for the bad slot, with its status
+    from clients.http import Client, ServerError
+    with Client(server) as c, pytest.raises(ServerError) as e:
+        c.predict_batch([media["av"], media["garbage"]])
+    assert e.value.status == 422 and "garbage.mp4" in e.value.message
+
+
+def _raw_multipart(url: str, field: str, filename: bytes, data: bytes) -> httpx.Response:
+    """A multipart POST whose filename parameter is these exact bytes (httpx would encode it)."""
+    boundary = b"dimmlnameboundary"
+    body = (b"--" + boundary + b"\r\nContent-Disposition: form-data; name=\"" + field.encode() + b"\"; filename=\""
+            + filename + b"\"\r\nContent-Type: application/octet-stream\r\n\r\n" + data
+            + b"\r\n--" + boundary + b"--\r\n")
+    return httpx.post(url, content=body, timeout=60,
+                      headers={"Content-Type": f"multipart/form-data; boundary={boundary.decode()}"})
+
+
+@pytest.mark.parametrize("name,status", [
+    (b"x" * 296 + b".mp4", 400),                        # 300 characters: BentoML's temp file name would overflow
+    (("\u00e9" * 150 + ".mp4").encode(), 400),       # 154 characters, 304 bytes
+    (b"clip\x00.mp4", 400),                             # NUL
+    (b"clip\x01\x1f.mp4", 400),                         # control characters
+    (b"clip\xff\xfe.mp4", 400),                         # not UTF-8
+    (b"../../etc/" + b"d/" * 200 + b"av.mp4", 200),      # path separators: only the last component is used
+    (b"C:\\Users\\me\\av.mp4", 200),
+    ("caf\u00e9 \u2013 \u97f3.mp4".encode(), 200),          # non-ASCII UTF-8 is fine
+])
+def test_odd_client_file_names_are_4xx_or_sanitised_never_500(server, media, offline, name, status):
+    data = media["av"].read_bytes()
+    for endpoint, field in (("/predict", "video"), ("/predict_batch", "videos")):
+        r = _raw_multipart(f"{server}{endpoint}", field, name, data)
+        assert r.status_code == status, (endpoint, r.status_code, r.text[:500])
+        if status == 200:
+            answer = r.json() if endpoint == "/predict" else r.json()[0]
+            assert_same_answer(answer, offline(media["av"]))
+        else:
+            assert r.json()["cause"] == "bad_filename" and "rename the file" in r.json()["error"]
 
 
 def test_too_many_files_in_a_batch_is_413(server, media):
@@ -357,6 +424,34 @@ def test_metadata_reports_model_backend_and_fields(client, bundle, server):
     assert list(form["properties"]) == ["video", "audio", "visual"] and not form.get("required")
 
 
+def test_docs_json_documents_answers_and_errors(server, client, media):
+    """/docs.json: every field of an answer (with a description), the batch item's two shapes,
+    and the 4xx statuses with the error body."""
+    doc = httpx.get(f"{server}/docs.json", timeout=10).json()
+    schemas = doc["components"]["schemas"]
+    paths = doc["paths"]
+    answer = paths["/predict"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    keys = ["label", "probabilities", "branches", "modalities_used", "model", "backend"]
+    assert list(answer["properties"]) == keys and answer["required"] == keys
+    assert all(answer["properties"][k].get("description") for k in keys)
+    assert list(client.predict(video=media["av"])) == keys   # the answer has exactly these, in this order
+    branch = schemas["BranchAnswer"]["properties"]
+    assert set(branch) == {"probabilities", "certainty", "weight"} and all(v["description"] for v in branch.values())
+    assert set(schemas["ModelInfo"]["properties"]) == {"name", "version"}
+    items = paths["/predict_batch"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert items["type"] == "array"
+    assert items["items"]["anyOf"] == [{"$ref": "#/components/schemas/Answer"},
+                                       {"$ref": "#/components/schemas/ItemError"}]
+    assert set(schemas["ItemError"]["properties"]) == {"error", "cause", "status"}
+    assert list(schemas["Answer"]["properties"]) == keys
+    for route in ("/predict", "/predict_batch"):
+        responses = paths[route]["post"]["responses"]
+        for status in ("400", "413", "415", "422"):
+            assert responses[status]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+            assert "`" in responses[status]["description"]   # names the cause codes
+    assert set(schemas["ErrorBody"]["properties"]) == {"error", "cause"}
+
+
 def test_metrics_expose_requests_latency_and_inference_time(server, client, media):
     client.predict(video=media["av"])
     text = httpx.get(f"{server}/metrics", timeout=10).text
@@ -365,6 +460,23 @@ def test_metrics_expose_requests_latency_and_inference_time(server, client, medi
     assert re.search(r'bentoml_service_request_duration_seconds_bucket\{[^}]*endpoint="/predict"', text)
     m = re.search(rf'dimml_inference_seconds_count\{{backend="{re.escape(backend)}"\}} (\S+)', text)
     assert m and float(m.group(1)) >= 1
+
+
+def test_bentoml_build_packs_the_registered_model(tmp_path, bundle):
+    """The service declares its model (DIMML_MODEL, dimml-model:latest by default): `bentoml build`
+    packs the bundle registered under that name, with no edit of bentofile.yaml."""
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home")}
+    env.pop("DIMML_BUNDLE", None)
+    env.pop("DIMML_MODEL", None)
+    r = subprocess.run([sys.executable, "-m", "export", "register", str(bundle), "--name", "dimml-model"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tag = r.stdout.strip().splitlines()[-1]
+    r = subprocess.run([str(BIN / "bentoml"), "build", "--output", "tag"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = next((tmp_path / "home" / "bentos" / "dimml").glob("*/bento.yaml")).read_text()
+    assert tag in info, info[-2000:]
 
 
 def test_bentoml_build_from_repo_root(tmp_path):
