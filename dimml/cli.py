@@ -98,12 +98,11 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=3000, help="HTTP port (default 3000)")
     p.add_argument("--host", default=None, help="address to bind (default: bentoml's, 0.0.0.0)")
     p.add_argument("--backend", default=None, help="inference backend (sets DIMML_BACKEND; default auto)")
-    p.add_argument("bentoml_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
 
 
-def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
-    """The `bentoml serve` command line and environment for `dimml serve` arguments."""
+def serve_command(args: argparse.Namespace, extra: list[str] | tuple[str, ...] = ()) -> tuple[list[str], dict[str, str]]:
+    """The `bentoml serve` command line and environment for `dimml serve` arguments (`extra`: after `--`)."""
     env = dict(os.environ)
     if args.bundle:
         path = Path(args.bundle)
@@ -117,13 +116,12 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
            "--port", str(args.port)]
     if args.host:
         cmd += ["--host", args.host]
-    extra = list(args.bentoml_args)
-    return cmd + (extra[1:] if extra[:1] == ["--"] else extra), env
+    return cmd + list(extra), env
 
 
-def main_serve(argv: list[str], prog: str | None = None) -> int:
-    args = serve_parser().parse_args(argv)
-    cmd, env = serve_command(args)
+def main_serve(argv: list[str]) -> int:
+    cut = argv.index("--") if "--" in argv else len(argv)
+    cmd, env = serve_command(serve_parser().parse_args(argv[:cut]), argv[cut + 1:])
     os.execve(cmd[0], cmd, env)   # bentoml owns the process from here: signals reach it directly
 
 

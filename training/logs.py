@@ -88,7 +88,7 @@ class TensorBoardScalars(Scalars):
             # resumed: drop the events of the interrupted epoch, which is trained again from its start
             self.writer = SummaryWriter(str(self.dir), purge_step=step if self.resumed else None)
         for tag, v in values.items():
-            self.writer.add_scalar(tag, float(v), step)
+            self.writer.add_scalar(tag, float(v.detach()) if hasattr(v, "detach") else float(v), step)
 
     def close(self) -> None:
         if self.writer is not None:
