@@ -8,12 +8,12 @@ PORT="${DIMML_PORT:-3000}"
 
 python3 -m venv .venv
 .venv/bin/pip install -q torch==2.13.0           # CPU build; must come before the package
-.venv/bin/pip install -q -e .
-PY=.venv/bin/python
+.venv/bin/pip install -q -e '.[train,export,serve,client,cpu]'
+DIMML=.venv/bin/dimml
 
-$PY -m training synth --out "$OUT/data" --classes 4 --per-class 48 --seed 0
-$PY -m training fit --data "$OUT/data" --method dimml --preset tiny --out "$OUT/run"
-$PY -m export bundle --run "$OUT/run" --out "$OUT/bundle"
-$PY -m export verify "$OUT/bundle" --data "$OUT/data"
+$DIMML synth --out "$OUT/data" --classes 4 --per-class 48 --seed 0
+$DIMML train --data "$OUT/data" --method dimml --preset tiny --out "$OUT/run"
+$DIMML export --run "$OUT/run" --out "$OUT/bundle"
+$DIMML verify "$OUT/bundle" --data "$OUT/data"
 echo "serving $OUT/bundle on http://localhost:$PORT  (Ctrl-C stops)"
-DIMML_BUNDLE="$OUT/bundle" exec .venv/bin/bentoml serve --port "$PORT"
+exec $DIMML serve "$OUT/bundle" --port "$PORT"

@@ -188,3 +188,13 @@ def test_slim_serve_cpu_install_serves_and_scores_without_torch(slim_venv, tiny_
         assert by_path[row["path"]]["label"] == row["label"]
         assert float(by_path[row["path"]]["confidence"]) == pytest.approx(float(row["confidence"]), abs=1e-5)
     assert answer["label"] == by_path[str(clip.relative_to(corpus))]["label"]
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """The README's second command is exactly `.ci/run`'s, and it installs the extras the tests import."""
+    ci = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
+    readme = (REPO / "README.md").read_text()
+    assert f"```bash\n{ci}\n```" in readme
+    extras = re.search(r"-e '\.\[([a-z,]+)\]'", ci).group(1).split(",")
+    assert {"train", "export", "serve", "client", "cpu", "dev"} <= set(extras) and "gpu" not in extras
+    assert ci.index("torch==") < ci.index("-e '.[")   # the CPU torch first, so the package does not pull CUDA's
