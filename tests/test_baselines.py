@@ -343,6 +343,7 @@ def run_compare(corpus: Path, out: Path, methods: str, *extra: str) -> dict:
     return json.loads((out / "compare.json").read_text())
 
 
+@pytest.mark.slow   # the fast lane fits every baseline already; this adds two runs and a subprocess
 def test_compare_trains_umts_teachers_once(corpora, tmp_path):
     out = tmp_path / "cmp"
     summary = run_compare(corpora(IMAGES), out, "umt", "--modalities", IMAGES)
