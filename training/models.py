@@ -60,6 +60,7 @@ class ModelConfig:
 MODEL_PRESETS: dict[str, dict] = {
     "resnet18": dict(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2)),
     "tiny": dict(widths=(8, 16, 32, 64), blocks=(1, 1, 1, 1)),
+    "small": dict(widths=(8, 16, 32, 64), blocks=(1, 1, 1, 1)),   # tiny widths; larger inputs (KIND_PRESETS)
     "paper-cremad": dict(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2)),   # the authors' ResNet18
 }
 
