@@ -386,9 +386,9 @@ def role_cpu_s(server_pid: int) -> dict[str, float]:
     return out
 
 
-def decode_only(files: list[Path], bundle: Path, threads: int, count: int) -> float:
-    """Clips/s of the server's own decode call (dimml.predict.decode_files with the bundle's
-    preprocessing) over `count` files in a thread pool of `threads`, in this process."""
+def decode_only(files: list[Path], bundle: Path, threads: int, count: int) -> tuple[float, float]:
+    """(clips/s, CPU ms per clip) of the server's own decode call (dimml.predict.decode_files with
+    the bundle's preprocessing) over `count` files in a thread pool of `threads`, in this process."""
     from concurrent.futures import ThreadPoolExecutor
 
     from dimml.bundle import load_bundle
@@ -398,9 +398,9 @@ def decode_only(files: list[Path], bundle: Path, threads: int, count: int) -> fl
     jobs = [files[i % len(files)] for i in range(count)]
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda f: decode_files({"video": f}, cfg), jobs[:threads]))   # warm-up
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), CpuMonitor._self_s()
         list(pool.map(lambda f: decode_files({"video": f}, cfg), jobs))
-        return count / (time.perf_counter() - t0)
+        return count / (time.perf_counter() - t0), 1000 * (CpuMonitor._self_s() - c0) / count
 
 
 def _load(url: str, payloads: list[tuple[str, bytes]], concurrency: int, requests: int,
@@ -643,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     runs: list[ServerRun] = []
     decode_cps: dict[str, list[float]] = {}   # label -> decode-only clips/s, before and after the servers
+    decode_cpu_ms: dict[str, list[float]] = {}   # label -> decode-only CPU ms per clip, the same two
     try:
         if args.bundle:
             targets = [(args.bundle.name, args.bundle, bundle_preset(args.bundle))]
@@ -659,17 +660,21 @@ def main(argv: list[str] | None = None) -> int:
                 shapes[label] = f"{len(files)} synth clips {shape.describe()}"
             payloads = [(f.name, f.read_bytes()) for f in files]
             if args.decode_count:   # the baseline, in the same run on the same cores, before and after
-                decode_cps[label] = [decode_only(files, bundle, args.decode_threads, args.decode_count)]
-                log(f"{label}: decode-only {decode_cps[label][0]:.1f} clips/s ({args.decode_threads} threads)")
+                cps, cpu_ms = decode_only(files, bundle, args.decode_threads, args.decode_count)
+                decode_cps[label], decode_cpu_ms[label] = [cps], [cpu_ms]
+                log(f"{label}: decode-only {cps:.1f} clips/s, {cpu_ms:.1f} CPU ms/clip ({args.decode_threads} threads)")
             for mode in modes:
                 env = {**extra, "DIMML_MAX_BATCH_SIZE": str(args.max_batch_size if mode == "batched" else 1)}
                 runs.append(bench_server(label, mode, bundle, payloads, env, args, work))
             if args.decode_count:
-                decode_cps[label].append(decode_only(files, bundle, args.decode_threads, args.decode_count))
-                log(f"{label}: decode-only {decode_cps[label][1]:.1f} clips/s after the servers")
+                cps, cpu_ms = decode_only(files, bundle, args.decode_threads, args.decode_count)
+                decode_cps[label].append(cps)
+                decode_cpu_ms[label].append(cpu_ms)
+                log(f"{label}: decode-only {cps:.1f} clips/s, {cpu_ms:.1f} CPU ms/clip after the servers")
     finally:
         if args.json and runs:
             args.json.write_text(json.dumps({"machine": machine(), "decode_only_clips_per_s": decode_cps,
+                                             "decode_only_cpu_ms_per_clip": decode_cpu_ms,
                                              "runs": [asdict(r) for r in runs]}, indent=1))
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -686,6 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     if decode_cps:
         print()
         print(ratio_table(runs, decode_cps, args.decode_threads))
+        print("\ndecode-only CPU ms per clip (before / after): " + "; ".join(
+            f"{k}: {' / '.join(f'{v:.1f}' for v in vs)}" for k, vs in decode_cpu_ms.items()))
     for r in runs:
         if r.server_exceptions:
             print(f"\n{r.label} {r.mode}: server log exceptions: "

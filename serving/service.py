@@ -126,7 +126,8 @@ def _refuse(ctx: bentoml.Context, e: Rejected):
 # BentoML 1.4 recycles the entry service's connection to this one every 100 calls by default,
 # failing the calls in flight (HTTP 500 under load): keep one long-lived connection instead.
 # A GPU is asked for when the settings want GPU backends only (serving.settings.Settings.gpus).
-@bentoml.service(workers=1, traffic={"timeout": 120},
+# Its access log is off: every line would be the entry service's own call (logged there).
+@bentoml.service(workers=1, traffic={"timeout": 120}, logging={"access": {"enabled": False}},
                  runner_connection={"max_requests": 1_000_000_000, "max_age": 1e9},
                  **({"resources": {"gpu": SETTINGS.gpus}} if SETTINGS.gpus else {}))
 class DIMMLInference:
