@@ -89,7 +89,7 @@ class OrtEngine(Engine):
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise EngineError("onnxruntime-cuda: this onnxruntime has no CUDAExecutionProvider "
-                                  "(install onnxruntime-gpu)")
+                                  "(pip install 'dimml[gpu]', without the CPU onnxruntime)")
             # TF32 off: fp32 results must match the PyTorch reference to 1e-4
             providers: list[Any] = [("CUDAExecutionProvider", {"device_id": device_id, "use_tf32": 0}),
                                     "CPUExecutionProvider"]
