@@ -176,7 +176,8 @@ def test_slim_serve_cpu_install_serves_and_scores_without_torch(slim_venv, tiny_
 
         served, local = tmp_path / "served.csv", tmp_path / "local.csv"
         for out, source in ((served, ["--server", url]), (local, ["--bundle", str(bundle)])):
-            r = subprocess.run([str(bin_ / "dimml"), "score", str(corpus), "--out", str(out), *source, "--no-progress"],
+            r = subprocess.run([str(bin_ / "dimml"), "score", str(corpus), "--recursive", "--out", str(out), *source,
+                                "--no-progress"],
                                capture_output=True, text=True, cwd=work, env=env, timeout=300)
             assert r.returncode == 0, r.stderr[-3000:]
     finally:
