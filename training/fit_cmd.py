@@ -25,7 +25,7 @@ from pathlib import Path
 HELP = {
     "method": "training method (dimml, dimml-duc, dimml-sclf, mmclf, joint, mlb, dgl, unimodal, preds-avg, "
               "mses, mslr, ogm-ge, pmr, umt)",
-    "preset": "model and preprocessing preset: resnet18 (the paper), tiny (CPU, seconds) or paper-cremad "
+    "preset": "model and preprocessing preset: resnet18 (the paper), tiny (CPU, seconds), small (CPU, minutes: the competition corpus of RESULTS.md) or paper-cremad "
               "(the authors' released CREMA-D run: 10 s audio, fixed T_lw = 1 paper-lw output)",
     "split_file": "comma-separated files assigning each clip its split: the authors' headerless "
                   "train.csv,test.csv (<clip>,<label> rows; split = file name) or a CSV with name and split "
