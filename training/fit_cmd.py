@@ -50,7 +50,8 @@ HELP = {
     "compile": "torch.compile the trained modules: auto (on CUDA) | on | off",
     "workers": "DataLoader workers (default: 0 on CPU, 4 on CUDA)",
     "cache_dir": "preprocessing cache folder (default: $DIMML_CACHE_DIR or DATA/.dimml-cache)",
-    "layout": "dataset layout: auto | manifest | folders | cremad | ave",
+    "layout": "dataset layout: auto | manifest | folders | cremad | ave | ucf101 | modelnet40",
+    "split_id": "UCF101: which of the three official train/test splits (trainlist0N.txt / testlist0N.txt)",
     "speaker_disjoint": "CREMA-D: split by speaker",
     "skip_bad": "skip missing or undecodable files with a warning instead of failing",
     "logger": "scalars: csv (metrics.csv, always written) | tensorboard (also per-step and per-epoch "

@@ -109,6 +109,7 @@ class TrainConfig:
     # data
     layout: str = "auto"
     split_seed: int = 0
+    split_id: int = 1                     # UCF101: which official train/test split (1..3)
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     speaker_disjoint: bool = False
@@ -185,7 +186,7 @@ def prepare_data(cfg: TrainConfig, preprocess: PreprocessConfig, *, rank: int = 
     """
     spec = load_dataset(cfg.data, layout=cfg.layout, split_seed=cfg.split_seed, val_fraction=cfg.val_fraction,
                         test_fraction=cfg.test_fraction, speaker_disjoint=cfg.speaker_disjoint,
-                        skip_bad=cfg.skip_bad, modalities=preprocess,
+                        skip_bad=cfg.skip_bad, modalities=preprocess, split_id=cfg.split_id,
                         split_files=cfg.split_file.split(",") if cfg.split_file else ())
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(spec.root)
     if rank > 0:
