@@ -256,8 +256,6 @@ def compile_backend(name: str):
 def time_row(setting: str, batch: int, sizes: Sizes, device_name: str, work: Path, out: Path,
              profile_if_slow: bool) -> dict:
     """Warm-up (reported apart), then timed steps: samples/s and peak memory of one row."""
-    import torch
-
     t_build = time.perf_counter()
     step, device, info = make_step(setting, batch, sizes, device_name, work)
     if info["compile"]:

@@ -69,9 +69,9 @@ def decode_files(files: Mapping[str, Source], cfg: PreprocessConfig, *,
     decoder's MediaError for it is raised (e.g. a broken image view, a silent file sent as audio).
     """
     clip = decode_sample(files, cfg, names=names, allow_missing=True)
-    for field in files:
-        if field in cfg.names and field not in clip.modalities:
-            decode_sample({field: files[field]}, cfg, names=names, only=[field])   # raises the reason
+    for name in files:
+        if name in cfg.names and name not in clip.modalities:
+            raise clip.missing[name]      # why the file given for this modality does not hold it
     return clip
 
 

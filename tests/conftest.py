@@ -5,8 +5,22 @@ from pathlib import Path
 
 import numpy as np
 
+from dimml.modalities import preprocess_for
+
 # The four experiment settings every layer's tests are parametrised over (DI-MML's Table 2 + DGL's three).
 SETTINGS = ("audio,visual", "visual,flow", "front:image,rear:image", "audio,visual,flow")
+
+
+def random_arrays(setting: str, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs of every modality of a setting, in the tiny preset's shapes and dtypes."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s in preprocess_for("tiny", setting).modalities:
+        if np.issubdtype(s.dtype, np.floating):
+            out[s.name] = (rng.normal(size=(n, *s.shape)) * 3 - 8).astype(s.dtype)
+        else:
+            out[s.name] = rng.integers(0, 256, (n, *s.shape), dtype=s.dtype)
+    return out
 
 
 # --- media fixtures: real files, written with PyAV (video/audio) and OpenCV (still images)

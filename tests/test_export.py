@@ -16,7 +16,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import REPO, SETTINGS, TINY_CLASSES, default_fast, make_tiny_run, setting_id
+from conftest import REPO, SETTINGS, TINY_CLASSES, default_fast, make_tiny_run, random_arrays, setting_id
 from dimml.bundle import (FUSION, MANIFEST, SCHEMA_VERSION, BundleError, load_bundle, module_io, sha256_file,
                           write_manifest)
 from dimml.engines import EngineError, open_engine
@@ -44,18 +44,6 @@ def bundle_dir(run_dir, tmp_path_factory) -> Path:
 def copy_bundle(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
-
-
-def random_arrays(setting: str, n: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs of every modality of a setting, in the tiny preset's shapes and dtypes."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for s in preprocess_for("tiny", setting).modalities:
-        if np.issubdtype(s.dtype, np.floating):
-            out[s.name] = (rng.normal(size=(n, *s.shape)) * 3 - 8).astype(s.dtype)
-        else:
-            out[s.name] = rng.integers(0, 256, (n, *s.shape), dtype=s.dtype)
-    return out
 
 
 def check_bundle_files(bundle: Path, setting: str) -> None:

@@ -3,14 +3,12 @@ modules and the weighting equations computed by hand."""
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import SETTINGS, TINY_CLASSES, make_tiny_run, setting_id, write_sample
+from conftest import SETTINGS, TINY_CLASSES, make_tiny_run, random_arrays, setting_id, write_sample
 from dimml.bundle import load_bundle
 from dimml.engines import EngineError, open_engine
 from dimml.media import MediaError
@@ -54,17 +52,6 @@ def reference(run, arrays: dict[str, np.ndarray]) -> dict:
     logits = {k: v.numpy() for k, v in logits.items()}
     z, w, c = weigh_named(logits, T)
     return {"probs": softmax(z), "weights": w, "certainties": c, "logits": logits}
-
-
-def random_arrays(setting: str, n: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    out = {}
-    for s in preprocess_for("tiny", setting).modalities:
-        if np.issubdtype(s.dtype, np.floating):
-            out[s.name] = (rng.normal(size=(n, *s.shape)) * 3 - 8).astype(s.dtype)
-        else:
-            out[s.name] = rng.integers(0, 256, (n, *s.shape), dtype=s.dtype)
-    return out
 
 
 def check_answer(a: dict, ref: dict, i: int, used: list[str], model_name: str, version: str) -> None:
