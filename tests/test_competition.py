@@ -3,9 +3,11 @@
 Audio (noise 0.1) is learnt in a couple of epochs; visual (noise 0.4) is learnable alone but
 slower. Joint training stops improving the visual encoder once audio fits the training set,
 so its visual linear probe stays low; DI-MML trains each encoder detached (its own head, S-Clf
-and DUC, whose teacher never moves), so its visual head keeps learning. The test fails when the
-detached training is broken (e.g. DUC gradients let into the teacher, or the encoders trained
-on a shared fused loss).
+and DUC, whose teacher never moves), so its visual head keeps learning. Measured (2026-12-01,
+shared 2-core CPU, ~8 min): joint probe 51.8 %, DI-MML visual 72.3 %. With DI-MML's encoders
+trained on a shared fused loss instead (the detached training broken) its visual head scored
+57.1 % and the test failed. Letting DUC's gradients into the teacher is NOT caught: that variant
+scored 70.5 % (DUC only aligns features; it carries no other modality's label loss).
 """
 from __future__ import annotations
 
