@@ -19,6 +19,7 @@ from conftest import SETTINGS
 
 from training.cli import main as cli_main
 from dimml.metrics import macro_f1
+from dimml.modalities import preprocess_for
 from training.evaluate import collect
 from training.methods import REGISTRY, get_method
 from training.run import load_run
@@ -65,12 +66,13 @@ def setting_corpora(tmp_path_factory):
     """A synthetic corpus per setting, written on first use: setting, classes, per_class -> root."""
     made: dict = {}
 
-    def corpus_of(setting: str, classes: int = 3, per_class: int = 6) -> Path:
-        key = (setting, classes, per_class)
+    def corpus_of(setting: str, classes: int = 3, per_class: int = 6, noise: float | None = None) -> Path:
+        key = (setting, classes, per_class, noise)
         if key not in made:
             root = tmp_path_factory.mktemp("setting")
+            knobs = () if noise is None else tuple((n, noise) for n in preprocess_for("tiny", setting).names)
             synthesize(root, SynthConfig(classes=classes, per_class=per_class, modalities=setting, duration_s=1.0,
-                                         val_frac=0.15, test_frac=0.3), workers=2, progress=False)
+                                         val_frac=0.15, test_frac=0.3, noise=knobs), workers=2, progress=False)
             made[key] = root
         return made[key]
 
@@ -213,7 +215,8 @@ def test_each_setting_trains_the_papers_methods(setting, setting_corpora, tmp_pa
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", SETTINGS[1:])   # audio,visual: test_every_method_beats_chance
 def test_dimml_learns_each_setting(setting, setting_corpora, tmp_path):
-    corpus = setting_corpora(setting, classes=K, per_class=20)
+    # every modality carries a clear signal (noise 0.2): each encoder must learn its own
+    corpus = setting_corpora(setting, classes=K, per_class=20, noise=0.2)
     report = fit(TrainConfig(data=str(corpus), out=str(tmp_path / "run"), method="dimml", modalities=setting,
                              **BASE), progress=False)
     assert report["sizes"]["test"] == 6 * K
