@@ -14,6 +14,7 @@ the video for that one modality, e.g. CREMA-D's separate audio file).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -288,6 +289,31 @@ def decode_audio(c, stream, sample_rate: int, name: str, max_samples: int | None
 
 # ---------------------------------------------------------------------------------------
 # video
+
+@contextlib.contextmanager
+def opened_video(src: Source, name: str, limits: Limits):
+    """(container, checked MediaInfo, video stream decoding on threads) of a video; no_video if it has none.
+
+    FFmpeg errors raised while decoding inside the block become MediaError "undecodable".
+    """
+    with open_media(src, name) as c:
+        info = checked_info(c, name, limits)
+        stream = video_stream(c)
+        if stream is None:
+            raise MediaError(name, "no_video", "no video stream")
+        stream.thread_type = "AUTO"
+        try:
+            yield c, info, stream
+        except av.FFmpegError as e:
+            raise MediaError(name, "undecodable", f"video stream cannot be decoded ({e.strerror or e})") from None
+
+
+def some_frames(frames: list, name: str) -> list:
+    """The decoded frames, or MediaError "undecodable" when there are none."""
+    if not frames:
+        raise MediaError(name, "undecodable", "video stream holds no decodable frame")
+    return frames
+
 
 def frame_times(duration_s: float, n: int) -> list[float]:
     """Centres of n equal segments of the clip: the deterministic inference sampling."""

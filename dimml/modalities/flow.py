@@ -66,28 +66,17 @@ class Flow(Kind):
         if isinstance(src, (str, os.PathLike)) and os.path.isdir(src):
             return read_extracted(Path(src), p, limits, name)
         from dimml import media
-        with media.open_media(src, name) as c:
-            info = media.checked_info(c, name, limits)
-            stream = media.video_stream(c)
-            if stream is None:
-                raise media.MediaError(name, "no_video", "no video stream")
-            stream.thread_type = "AUTO"
+        with media.opened_video(src, name, limits) as (c, info, stream):
             count = p.num_pairs + 1
             fps = info.first("video").fps
             start = media.video_duration(info) / 2 - (count / (2 * fps) if fps else 0.0)
-            try:
-                frames = media.consecutive_frames(c, stream, max(0.0, start), count)
-                if not frames:
-                    raise media.MediaError(name, "undecodable", "video stream holds no decodable frame")
-                grey: dict[int, np.ndarray] = {}   # by frame identity: a repeated last frame is converted once
-                for f in frames:
-                    if id(f) not in grey:
-                        # contiguous: PyAV returns a view into padded rows for some widths, DIS needs dense ones
-                        grey[id(f)] = np.ascontiguousarray(f.to_ndarray(format="gray", width=p.width,
-                                                                        height=p.height, interpolation="BILINEAR"))
-            except av.FFmpegError as e:
-                raise media.MediaError(name, "undecodable",
-                                       f"video stream cannot be decoded ({e.strerror or e})") from None
+            frames = media.some_frames(media.consecutive_frames(c, stream, max(0.0, start), count), name)
+            grey: dict[int, np.ndarray] = {}   # by frame identity: a repeated last frame is converted once
+            for f in frames:
+                if id(f) not in grey:
+                    # contiguous: PyAV returns a view into padded rows for some widths, DIS needs dense ones
+                    grey[id(f)] = np.ascontiguousarray(f.to_ndarray(format="gray", width=p.width,
+                                                                    height=p.height, interpolation="BILINEAR"))
         return flow_stack([grey[id(f)] for f in frames], p.bound), info
 
     def source_files(self, path: str) -> list[str]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import av
 import numpy as np
 
 from dimml.modalities import Kind, register_kind
@@ -38,20 +37,10 @@ class Frames(Kind):
     def decode(self, src, p: FramesParams, limits, name: str):
         """The frames on screen at the centres of N equal segments, RGB, resized (bilinear, no crop)."""
         from dimml import media
-        with media.open_media(src, name) as c:
-            info = media.checked_info(c, name, limits)
-            stream = media.video_stream(c)
-            if stream is None:
-                raise media.MediaError(name, "no_video", "no video stream")
-            stream.thread_type = "AUTO"
-            try:
-                # unknown duration: every target at t=0 -> the first frame N times
-                frames = media.pick_frames(c, stream, media.frame_times(media.video_duration(info), p.num_frames))
-                if not frames:
-                    raise media.MediaError(name, "undecodable", "video stream holds no decodable frame")
-                out = np.stack([f.to_ndarray(format="rgb24", width=p.width, height=p.height,
-                                             interpolation="BILINEAR") for f in frames])
-            except av.FFmpegError as e:
-                raise media.MediaError(name, "undecodable",
-                                       f"video stream cannot be decoded ({e.strerror or e})") from None
-        return out, info
+        with media.opened_video(src, name, limits) as (c, stream_info, stream):
+            # unknown duration: every target at t=0 -> the first frame N times
+            targets = media.frame_times(media.video_duration(stream_info), p.num_frames)
+            frames = media.some_frames(media.pick_frames(c, stream, targets), name)
+            out = np.stack([f.to_ndarray(format="rgb24", width=p.width, height=p.height,
+                                         interpolation="BILINEAR") for f in frames])
+        return out, stream_info
