@@ -315,12 +315,17 @@ class Trainer:
     def run(self) -> dict | None:
         """Train (or resume) and evaluate; returns the report (rank 0; None on other ranks)."""
         self._setup()
+        finished = False
         try:
-            return self._run()
+            report = self._run()
+            finished = True
+            return report
         finally:
             self.scalars.close()
             detach(self._log_handlers)
             if self.world > 1 and dist.is_initialized():
+                if finished:   # the other ranks wait for rank 0's evaluation: gloo torn down under a live peer aborts
+                    dist.barrier()
                 dist.destroy_process_group()
 
     def _run(self) -> dict | None:
