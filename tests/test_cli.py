@@ -168,7 +168,7 @@ def test_yaml_config_with_nested_preprocess(tmp_path, capsys):
     ("data: d\nout: o\nstage2-epochs: 3\n", "unknown key 'stage2-epochs' (did you mean 'stage2_epochs'?)"),
     ("data: d\nout: o\nepochs: ten\n", "epochs must be int or null, got 'ten'"),
     ("data: d\nout: o\naugment: 1\n", "augment must be bool, got 1"),
-    ("data: d\nout: o\nbatch_size: 2.5\n", "batch_size must be int, got 2.5"),
+    ("data: d\nout: o\nbatch_size: 2.5\n", "batch_size must be int or null, got 2.5"),
     ("data: d\nout: o\nfusion: xx\n", "fusion must be one of"),
     ("data: d\nout: o\nlogger: wandb\n", "logger must be one of"),
     ("data: d\nout: o\nhparams: 3\n", "hparams must be a mapping"),

@@ -1,35 +1,40 @@
 """Modality competition and DI-MML's cure, on a reduced version of RESULTS.md's competition corpus.
 
-Audio (noise 0.1) is learnt in a couple of epochs; visual (noise 0.4) is learnable alone but
-slower. Joint training stops improving the visual encoder once audio fits the training set,
-so its visual linear probe stays low; DI-MML trains each encoder detached (its own head, S-Clf
-and DUC, whose teacher never moves), so its visual head keeps learning. Measured (2026-12-01,
-shared 2-core CPU, ~8 min): joint probe 51.8 %, DI-MML visual 72.3 %. With DI-MML's encoders
-trained on a shared fused loss instead (the detached training broken) its visual head scored
-57.1 % and the test failed. Letting DUC's gradients into the teacher is NOT caught: that variant
-scored 70.5 % (DUC only aligns features; it carries no other modality's label loss).
+Audio (noise 0.3) is learnt within an epoch or two; the frames carry their class only in the
+sprites' shape (`frames_cue="shape"`), which an encoder learns alone in 10-25 epochs. Joint
+training fits the training set on audio first and then hardly moves the visual encoder, so its
+visual linear probe stays low; DI-MML trains each encoder detached (its own head, S-Clf and
+DUC, whose teacher never moves), so its visual head learns the shapes. Reduced: one seed and
+3 fusion epochs, no unimodal, MLB or DGL runs. MEASURED_HERE.
+
+Broken on purpose (scratch edits, nothing committed): BROKEN_HERE. Letting DUC's gradients into
+the teacher barely moves the accuracies (DUC only aligns features, it carries no other
+modality's label loss), so the test also checks the detachment itself on the trained run: with
+the run's own DUC dims and a real training batch, each modality's stage-1 loss (Eq. 7) has a
+gradient on its own encoder and none on any other.
 """
 from __future__ import annotations
 
 import pytest
+import torch
 
-from training.synth import SynthConfig, synthesize
-from training.trainer import TrainConfig, fit
+from training.methods.base import Batch
+from training.synth import RECIPES, SynthConfig, synthesize
+from training.trainer import TrainConfig, Trainer, fit
 
 WEAK = "visual"
-MARGIN = 0.08   # the full recipe's gap is ~15 points; one seed on ~110 test clips: 8 points (9 clips) of margin
+MARGIN = 0.15   # the 3-seed gap is ~40 points; one seed on 88 test clips: 15 points (13 clips) of margin
 
 
 @pytest.mark.slow
 def test_joint_suppresses_the_weak_modality_and_dimml_does_not(tmp_path):
-    # a large test split costs decoding only: it makes one seed's accuracies less noisy
     corpus = tmp_path / "corpus"
-    synthesize(corpus, SynthConfig(classes=4, per_class=80, seed=1, val_frac=0.15, test_frac=0.35,
-                                   noise=(("audio", 0.1), ("visual", 0.4))), workers=2, progress=False)
-    common = dict(data=str(corpus), preset="small", device="cpu", seed=0, epochs=20, stage2_epochs=5,
+    synthesize(corpus, SynthConfig(**RECIPES["competition"]), workers=2, progress=False)
+    common = dict(data=str(corpus), preset="small", device="cpu", seed=0, stage2_epochs=3,
                   workers=0, cache_dir=str(tmp_path / "cache"))
     joint = fit(TrainConfig(out=str(tmp_path / "joint"), method="joint", **common), progress=False)
-    dimml = fit(TrainConfig(out=str(tmp_path / "dimml"), method="dimml", **common), progress=False)
+    trainer = Trainer(TrainConfig(out=str(tmp_path / "dimml"), method="dimml", **common), progress=False)
+    dimml = trainer.run()
 
     joint_weak = joint["metrics"]["probe"][WEAK]           # the frozen encoder's linear probe
     dimml_weak = dimml["metrics"][WEAK]["accuracy"]        # DI-MML's own visual head
@@ -37,5 +42,31 @@ def test_joint_suppresses_the_weak_modality_and_dimml_does_not(tmp_path):
                f"(DI-MML visual probe {dimml['metrics']['probe'][WEAK]:.3f}; audio: joint probe "
                f"{joint['metrics']['probe']['audio']:.3f}, DI-MML {dimml['metrics']['audio']['accuracy']:.3f})")
     print(summary)
-    assert joint["metrics"]["probe"]["audio"] > 0.9 and dimml["metrics"]["audio"]["accuracy"] > 0.9, summary
+    assert joint["metrics"]["probe"]["audio"] > 0.75 and dimml["metrics"]["audio"]["accuracy"] > 0.75, summary
     assert joint_weak + MARGIN <= dimml_weak, summary
+
+    cross = stage1_gradient_norms(trainer)
+    assert all(cross[i, i] > 0 for i in trainer.method.names), cross
+    assert all(v == 0 for (i, j), v in cross.items() if i != j), f"a modality's loss reaches another encoder: {cross}"
+
+
+def stage1_gradient_norms(trainer: Trainer) -> dict[tuple[str, str], float]:
+    """{(i, j): |d L_i / d encoder_j|} on one real training batch, with the run's own DUC dimensions."""
+    method = trainer.method
+    assert method.dims is not None and any(d.numel() for row in method.dims.values() for d in row.values()), \
+        "the run never separated dimensions: DUC was not active"
+    inputs, label = next(iter(trainer.eval_loader("train")))
+    nets = method.nets("encoders")
+    for m in method.trainable("encoders").values():
+        m.requires_grad_(True)
+        m.train()
+    res = method.step("encoders", Batch(inputs, label), nets)
+    students = [i for i, row in method.dims.items() if any(d.numel() for d in row.values())]
+    assert all(float(res.logs[f"duc_{i}"]) > 0 for i in students), res.logs   # DUC is in those losses
+    out = {}
+    for i in method.names:
+        for j in method.names:
+            params = list(method.branch(j).encoder.parameters())
+            grads = torch.autograd.grad(res.losses[i], params, retain_graph=True, allow_unused=True)
+            out[i, j] = float(sum(g.abs().sum() for g in grads if g is not None))
+    return out

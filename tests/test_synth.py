@@ -18,6 +18,7 @@ from dimml.datasets import load_dataset
 from dimml.modalities import parse_modalities, preprocess_for
 from training import cli
 from training.synth import CREMAD_EMOTIONS, SynthConfig, render_sample, synthesize, write_clip
+from training.synth_signals import FRAMES_CUES
 
 CREMAD_NAME = re.compile(r"^(\d{4})_([A-Z]{3})_([A-Z]{3})_([A-Z]{2})$")
 
@@ -325,6 +326,16 @@ def test_noise_knobs_make_one_modality_strong_and_the_others_weak(tmp_path, sett
         assert acc[strong] >= 0.8 and acc[strong] > weak + 0.3, (strong, acc)
 
 
+def test_shape_cue_leaves_the_colour_without_the_class(tmp_path):
+    """--frames-cue shape: the sprites' colour says nothing of the class (with "colour" it does)."""
+    acc = {}
+    for cue in FRAMES_CUES:
+        cfg = SynthConfig(classes=4, per_class=8, duration_s=0.6, seed=5, noise={"audio": 0.1, "visual": 0.0},
+                          frames_cue=cue)
+        acc[cue] = accuracies(synthesize(tmp_path / cue, cfg, progress=False).parent, cfg)["visual"]
+    assert acc["colour"] >= 0.8 and acc["shape"] <= 0.5, acc
+
+
 def _decoded_feature(kind: str, view: int, a: np.ndarray) -> np.ndarray:
     """The same statistics, of what the model is fed (dimml.media's arrays)."""
     if kind == "audio":
@@ -423,6 +434,7 @@ def test_write_clip_formats(tmp_path):
     (dict(modalities="visual,other:frames"), "at most one frames modality"),
     (dict(modalities="front"), "needs a kind"),
     (dict(layout="kinetics"), "layout must be"),
+    (dict(frames_cue="texture"), "frames_cue must be one of"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -466,3 +478,17 @@ def test_cli(tmp_path, capsys):
                        (["--modalities", "visual,flow", "--noise", "audio=0.2"], "not one of the modalities")):
         assert cli.main(["synth", "--out", str(tmp_path / "bad")] + bad) == 2
         assert match in capsys.readouterr().err
+
+
+def test_recipe_fills_the_config_and_flags_override_it():
+    """--recipe competition: RESULTS.md's corpus; a flag given wins, noise merges per modality."""
+    from training.synth import RECIPES, config_from_args
+    argv = ["synth", "--out", "x", "--recipe", "competition"]
+    cfg = config_from_args(cli.build_parser(argv).parse_args(argv))
+    assert cfg == SynthConfig(**RECIPES["competition"])
+    assert (cfg.frames_cue, cfg.audio_noise, cfg.visual_noise, cfg.per_class) == ("shape", 0.3, 0.0, 150)
+    argv += ["--per-class", "4", "--noise", "visual=0.2"]
+    cfg = config_from_args(cli.build_parser(argv).parse_args(argv))
+    assert (cfg.per_class, cfg.audio_noise, cfg.visual_noise, cfg.seed) == (4, 0.3, 0.2, 1)
+    plain = ["synth", "--out", "x"]
+    assert config_from_args(cli.build_parser(plain).parse_args(plain)) == SynthConfig()

@@ -100,6 +100,16 @@ def test_defaults_are_the_papers():
     assert c.modalities == "audio,visual" and c.preprocess_config().names == ("audio", "visual")
 
 
+def test_small_preset_schedule_and_explicit_values_win():
+    """small: batch 8, decay after 80 % of the epochs (RESULTS.md's competition corpus); flags override."""
+    c = TrainConfig(data="d", out="o", preset="small").resolve()
+    assert (c.epochs, c.lr, c.batch_size, c.lr_step_epoch, c.stage2_epochs) == (30, 2e-2, 8, 24, 10)
+    c = TrainConfig(data="d", out="o", preset="small", epochs=20, batch_size=4, lr_step_epoch=5).resolve()
+    assert (c.batch_size, c.lr_step_epoch) == (4, 5)
+    assert TrainConfig(data="d", out="o", preset="small", epochs=20).resolve().lr_step_epoch == 16
+    assert TrainConfig(data="d", out="o", preset="tiny").resolve().batch_size == 16
+
+
 def test_config_declares_the_modalities():
     c = TrainConfig(data="d", out="o", preset="tiny", modalities="front:image,rear:image",
                     preprocess={"front.height": 32}).resolve()

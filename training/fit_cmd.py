@@ -35,8 +35,8 @@ HELP = {
     "device": "auto | cpu | cuda | cuda:N",
     "epochs": "stage-1 / joint epochs (default: {epochs})",
     "lr": "learning rate (default: {lr})",
-    "lr_step_epoch": "decay the learning rate x lr_gamma every this many epochs (default: 70/150 of --epochs)",
-    "batch_size": "batch size per process (the paper: 16)",
+    "lr_step_epoch": "decay the learning rate x lr_gamma every this many epochs (default: this fraction of --epochs: {lr_step_fraction})",
+    "batch_size": "batch size per process (default: {batch_size})",
     "stage2_epochs": "fusion-stage epochs of two-stage methods (default: {stage2_epochs})",
     "stage2_lr": "fusion-stage learning rate (default: --lr)",
     "stage2_step": "fusion-stage decay step (default: half of --stage2-epochs)",
@@ -71,7 +71,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, default None (= the config's default)."""
     from training.trainer import PRESET_DEFAULTS, TrainConfig
     # "{epochs}" in a help text -> "150 for resnet18, 30 for tiny", from the presets themselves
-    per_preset = {k: ", ".join(f"{d[k]:g} for {name}" for name, d in PRESET_DEFAULTS.items())
+    per_preset = {k: ", ".join(f"{d[k]:.3g} for {name}" for name, d in PRESET_DEFAULTS.items())
                   for k in next(iter(PRESET_DEFAULTS.values()))}
     for f in dataclasses.fields(TrainConfig):
         if f.name in NOT_FLAGS:

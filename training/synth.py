@@ -43,7 +43,7 @@ from dimml.fileio import atomic_path, atomic_write_bytes, atomic_write_text
 from dimml.modalities import (DEFAULT_MODALITIES, VIDEO_FIELD, ModalitySpec, format_modalities,
                               parse_modalities)
 from training.clipwriter import DEFAULT_CODECS, write_clip
-from training.synth_signals import (Canvas, make_audio, make_body, make_frames, make_motion_frames,
+from training.synth_signals import (FRAMES_CUES, Canvas, make_audio, make_body, make_frames, make_motion_frames,
                                     make_view)
 
 # CREMA-D's emotion codes, in the reference code's label order
@@ -56,6 +56,13 @@ IMAGE_KIND = "image"
 DEFAULT_NOISE = 0.5
 # the flags of the audio-visual corpus: the noise of the modalities with these (built-in) names
 LEGACY_NOISE = {"audio": "audio_noise", "visual": "visual_noise"}
+# Named corpora: SynthConfig fields (`synth --recipe NAME`; other flags override them).
+# competition: RESULTS.md's modality-competition corpus for the `small` preset: audio learnt
+# within an epoch or two, the frames' shape-only cue over 10-25 epochs (issue 14).
+RECIPES: dict[str, dict[str, Any]] = {
+    "competition": dict(classes=4, per_class=150, seed=1, frames_cue="shape",
+                        noise=(("audio", 0.3), ("visual", 0.0))),
+}
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,7 @@ class SynthConfig:
     test_frac: float = 0.15
     modalities: str = DEFAULT_MODALITIES
     noise: tuple[tuple[str, float], ...] = ()   # (modality, knob) for the others; overrides audio/visual_noise
+    frames_cue: str = "colour"      # the frames' class cue: "colour" (and shape) | "shape" (only; must be learnt)
 
     def __post_init__(self):
         specs = parse_modalities(self.modalities)
@@ -93,6 +101,8 @@ class SynthConfig:
         if repeated:
             raise ValueError(f"synth writes one video per sample, with one signal per kind: at most one "
                              f"{'/'.join(repeated)} modality, got {self.modalities}")
+        if self.frames_cue not in FRAMES_CUES:
+            raise ValueError(f"frames_cue must be one of {FRAMES_CUES}, got {self.frames_cue!r}")
         if self.layout not in ("folders", "cremad"):
             raise ValueError(f"layout must be 'folders' or 'cremad', got {self.layout!r}")
         if self.format not in ("mp4", "flv"):
@@ -257,9 +267,9 @@ def render_sample(label: int, index: int, cfg: SynthConfig) -> Rendered:
     frames = None   # audio alone: an audio-only file
     frames_noise = cfg.noise_of(by_kind["frames"]) if "frames" in by_kind else None
     if "flow" in by_kind:
-        frames = make_motion_frames(label, cfg.noise_of(by_kind["flow"]), frames_noise, canvas, rng)
+        frames = make_motion_frames(label, cfg.noise_of(by_kind["flow"]), frames_noise, canvas, rng, cfg.frames_cue)
     elif frames_noise is not None:
-        frames = make_frames(label, frames_noise, canvas, rng)
+        frames = make_frames(label, frames_noise, canvas, rng, cfg.frames_cue)
     images = {}
     if cfg.image_names:
         body = make_body(canvas, rng)
@@ -388,36 +398,50 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("synth", help="write a synthetic corpus (any of the four settings)",
                               description=__doc__.splitlines()[0])
     d = SynthConfig()
+    # config flags default to None: unset ones come from --recipe, else SynthConfig's defaults
     p.add_argument("--out", required=True, type=Path, help="corpus directory")
-    p.add_argument("--modalities", default=d.modalities,
-                   help="audio,visual | visual,flow | front:image,rear:image | audio,visual,flow (%(default)s)")
-    p.add_argument("--classes", type=int, default=d.classes, help="number of classes (%(default)s)")
-    p.add_argument("--per-class", type=int, default=d.per_class, help="samples per class (%(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="same seed, same files (%(default)s)")
+    p.add_argument("--recipe", choices=sorted(RECIPES),
+                   help="a named corpus (training.synth.RECIPES): competition = RESULTS.md's modality-competition "
+                        "corpus; other flags override its fields")
+    p.add_argument("--modalities", help=f"audio,visual | visual,flow | front:image,rear:image | audio,visual,flow "
+                                        f"({d.modalities})")
+    p.add_argument("--classes", type=int, help=f"number of classes ({d.classes})")
+    p.add_argument("--per-class", dest="per_class", type=int, help=f"samples per class ({d.per_class})")
+    p.add_argument("--seed", type=int, help=f"same seed, same files ({d.seed})")
     p.add_argument("--noise", default=None, metavar="NAME=X,...",
                    help=f"per-modality noise in [0, 1], e.g. visual=0.8,flow=0.2: 0 clean .. 1 no label "
                         f"information (each unset one: {DEFAULT_NOISE})")
-    p.add_argument("--format", choices=["mp4", "flv"], default=None,
-                   help="video container (flv for --layout cremad, else mp4)")
-    p.add_argument("--layout", choices=["folders", "cremad"], default=d.layout,
-                   help="folders: DIR/<class>/<id>.<ext>; cremad: VideoFlash/*.flv + AudioWAV/*.wav "
-                        "(%(default)s)")
+    p.add_argument("--format", choices=["mp4", "flv"], help="video container (flv for --layout cremad, else mp4)")
+    p.add_argument("--layout", choices=["folders", "cremad"],
+                   help=f"folders: DIR/<class>/<id>.<ext>; cremad: VideoFlash/*.flv + AudioWAV/*.wav ({d.layout})")
     for name in LEGACY_NOISE:
         p.add_argument(f"--{name}-noise", type=float, default=None,
                        help=f"the noise of {name} (as --noise {name}=X; {DEFAULT_NOISE})")
-    p.add_argument("--duration", type=float, default=d.duration_s, help="seconds per clip (%(default)s)")
+    p.add_argument("--frames-cue", dest="frames_cue", choices=FRAMES_CUES,
+                   help=f"what carries the frames' class: colour (and shape) or shape only, which an encoder "
+                        f"must learn: the slow, weak modality of RESULTS.md's competition corpus ({d.frames_cue})")
+    p.add_argument("--duration", dest="duration_s", type=float, help=f"seconds per clip ({d.duration_s})")
     p.add_argument("--workers", type=int, default=1, help="parallel encoding processes (%(default)s)")
     p.add_argument("--force", action="store_true", help="write into a non-empty directory")
     p.set_defaults(func=_run)
 
 
+CLI_FIELDS = ("modalities", "classes", "per_class", "seed", "format", "layout", "frames_cue", "duration_s")
+
+
+def config_from_args(args: argparse.Namespace) -> SynthConfig:
+    """The recipe's fields (if any), overridden by the flags given."""
+    fields = dict(RECIPES[args.recipe]) if args.recipe else {}
+    fields.update({k: getattr(args, k) for k in CLI_FIELDS if getattr(args, k) is not None})
+    noise = noise_from_flags(args.noise, {n: getattr(args, f"{n}_noise") for n in LEGACY_NOISE})
+    if noise:   # given per modality: merged over the recipe's
+        fields["noise"] = tuple({**dict(fields.get("noise", ())), **noise}.items())
+    return SynthConfig(**fields)
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
-        noise = noise_from_flags(args.noise, {n: getattr(args, f"{n}_noise") for n in LEGACY_NOISE})
-        cfg = SynthConfig(classes=args.classes, per_class=args.per_class, seed=args.seed, format=args.format,
-                          layout=args.layout, duration_s=args.duration, modalities=args.modalities,
-                          noise=tuple(noise.items()))
-        manifest = synthesize(args.out, cfg, workers=args.workers, force=args.force)
+        manifest = synthesize(args.out, config_from_args(args), workers=args.workers, force=args.force)
     except (ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -425,5 +449,5 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["SynthConfig", "Job", "Rendered", "synthesize", "plan", "render_sample", "make_sample", "manifest_columns", "parse_noise",
+__all__ = ["SynthConfig", "RECIPES", "config_from_args", "Job", "Rendered", "synthesize", "plan", "render_sample", "make_sample", "manifest_columns", "parse_noise",
            "write_clip", "write_png", "DEFAULT_CODECS", "CREMAD_EMOTIONS", "DEFAULT_NOISE", "register"]

@@ -9,7 +9,9 @@ clean signature, x = 1 carries no label information.
   * audio: a tone at a class frequency plus its octave, amplitude modulated at a class rate;
     noise: white noise at an SNR falling with x, ~Poisson(2x) quieter distractor tones.
   * frames (alone with audio): a class-coloured, class-shaped sprite moving over a grey
-    background; noise: pixel noise of std ~70x, ~Poisson(5x) distractor sprites.
+    background; noise: pixel noise of std ~70x, ~Poisson(5x) distractor sprites. With the cue
+    "shape" every sprite takes a random class's colour: only the shape says the class, which an
+    encoder must learn (a linear probe on untrained features reads colour, not shape).
   * flow (+ frames): the video's luminance is a textured pattern moving in the class direction
     (angle 2 pi k / K); noise: direction jitter, frame-to-frame luminance noise of std ~25x,
     ~Poisson(4x) patches moving in other classes' directions. The frames' signature is then a
@@ -100,6 +102,14 @@ def class_colour(k: int, classes: int, rng: np.random.Generator) -> np.ndarray:
     return np.array(rgb, np.float32) * 255
 
 
+FRAMES_CUES = ("colour", "shape")   # what of the frames' sprite carries the class: colour and shape, or shape only
+
+
+def sprite_colour(k: int, classes: int, cue: str, rng: np.random.Generator) -> np.ndarray:
+    """Class k's colour, or (cue "shape") a uniformly random class's: the colour then says nothing."""
+    return class_colour(k if cue == "colour" else int(rng.integers(classes)), classes, rng)
+
+
 def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     ax, ay = np.abs(dx), np.abs(dy)
     if shape == "circle":
@@ -134,9 +144,9 @@ def _bounce(p0: float, v: float, t: np.ndarray, lo: float, hi: float) -> np.ndar
 class _Sprite:
     """A class-coloured shape moving on a straight line, bouncing off the frame edges."""
 
-    def __init__(self, k: int, r: float, c: Canvas, t: np.ndarray, rng: np.random.Generator):
+    def __init__(self, k: int, r: float, c: Canvas, t: np.ndarray, rng: np.random.Generator, cue: str = "colour"):
         self.shape = SHAPES[k % len(SHAPES)]
-        self.colour = class_colour(k, c.classes, rng)
+        self.colour = sprite_colour(k, c.classes, cue, rng)
         self.r = r
         speed, angle = rng.uniform(0.2, 0.6) * c.width, rng.uniform(0, 2 * np.pi)
         self.x = _bounce(rng.uniform(r, c.width - r), speed * np.cos(angle), t, r, c.width - r)
@@ -146,15 +156,15 @@ class _Sprite:
         frame[shape_mask(self.shape, xx - self.x[i], yy - self.y[i], self.r)] = self.colour
 
 
-def make_frames(label: int, noise: float, c: Canvas, rng: np.random.Generator) -> np.ndarray:
+def make_frames(label: int, noise: float, c: Canvas, rng: np.random.Generator, cue: str = "colour") -> np.ndarray:
     """RGB frames uint8 [num_frames, height, width, 3]: a class sprite moving over a grey background."""
     y = noise
     n = c.num_frames
     t = np.arange(n) / c.fps
     yy, xx = _grid(c)
     r = 0.22 * c.height * rng.uniform(0.85, 1.15)   # ~10 px after a resize to 64x64
-    main = _Sprite(shown_class(label, c.classes, y, rng), r, c, t, rng)
-    clutter = [_Sprite(int(rng.integers(c.classes)), r * rng.uniform(0.5, 1.0), c, t, rng)
+    main = _Sprite(shown_class(label, c.classes, y, rng), r, c, t, rng, cue)
+    clutter = [_Sprite(int(rng.integers(c.classes)), r * rng.uniform(0.5, 1.0), c, t, rng, cue)
                for _ in range(rng.poisson(5 * y))]
     layers = clutter + [main]
     rng.shuffle(layers)   # the main shape is sometimes hidden behind clutter
@@ -223,18 +233,18 @@ def _chroma(colour: np.ndarray) -> np.ndarray:
     return colour - float(colour @ LUMA)
 
 
-def _appearance(label: int, noise: float, c: Canvas, rng: np.random.Generator) -> np.ndarray:
+def _appearance(label: int, noise: float, c: Canvas, rng: np.random.Generator, cue: str = "colour") -> np.ndarray:
     """Chroma float32 [H, W, 3] of zero luma: a static class sprite (shape and colour) plus clutter."""
     y = noise
     yy, xx = _grid(c)
     out = np.zeros((c.height, c.width, 3), np.float32)
     r = 0.25 * c.height * rng.uniform(0.85, 1.15)
     k = shown_class(label, c.classes, y, rng)
-    main = (k, r, rng.uniform(r, c.width - r), rng.uniform(r, c.height - r), class_colour(k, c.classes, rng))
+    main = (k, r, rng.uniform(r, c.width - r), rng.uniform(r, c.height - r), sprite_colour(k, c.classes, cue, rng))
     clutter = []
     for _ in range(rng.poisson(5 * y)):
         j, rr = int(rng.integers(c.classes)), r * rng.uniform(0.5, 1.0)
-        clutter.append((j, rr, rng.uniform(0, c.width), rng.uniform(0, c.height), class_colour(j, c.classes, rng)))
+        clutter.append((j, rr, rng.uniform(0, c.width), rng.uniform(0, c.height), sprite_colour(j, c.classes, cue, rng)))
     layers = clutter + [main]
     rng.shuffle(layers)
     for j, rr, cx, cy, colour in layers:
@@ -246,12 +256,12 @@ def _appearance(label: int, noise: float, c: Canvas, rng: np.random.Generator) -
 
 
 def make_motion_frames(label: int, flow_noise: float, frames_noise: float | None, c: Canvas,
-                       rng: np.random.Generator) -> np.ndarray:
+                       rng: np.random.Generator, cue: str = "colour") -> np.ndarray:
     """RGB frames uint8 [n, H, W, 3]: luminance moving in the flow class's direction, and (when the
     setting has a frames modality, frames_noise not None) a static chroma sprite of the frames class."""
     rgb = np.repeat(_motion(label, flow_noise, c, rng)[..., None], 3, axis=-1)
     if frames_noise is not None:
-        rgb += _appearance(label, frames_noise, c, rng)[None]
+        rgb += _appearance(label, frames_noise, c, rng, cue)[None]
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
