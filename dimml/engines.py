@@ -308,6 +308,16 @@ def _make(backend: str, bundle: Bundle, device_id: int, threads: int | None) -> 
     raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
 
 
+def expand_backends(prefer: str | Sequence[str]) -> list[str]:
+    """Backend names in order, families ("auto", "onnxruntime", "torch") expanded, each once."""
+    order: list[str] = []
+    for n in [prefer] if isinstance(prefer, str) else prefer:
+        if n not in FAMILIES and n not in BACKENDS:
+            raise ValueError(f"unknown backend {n!r}; choose from {', '.join(('auto', *FAMILIES, *BACKENDS))}")
+        order += [b for b in FAMILIES.get(n, (n,)) if b not in order]
+    return order
+
+
 def open_engine(bundle: Bundle | str, prefer: str | Sequence[str] = "auto", *, device_id: int = 0,
                 threads: int | None = None) -> Engine:
     """The first backend of `prefer` that loads here.
@@ -318,12 +328,7 @@ def open_engine(bundle: Bundle | str, prefer: str | Sequence[str] = "auto", *, d
     are logged and the next one is tried.
     """
     bundle = load_bundle(bundle)
-    names = [prefer] if isinstance(prefer, str) else list(prefer)
-    order: list[str] = []
-    for n in names:
-        if n not in FAMILIES and n not in BACKENDS:
-            raise ValueError(f"unknown backend {n!r}; choose from {('auto', *FAMILIES, *BACKENDS)}")
-        order += [b for b in FAMILIES.get(n, (n,)) if b not in order]
+    order = expand_backends(prefer)
     reasons = []
     for backend in order:
         why = _unavailable(backend, bundle, device_id) if len(order) > 1 else ""
@@ -339,6 +344,7 @@ def open_engine(bundle: Bundle | str, prefer: str | Sequence[str] = "auto", *, d
         if reasons:
             log.info("using %s (skipped: %s)", engine.backend, "; ".join(reasons))
         return engine
+    names = [prefer] if isinstance(prefer, str) else list(prefer)
     raise EngineError(f"no inference backend of {names} works here: " + "; ".join(reasons))
 
 
@@ -358,4 +364,4 @@ def _unavailable(backend: str, bundle: Bundle, device_id: int) -> str:
 
 
 __all__ = ["Engine", "EngineError", "OrtEngine", "TorchEngine", "TensorRTEngine", "TrtModule",
-           "open_engine", "usable_engines", "cuda_compute_capability", "BACKENDS"]
+           "open_engine", "expand_backends", "usable_engines", "cuda_compute_capability", "BACKENDS"]

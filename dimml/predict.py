@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from dimml.bundle import FUSION, Bundle, load_bundle
-from dimml.engines import BACKENDS, FAMILIES, Engine, open_engine
+from dimml.engines import Engine, expand_backends, open_engine
 from dimml.media import Clip, Source, decode_sample
 from dimml.modalities import VIDEO_FIELD, PreprocessConfig
 from dimml.weighting import softmax
@@ -79,11 +79,7 @@ def backend_order(prefer: str | Sequence[str], device: int | str | None = None) 
     """(backends to try in order, GPU index) for a backend preference and a device: an int or
     "cuda:N" picks GPU N (GPU backends only when given as "cuda..."), "cpu" keeps the CPU backends."""
     names = [prefer] if isinstance(prefer, str) else list(prefer)
-    order: list[str] = []
-    for n in names:
-        if n not in FAMILIES and n not in BACKENDS:
-            raise ValueError(f"unknown backend {n!r}; choose from {', '.join(('auto', *FAMILIES, *BACKENDS))}")
-        order += [b for b in FAMILIES.get(n, (n,)) if b not in order]
+    order = expand_backends(names)
     if device is None or isinstance(device, int):
         device_id, keep = int(device or 0), None
     else:

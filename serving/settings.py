@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Mapping
 
-from dimml.engines import BACKENDS, FAMILIES
+from dimml.engines import BACKENDS, FAMILIES, expand_backends
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Settings:
         runs on a GPU (tensorrt, onnxruntime-cuda, torch-cuda)."""
         if self.gpu >= 0:
             return self.gpu
-        order = [b for n in self.backend_order for b in FAMILIES.get(n, (n,))]
+        order = expand_backends(self.backend_order)
         return int(bool(order) and not any(b.endswith("-cpu") for b in order))
 
     @property
