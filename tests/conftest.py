@@ -84,6 +84,7 @@ import time
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent    # the venv's scripts: bentoml, dimml
 TINY_CLASSES = ("cat", "dog", "owl")
 TINY_UPLOAD_LIMIT_MB = 1    # DIMML_MAX_UPLOAD_MB of the tiny servers (their samples are a few kB)
 
@@ -95,7 +96,6 @@ def make_tiny_run(run_dir: Path, setting: str, *, seed: int = 0, fusion: str = "
 
     import torch
 
-    from dimml.modalities import preprocess_for
     from training.models import build_model, build_model_config
     from training.run import run_config_fields, save_run_model
 
@@ -210,7 +210,7 @@ def start_server(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen,
     """`bentoml serve serving.service:DIMML` from the repository root on a free port."""
     port = free_port()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", "serving.service:DIMML",
+        proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "serving.service:DIMML",
                                  "--host", "127.0.0.1", "--port", str(port)],
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     return proc, f"http://127.0.0.1:{port}"

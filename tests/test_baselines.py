@@ -275,10 +275,10 @@ def test_mses_stops_an_encoder_after_patience_flat_epochs():
     assert restored.stopped == {"audio": 3} and restored.best == method.best
 
 
-def test_baselines_need_two_modalities():
-    for name in ("ogm-ge", "pmr", "umt", "mslr", "mses"):
-        with pytest.raises(ValueError, match=f"method '{name}' needs at least 2 modalities, got 1"):
-            make_method(name, "visual")
+@pytest.mark.parametrize("name", ["ogm-ge", "pmr", "umt", "mslr", "mses"])
+def test_baselines_need_two_modalities(name):
+    with pytest.raises(ValueError, match=f"method '{name}' needs at least 2 modalities, got 1"):
+        make_method(name, "visual")
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import BIN, REPO
 
 from dimml import cli as dimml_cli
 from training.cli import main as training_main
 from training.synth import SynthConfig, synthesize
 
-BIN = Path(sys.executable).parent
 TINY = ["--preset", "tiny", "--epochs", "2", "--stage2-epochs", "1", "--batch-size", "8", "--no-progress"]
 
 
@@ -219,7 +218,7 @@ def test_tensorboard_has_per_step_and_per_epoch_scalars(run):
 
 
 @pytest.mark.slow
-def test_csv_logger_writes_no_event_files(corpus, tmp_path, capsys):
+def test_csv_logger_writes_no_event_files(corpus, tmp_path):
     out = tmp_path / "run"
     assert training_main(["fit", "--data", str(corpus), "--out", str(out), *TINY, "--epochs", "1",
                           "--stage2-epochs", "0"]) == 0

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import REPO, TINY_CLASSES, free_port, stop_server, wait_ready
+from conftest import BIN, REPO, TINY_CLASSES, free_port, stop_server, wait_ready
 
 from dimml.extras import MissingExtra, check, install_hint, require
 
@@ -66,7 +66,7 @@ def test_bentofile_packages_are_core_serve_and_one_runtime(bentofile, runtime):
 def test_bentoml_build_cuda_bentofile(tmp_path):
     """`bentoml build -f bentofile.cuda.yaml` packs onnxruntime-gpu on a CUDA base image, no torch."""
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home")}
-    r = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "build", "-f", "bentofile.cuda.yaml",
+    r = subprocess.run([str(BIN / "bentoml"), "build", "-f", "bentofile.cuda.yaml",
                         "--output", "tag"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     bento = next(p for p in (tmp_path / "home" / "bentos" / "dimml").iterdir() if p.name != "latest")
