@@ -399,7 +399,8 @@ def stage_train(sizes: Sizes, device_name: str, work: Path, out: Path, save: Cal
                       hparams={"warmup": 0})
     t0 = time.perf_counter()
     say(f"train: decode cache of {res['clips']} clips with {cores} workers ...")
-    data = prepare_data(cfg.resolve(), cfg.resolve().preprocess_config(), progress=False)
+    resolved = cfg.resolve()
+    data = prepare_data(resolved, resolved.preprocess_config(), progress=False)
     res["cache_s"] = round(time.perf_counter() - t0, 2)
     res["cache_clips_per_s"] = round(res["clips"] / res["cache_s"], 1)
     res["split_sizes"] = data.sizes

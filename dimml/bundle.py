@@ -330,8 +330,8 @@ def load_bundle(source: str | os.PathLike | Bundle, *, checksums: bool = True) -
     """
     if isinstance(source, Bundle):
         return source
-    path = Path(source)
-    if path.exists() or not _is_tag(str(source)):
+    if not is_model_tag(source):
+        path = Path(source)
         return Bundle(path, check_bundle(path, checksums=checksums))
     import bentoml
     from bentoml.exceptions import NotFound

@@ -79,8 +79,9 @@ class OrtEngine(Engine):
     def __init__(self, bundle: Bundle, device: str = "cpu", device_id: int = 0,
                  threads: int | None = None):
         ort = require("onnxruntime", "gpu" if device == "cuda" else "cpu", what=f"onnxruntime-{device}")
-        if onnxruntime_conflict():
-            log.warning(onnxruntime_conflict())
+        conflict = onnxruntime_conflict()
+        if conflict:
+            log.warning(conflict)
 
         self._setup(bundle)
         if device not in ("cpu", "cuda"):
@@ -129,12 +130,12 @@ class TorchEngine(Engine):
     reference. Loads what the bundle holds; needs no model code (never imports training)."""
 
     def __init__(self, bundle: Bundle, device: str = "cpu"):
-        torch = require("torch", "train", what=f"torch-{'cuda' if device.startswith('cuda') else 'cpu'}")
+        self.backend = f"torch-{'cuda' if device.startswith('cuda') else 'cpu'}"
+        torch = require("torch", "train", what=self.backend)
 
         self._setup(bundle)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise EngineError("torch-cuda: torch sees no CUDA GPU")
-        self.backend = f"torch-{'cuda' if device.startswith('cuda') else 'cpu'}"
         self.device = torch.device(device)
         self.modules = {}
         for module in self.io:
