@@ -188,7 +188,7 @@ def make_step(setting: str, batch: int, sizes: Sizes, device_name: str, work: Pa
     from training.losses import transfer_dimensions
     from training.methods import Batch, get_method
     from training.models import build_model, build_model_config
-    from training.trainer import TrainConfig, Trainer
+    from training.trainer import TrainConfig, Trainer, augmented_names
 
     cfg = TrainConfig(data=str(work / "no-data"), out=str(work / "step-run"), method="dimml", preset=sizes.preset,
                       device=device_name, batch_size=batch, **SETTINGS[setting])
@@ -217,8 +217,7 @@ def make_step(setting: str, batch: int, sizes: Sizes, device_name: str, work: Pa
         m.requires_grad_(True).train()
     nets = method.nets(stage, trainer._wrap)
     optimizer = torch.optim.SGD(method.param_groups(stage), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-    augmented = tuple(s.name for s in preprocess.modalities if c.augment and s.kind_obj.augment
-                      and s.kind_obj.encoder == "stack")
+    augmented = augmented_names(preprocess, c.augment)
     inputs = synthetic_inputs(preprocess, batch, device)
     label = torch.randint(0, sizes.classes, (batch,), generator=gen).to(device)
 

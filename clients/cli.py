@@ -174,10 +174,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "score")
     parser = build_parser()
-    if prog and argv:
-        from dimml.cli import set_prog
-        set_prog(parser, argv[0], prog)
-    args = parser.parse_args(argv)
+    from dimml.cli import parse_args
+    args = parse_args(parser, argv, prog)
     name = prog or f"dimml-score {args.command}"
     try:
         return int(args.func(args) or 0)

@@ -65,10 +65,15 @@ def version() -> str:
         return __version__
 
 
-def set_prog(parser: argparse.ArgumentParser, command: str, prog: str | None) -> None:
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, prog: str | None) -> argparse.Namespace:
+    """parser.parse_args(argv), its sub-command's usage and errors named `prog` when given (dimml CLI)."""
+    if prog and argv:
+        set_prog(parser, argv[0], prog)
+    return parser.parse_args(argv)
+
+
+def set_prog(parser: argparse.ArgumentParser, command: str, prog: str) -> None:
     """Name a sub-command's parser `prog` (e.g. 'dimml train' for training's 'fit') in usage and errors."""
-    if not prog:
-        return
     for action in parser._actions:   # argparse keeps sub-parsers in a private action; stable since 3.2
         if isinstance(action, argparse._SubParsersAction) and command in action.choices:
             action.choices[command].prog = prog

@@ -117,10 +117,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     """Run a command; `prog` names it in usage and errors (`dimml export` runs `bundle` as 'dimml export')."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    if prog and argv:
-        from dimml.cli import set_prog
-        set_prog(parser, argv[0], prog)
-    args = parser.parse_args(argv)
+    from dimml.cli import parse_args
+    args = parse_args(parser, argv, prog)
     from dimml.bundle import BundleError
     from dimml.engines import EngineError
     try:

@@ -43,10 +43,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     """Run a command; `prog` names it in usage and errors (`dimml train` runs `fit` with prog 'dimml train')."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
-    if prog and argv:
-        from dimml.cli import set_prog
-        set_prog(parser, argv[0], prog)
-    args = parser.parse_args(argv)
+    from dimml.cli import parse_args
+    args = parse_args(parser, argv, prog)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:

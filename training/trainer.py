@@ -241,6 +241,11 @@ def pick_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" or (amp == "auto" and device.type == "cuda") else None
 
 
+def augmented_names(preprocess: PreprocessConfig, augment: bool) -> tuple[str, ...]:
+    """The modalities whose training batches are augmented (stacked-frame kinds that allow it)."""
+    return tuple(s.name for s in preprocess.modalities if augment and s.kind_obj.augment and s.kind_obj.encoder == "stack")
+
+
 def epoch_seed(seed: int, stage_index: int, epoch: int) -> int:
     return (seed * 1_000_003 + stage_index * 10_007 + epoch) % (2 ** 63)
 
@@ -345,8 +350,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model_cfg = build_model_config(cfg.preset, len(classes), preprocess, cfg.fusion)
         self.model = build_model(model_cfg, preprocess)
-        self.augmented = tuple(s.name for s in preprocess.modalities
-                               if cfg.augment and s.kind_obj.augment and s.kind_obj.encoder == "stack")
+        self.augmented = augmented_names(preprocess, cfg.augment)
         hp = method_cls.make_hparams(cfg.hparams, cfg.epochs)
         self.method: Method = method_cls(self.model, hp, len(classes))
         for m in (*self.method.modules().values(), *self.method.frozen.values()):
