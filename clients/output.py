@@ -34,9 +34,9 @@ class OutputError(ValueError):
 
 def columns_for(classes: Sequence[str], branches: Sequence[str]) -> list[str]:
     """path, label, confidence, prob_<class>..., weight_<branch>... (the model's modalities, then
-    fusion), modalities_used, error."""
+    fusion), modalities_used, error, warning (damage found in the files; empty when clean)."""
     return (["path", "label", "confidence"] + [f"prob_{c}" for c in classes]
-            + [f"weight_{b}" for b in branches] + ["modalities_used", "error"])
+            + [f"weight_{b}" for b in branches] + ["modalities_used", "error", "warning"])
 
 
 def _num(x: float | None) -> float | None:
@@ -52,13 +52,14 @@ def prediction_row(key: str, pred: Prediction, classes: Sequence[str], branches:
         row[f"weight_{b}"] = _num(pred.weight(b))
     row["modalities_used"] = list(pred.modalities_used)
     row["error"] = ""
+    row["warning"] = " ".join("; ".join(pred.warnings).split())
     return row
 
 
 def error_row(key: str, message: str, classes: Sequence[str], branches: Sequence[str]) -> dict[str, Any]:
     """One output row for a sample that could not be scored (message on one line)."""
     row: dict[str, Any] = {c: None for c in columns_for(classes, branches)}
-    row.update(path=key, label="", modalities_used=[], error=" ".join(str(message).split()) or "error")
+    row.update(path=key, label="", modalities_used=[], error=" ".join(str(message).split()) or "error", warning="")
     return row
 
 
@@ -79,7 +80,7 @@ def _csv_value(col: str, text: str) -> Any:
     """A CSV cell back to the typed value prediction_row made."""
     if col == "modalities_used":
         return [m for m in text.split("+") if m]
-    if col in ("path", "label", "error"):
+    if col in ("path", "label", "error", "warning"):
         return text
     return float(text) if text else None
 

@@ -35,6 +35,11 @@ Source = Union[str, os.PathLike, bytes, BinaryIO]
 # Seek instead of decoding forward when the next wanted frame is this far ahead (seconds):
 # below it, decoding through is cheaper than a seek back to the previous keyframe.
 SEEK_GAP_S = 2.0
+# A stream that runs out before this share of the duration its container declares (and at least
+# SHORT_MIN_S early) is reported as cut short (a truncated download). Looser would flag normal
+# files: an audio track a little longer than the video sets a container duration the video never reaches.
+SHORT_FRACTION = 0.75
+SHORT_MIN_S = 0.5
 
 
 class MediaError(ValueError):
@@ -66,12 +71,15 @@ class StreamInfo:
 
 @dataclass
 class MediaInfo:
-    """Container-level metadata of one source."""
+    """Container-level metadata of one source, and what decoding it found wrong."""
 
     name: str
     format: str
     duration_s: float | None
     streams: list[StreamInfo] = field(default_factory=list)
+    # decoded anyway, but not what the file should hold: frames the decoder flagged as damaged, a
+    # stream that ends far before its declared duration (one line each; empty for a clean file)
+    damage: list[str] = field(default_factory=list)
 
     def first(self, kind: str) -> StreamInfo | None:
         return next((s for s in self.streams if s.kind == kind), None)
@@ -95,6 +103,11 @@ class Clip:
     def name(self) -> str:
         """The first source's name (the video's when there is one)."""
         return next(iter(self.infos.values())).name if self.infos else "<sample>"
+
+    @property
+    def warnings(self) -> list[str]:
+        """"<file>: <what is wrong>" for every damage decoding found (empty for clean files)."""
+        return [f"{info.name}: {d}" for info in self.infos.values() for d in info.damage]
 
 
 # ---------------------------------------------------------------------------------------
@@ -261,13 +274,21 @@ def decode_waveform(src: Source, p: "AudioParams | None" = None, *, limits: Limi
         return decode_audio(c, stream, p.sample_rate, name, max_samples)
 
 
-def decode_audio(c, stream, sample_rate: int, name: str, max_samples: int | None) -> np.ndarray:
-    """Decode an open audio stream to mono float32 at sample_rate (stopping after max_samples)."""
+def decode_audio(c, stream, sample_rate: int, name: str, max_samples: int | None,
+                 damage: list[str] | None = None, declared_s: float | None = None) -> np.ndarray:
+    """Decode an open audio stream to mono float32 at sample_rate (stopping after max_samples).
+
+    damage: gets a line for each sign of a damaged file (see audio_damage); a damaged tail is
+    kept (players do the same) but reported. declared_s: the duration the file should have
+    (default: the stream's, else the container's).
+    """
     resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
     chunks: list[np.ndarray] = []
-    have = 0
+    have = corrupt = 0
+    ran_out, failed = False, None
     try:
         for frame in c.decode(stream):
+            corrupt += frame.is_corrupt
             frame.pts = None  # let the resampler count samples; broken pts must not drop audio
             for out in resampler.resample(frame):
                 chunks.append(out.to_ndarray().reshape(-1))
@@ -275,24 +296,115 @@ def decode_audio(c, stream, sample_rate: int, name: str, max_samples: int | None
             if max_samples is not None and have >= max_samples:
                 break
         else:
+            ran_out = True
             for out in resampler.resample(None):
                 chunks.append(out.to_ndarray().reshape(-1))
+                have += chunks[-1].size
     except av.FFmpegError as e:
         if not chunks:
             raise MediaError(name, "undecodable", f"audio stream cannot be decoded ({e.strerror or e})") from None
-        # a damaged tail: keep what decoded (players do the same)
+        failed = e.strerror or str(e)
     wave = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     if wave.size == 0:
         raise MediaError(name, "empty", "audio stream holds no samples")
+    if damage is not None:
+        if declared_s is None:
+            declared_s = _stream_duration(stream) or (c.duration / av.time_base if c.duration else None)
+        damage += audio_damage(have / sample_rate, declared_s, corrupt=corrupt, ran_out=ran_out, failed=failed)
     return wave[:max_samples] if max_samples is not None else wave
+
+
+def audio_damage(decoded_s: float, declared_s: float | None, *, corrupt: int, ran_out: bool,
+                 failed: str | None) -> list[str]:
+    """What decoding an audio stream found wrong: frames flagged corrupt, a decoder error part way,
+    a stream that ran out far before its declared duration."""
+    out = []
+    if corrupt:
+        out.append(f"the decoder flagged {corrupt} audio frame(s) as damaged")
+    if failed:
+        out.append(f"the audio stream stops decoding after {decoded_s:.2f} s ({failed})")
+    elif ran_out and declared_s and cut_short(decoded_s, declared_s):
+        out.append(f"the audio stream ends at {decoded_s:.2f} s of the {declared_s:.2f} s declared "
+                   "(a truncated file?)")
+    return out
+
+
+def cut_short(decoded_s: float, declared_s: float) -> bool:
+    """A stream that ended far before its declared duration (SHORT_FRACTION, SHORT_MIN_S)."""
+    return decoded_s < SHORT_FRACTION * declared_s and declared_s - decoded_s > SHORT_MIN_S
+
+
+def wav_declared_s(src: Source) -> float | None:
+    """Seconds of audio a RIFF/WAVE file's header says its data chunk holds; None when unknown.
+
+    FFmpeg measures a cut WAV by its size, so only the header tells it was cut. None for a
+    streamed WAV (data size 0 or 0xFFFFFFFF) or a header that does not parse.
+    """
+    if isinstance(src, (str, os.PathLike)):
+        with open(src, "rb") as f:
+            head = f.read(1 << 16)
+    elif isinstance(src, (bytes, bytearray, memoryview)):
+        head = bytes(src[:1 << 16])
+    else:
+        src.seek(0)
+        head = src.read(1 << 16)
+        src.seek(0)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos, byte_rate = 12, None
+    while pos + 8 <= len(head):
+        chunk, size = head[pos:pos + 4], int.from_bytes(head[pos + 4:pos + 8], "little")
+        if chunk == b"fmt " and pos + 16 <= len(head):
+            byte_rate = int.from_bytes(head[pos + 16:pos + 20], "little")
+        elif chunk == b"data":
+            if not byte_rate or size in (0, 0xFFFFFFFF):
+                return None
+            return size / byte_rate
+        pos += 8 + size + (size & 1)
+    return None
 
 
 # ---------------------------------------------------------------------------------------
 # video
 
+@dataclass
+class FrameTally:
+    """What decoding a video stream saw, for the damage report: frames, corrupt ones, the last time."""
+
+    decoded: int = 0
+    corrupt: int = 0
+    last_s: float | None = None
+    ran_out: bool = False          # the stream ended before decoding stopped on its own
+
+    def frames(self, c, stream):
+        """c.decode(stream), counting as it goes."""
+        for frame in c.decode(stream):
+            self.decoded += 1
+            self.corrupt += frame.is_corrupt
+            if frame.time is not None:
+                self.last_s = frame.time
+            yield frame
+        self.ran_out = True
+
+    def damage(self, info: MediaInfo) -> list[str]:
+        """Frames the decoder flagged; a stream that ran out far before its declared duration."""
+        out = []
+        if self.corrupt:
+            out.append(f"the decoder flagged {self.corrupt} of {self.decoded} decoded video frame(s) as damaged")
+        declared, v = video_duration(info), info.first("video")
+        if self.ran_out and self.last_s is not None and declared:
+            end = self.last_s + (1 / v.fps if v is not None and v.fps else 0.0)
+            if cut_short(end, declared):
+                out.append(f"the video stream ends at {end:.2f} s of the {declared:.2f} s its container "
+                           "declares (a truncated file?)")
+        return out
+
+
 @contextlib.contextmanager
 def opened_video(src: Source, name: str, limits: Limits):
-    """(container, checked MediaInfo, video stream decoding on threads) of a video; no_video if it has none.
+    """(container, checked MediaInfo, video stream decoding on threads, FrameTally) of a video;
+    no_video if it has none. Decode through the tally (`pick_frames`, `consecutive_frames`): on
+    leaving the block, what it saw wrong goes to the MediaInfo's `damage`.
 
     FFmpeg errors raised while decoding inside the block become MediaError "undecodable".
     """
@@ -302,10 +414,12 @@ def opened_video(src: Source, name: str, limits: Limits):
         if stream is None:
             raise MediaError(name, "no_video", "no video stream")
         stream.thread_type = "AUTO"
+        tally = FrameTally()
         try:
-            yield c, info, stream
+            yield c, info, stream, tally
         except av.FFmpegError as e:
             raise MediaError(name, "undecodable", f"video stream cannot be decoded ({e.strerror or e})") from None
+        info.damage += tally.damage(info)
 
 
 def some_frames(frames: list, name: str) -> list:
@@ -327,18 +441,19 @@ def video_duration(info: MediaInfo) -> float:
     return duration if duration and duration > 0 else 0.0
 
 
-def pick_frames(c, stream, targets: list[float]) -> list[av.VideoFrame]:
+def pick_frames(c, stream, targets: list[float], tally: FrameTally | None = None) -> list[av.VideoFrame]:
     """For each target time, the frame on screen at that time; decodes only what it needs.
 
     Decodes forward; when the next target is more than SEEK_GAP_S ahead it seeks (to the
     keyframe before the target); it stops right after the last target's frame.
     """
+    tally = tally or FrameTally()
     picked: list[av.VideoFrame] = []
     prev = None
     tried_seek = set()
     while len(picked) < len(targets):
         restart = False
-        for frame in c.decode(stream):
+        for frame in tally.frames(c, stream):
             t = frame.time if frame.time is not None else 0.0
             while len(picked) < len(targets) and t > targets[len(picked)] + 1e-6:
                 picked.append(prev if prev is not None else frame)
@@ -364,7 +479,7 @@ def pick_frames(c, stream, targets: list[float]) -> list[av.VideoFrame]:
     return picked
 
 
-def consecutive_frames(c, stream, start_s: float, count: int) -> list[av.VideoFrame]:
+def consecutive_frames(c, stream, start_s: float, count: int, tally: FrameTally | None = None) -> list[av.VideoFrame]:
     """`count` consecutive decoded frames, the first being the one on screen at start_s.
 
     A stream that ends early repeats its last frame; an empty one gives []. Seeks (to the
@@ -377,7 +492,7 @@ def consecutive_frames(c, stream, start_s: float, count: int) -> list[av.VideoFr
             pass   # not seekable: decode through
     picked: list[av.VideoFrame] = []
     prev = None
-    for frame in c.decode(stream):
+    for frame in (tally or FrameTally()).frames(c, stream):
         if picked:
             picked.append(frame)
         elif frame.time is not None and frame.time <= start_s + 1e-6:
@@ -465,7 +580,10 @@ def decode_sample(files: Mapping[str, Source | None], cfg: PreprocessConfig, *,
             missing[spec.name] = e
             continue
         arrays[spec.name] = array
-        infos.setdefault(fld, info)
+        if fld in infos:   # a source several modalities read: each decode's damage, once
+            infos[fld].damage += [d for d in info.damage if d not in infos[fld].damage]
+        else:
+            infos[fld] = info
     if not arrays:
         first = next(iter(missing.values()))
         raise MediaError(first.name, first.cause, "none of the modalities "
@@ -496,4 +614,5 @@ __all__ = ["MediaError", "MediaInfo", "StreamInfo", "Clip", "Source", "decode_sa
            "decode_waveform", "probe", "fit_waveform", "log_spectrogram", "frame_times", "source_name",
            "open_media", "read_bytes", "container_info", "check_limits", "checked_info", "as_limits",
            "video_stream", "audio_stream", "decode_audio", "video_duration", "pick_frames",
-           "consecutive_frames", "decode_still", "SEEK_GAP_S"]
+           "consecutive_frames", "decode_still", "FrameTally", "audio_damage", "cut_short", "wav_declared_s",
+           "SEEK_GAP_S"]

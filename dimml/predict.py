@@ -12,7 +12,8 @@ Each answer (JSON-ready: str keys, Python floats), for a bundle with modalities 
      "branches": {"<m1>": {"probabilities": {...}, "certainty": c, "weight": w}, ...,
                   "fusion": {...}},
      "modalities_used": ["<m1>", ...],
-     "model": {"name": "...", "version": "..."}, "backend": "onnxruntime-cpu"}
+     "model": {"name": "...", "version": "..."}, "backend": "onnxruntime-cpu",
+     "warnings": []}                          # damage found in the sample's files (Clip.warnings)
 `probabilities` is the softmax of Z = sum_i w_i z_i over the branches of the modalities
 present, plus the fusion head when every modality is present; the weights sum to 1. They follow
 the bundle's output rule (`Bundle.output_rule`, applied by dimml.weighting.OutputRule.apply): the
@@ -260,6 +261,7 @@ class Predictor:
                 "modalities_used": list(out.modalities),
                 "model": self.bundle.model_info(),
                 "backend": self.engine.backend,
+                "warnings": [],
             })
         return answers
 
@@ -301,7 +303,7 @@ class Predictor:
         answers: list[dict[str, Any] | None] = [None] * len(clips)
         for idx, out in self.forward_clips(clips):
             for i, a in zip(idx, self.format(out)):
-                answers[i] = a
+                answers[i] = {**a, "warnings": clips[i].warnings}
         return answers  # type: ignore[return-value]
 
 

@@ -5,10 +5,13 @@ Parsed from the JSON that `dimml.predict.Predictor` and the server produce (no t
 The wire format (one dict per sample):
     {"label": str, "probabilities": {class: p},
      "branches": {<modality> | "fusion": {"probabilities": {class: p}, "certainty": c, "weight": w}},
-     "modalities_used": [<modality>, ...], "model": {"name": str, "version": str}, "backend": str}
+     "modalities_used": [<modality>, ...], "model": {"name": str, "version": str}, "backend": str,
+     "warnings": ["<file>: <what is wrong>", ...]}
 The branches are the model's modalities (e.g. audio, visual; front, rear) plus its fusion head.
 A sample missing a modality is answered by the branches it has (no fusion), so `branches` may
-hold fewer entries.
+hold fewer entries. `warnings` names damage the decoder found in the sample's files (frames it
+flagged as damaged, a stream far shorter than its file declares): the answer is given, but from
+damaged input; it is empty for a clean file (and absent from answers of older servers).
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ class Prediction:
     model_name: str = ""
     model_version: str = ""
     backend: str = ""
+    warnings: tuple[str, ...] = ()   # damage found while decoding the sample's files; () when clean
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -70,7 +74,8 @@ class Prediction:
                        branches={str(k): BranchResult.from_dict(v) for k, v in (d.get("branches") or {}).items()},
                        modalities_used=tuple(str(m) for m in d.get("modalities_used") or ()),
                        model_name=str(model.get("name", "")), model_version=str(model.get("version", "")),
-                       backend=str(d.get("backend", "")), raw=dict(d))
+                       backend=str(d.get("backend", "")),
+                       warnings=tuple(str(w) for w in d.get("warnings") or ()), raw=dict(d))
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"malformed prediction ({type(e).__name__}: {e}): {str(dict(d))[:300]}") from None
         if pred.label not in pred.probabilities:
@@ -83,7 +88,8 @@ class Prediction:
                 "branches": {k: {"probabilities": dict(b.probabilities), "certainty": b.certainty,
                                  "weight": b.weight} for k, b in self.branches.items()},
                 "modalities_used": list(self.modalities_used),
-                "model": {"name": self.model_name, "version": self.model_version}, "backend": self.backend}
+                "model": {"name": self.model_name, "version": self.model_version}, "backend": self.backend,
+                "warnings": list(self.warnings)}
 
 
 __all__ = ["BranchResult", "Prediction", "FUSION", "branch_names"]

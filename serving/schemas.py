@@ -52,6 +52,10 @@ class Answer(BaseModel):
     modalities_used: list[str] = Field(description="the modalities found in the upload, in the model's order")
     model: ModelInfo = Field(description="the bundle that answered")
     backend: str = Field(description="the inference backend, e.g. onnxruntime-cpu, onnxruntime-cuda, tensorrt")
+    warnings: list[str] = Field(default_factory=list, description=(
+        "damage the decoder found in the uploaded files, one '<file>: <what>' each (frames it flagged as "
+        "damaged, a stream far shorter than the file declares): the answer comes from damaged input. "
+        "Empty for a clean file"))
 
 
 class ErrorBody(BaseModel):

@@ -117,6 +117,11 @@ DECODE_SECONDS = bentoml.metrics.Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
 
 
+def answer_of(decoded: dict[str, Any], answer: dict[str, Any]) -> Answer:
+    """The inference service's answer with the damage decoding found in the uploads (only the API worker saw it)."""
+    return Answer.model_validate({**answer, "warnings": decoded["warnings"]})
+
+
 def _refuse(ctx: bentoml.Context, e: Rejected):
     """The 4xx JSON answer; BentoML takes the status from the context when a handler has one."""
     ctx.response.status_code = e.status
@@ -247,7 +252,7 @@ class DIMML:
             clip = decode_files({f: u.path for f, u in ups.items()}, cfg, names={f: u.name for f, u in ups.items()})
             DECODE_SECONDS.observe(time.perf_counter() - t0)
             first = next(iter(ups.values()))
-            return {"name": first.name, "arrays": clip.arrays}
+            return {"name": first.name, "arrays": clip.arrays, "warnings": clip.warnings}
 
         try:
             return await anyio.to_thread.run_sync(work, limiter=self._decode_limiter)
@@ -271,7 +276,8 @@ class DIMML:
                 raise Rejected(400, f"no file: give at least one of the fields {', '.join(FIELDS)}",
                                "bad_request")
             ups = {f: collect(ctx.request.scope, f, [p])[0] for f, p in given.items()}
-            return Answer.model_validate((await self._infer([await self._decode(ups)]))[0])
+            decoded = await self._decode(ups)
+            return answer_of(decoded, (await self._infer([decoded]))[0])
         except Rejected as e:
             return _refuse(ctx, e)
 
@@ -295,7 +301,7 @@ class DIMML:
             good = [d for d in decoded if not isinstance(d, Rejected)]
             answers = iter(await self._infer(good) if good else [])
             return [ItemError(error=d.message, cause=d.cause, status=d.status) if isinstance(d, Rejected)
-                    else Answer.model_validate(next(answers)) for d in decoded]
+                    else answer_of(d, next(answers)) for d in decoded]
 
     @bentoml.api
     async def metadata(self) -> dict[str, Any]:

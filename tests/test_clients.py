@@ -105,13 +105,13 @@ def test_local_scoring_rows(local_run, corpus):
     lines = out.read_text().splitlines()
     assert len(lines) == len(rows) + 1          # header + exactly one row per file
     assert lines[0] == ",".join(["path", "label", "confidence", *[f"prob_{c}" for c in CLASSES], "weight_audio",
-                                 "weight_visual", "weight_fusion", "modalities_used", "error"])
+                                 "weight_visual", "weight_fusion", "modalities_used", "error", "warning"])
     for key, row in rows.items():
         if key in BROKEN:
             assert row["error"].startswith(BROKEN[key] + ": ") and key in row["error"], row
             assert row["label"] == "" and row["confidence"] is None
             continue
-        assert row["error"] == "", row
+        assert row["error"] == "" and row["warning"] == "", row   # clean files: no damage warning
         probs = {c: row[f"prob_{c}"] for c in CLASSES}
         assert row["label"] == max(probs, key=probs.get) and row["confidence"] == probs[row["label"]]
         assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
@@ -250,24 +250,28 @@ def test_find_jobs_path_rules(tmp_path):
     assert keys(find_jobs([tmp_path / "a", tmp_path / "a/sub"], recursive=True)) == ["a/sub/y.mp4", "a/x.mp4"]
     with pytest.raises(InputError, match="distinct names"):
         find_jobs([tmp_path / "p/data", tmp_path / "r/data"])
-    with pytest.raises(InputError, match="--recursive"):
-        find_jobs([tmp_path / "p"])
+    # no media at its top, class folders below: a dataset, scored whole without --recursive
+    assert [(j.key, j.truth) for j in find_jobs([tmp_path / "p"])] == [("data/q.mp4", ("data",))]
+    (tmp_path / "p/data/q.wav").write_bytes(b"x")
+    with pytest.raises(InputError, match="--recursive"):   # other files than videos: walked, as asked
+        find_jobs([tmp_path / "p"], exts=["wav"])
 
 
 def test_find_jobs_labels_from_layouts(corpus, tmp_path):
     jobs = {j.key: j for j in find_jobs([corpus], recursive=True)}
-    assert jobs["dog/clip6.mp4"].truth == "dog" and jobs["dog/clip6.mp4"].files == {"video": str(corpus / "dog/clip6.mp4")}
-    assert jobs[VIDEO_ONLY].truth is None                  # not in the manifest
+    assert jobs["dog/clip6.mp4"].truth == ("dog",) and jobs["dog/clip6.mp4"].files == {"video": str(corpus / "dog/clip6.mp4")}
+    assert jobs[VIDEO_ONLY].truth == ()                    # not in the manifest
     # a manifest given as INPUT: its rows, paths relative to its folder, audio_path honoured
     (tmp_path / "m.csv").write_text(f"path,label,audio_path\n{corpus / 'owl/clip9.mp4'},owl,"
                                     f"{corpus / 'cat/clip1.mp4'}\n")
     [job] = find_jobs([tmp_path / "m.csv"])
-    assert job.truth == "owl" and job.files == {"video": str(corpus / "owl/clip9.mp4"),
+    assert job.truth == ("owl",) and job.files == {"video": str(corpus / "owl/clip9.mp4"),
                                                 "audio": str(corpus / "cat/clip1.mp4")}
     assert job.key == os.path.relpath(corpus / "owl/clip9.mp4", tmp_path)
     # class sub-folders without a manifest
     shutil.copytree(corpus / "dog", tmp_path / "plain/dog")
-    assert {j.truth for j in find_jobs([tmp_path / "plain"], recursive=True)} == {"dog"}
+    assert {j.truth for j in find_jobs([tmp_path / "plain"], recursive=True)} == {("dog",)}
+    assert {j.truth for j in find_jobs([tmp_path / "plain"])} == {("dog",)}   # class folders: no --recursive needed
     # a model of two image views: a folder must name them (a manifest), a lone image cannot be a sample
     views = preprocess_for("tiny", "front:image,rear:image")
     (tmp_path / "img").mkdir()
@@ -512,10 +516,10 @@ def test_score_every_setting_local(tiny_bundle, tiny_corpus, setting, tmp_path):
                                  "--workers", "2", "--batch-size", "4", "--no-progress")
     assert rc == 0, stderr
     header = out.read_text().splitlines()[0].split(",")
-    assert header[-2 - len(names) - 1:] == [*(f"weight_{n}" for n in names), "weight_fusion",
-                                            "modalities_used", "error"]
+    assert header[-3 - len(names) - 1:] == [*(f"weight_{n}" for n in names), "weight_fusion",
+                                            "modalities_used", "error", "warning"]
     rows = read_results(out)
-    assert len(rows) == 6 and all(r["error"] == "" and r["modalities_used"] == names for r in rows)
+    assert len(rows) == 6 and all(r["error"] == r["warning"] == "" and r["modalities_used"] == names for r in rows)
     for r in rows:
         assert sum(r[f"weight_{b}"] for b in (*names, "fusion")) == pytest.approx(1.0, abs=1e-5)
     assert "6 rows, 6 succeeded, 0 failed" in stdout and "accuracy" in stdout   # labels from manifest.csv

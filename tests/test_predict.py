@@ -58,7 +58,8 @@ def reference(run, arrays: dict[str, np.ndarray]) -> dict:
 
 def check_answer(a: dict, ref: dict, i: int, used: list[str], model_name: str, version: str) -> None:
     assert json.loads(json.dumps(a)) == a   # JSON-ready as is
-    assert set(a) == {"label", "probabilities", "branches", "modalities_used", "model", "backend"}
+    assert set(a) == {"label", "probabilities", "branches", "modalities_used", "model", "backend", "warnings"}
+    assert a["warnings"] == []   # clean synthetic media: no damage
     assert list(a["probabilities"]) == CLASSES
     np.testing.assert_allclose(list(a["probabilities"].values()), ref["probs"][i], atol=1e-5)
     assert a["label"] == CLASSES[int(ref["probs"][i].argmax())]

@@ -57,6 +57,8 @@ def media(tmp_path_factory) -> dict[str, Path]:
         "silent": write_clip(d / "silent.mp4", _frames(15, 3), 15, None),
         "wav": write_clip(d / "tone.wav", None, audio=_tone(1.0, 660)),
         "long": write_clip(d / "long.mp4", _frames(45, 4, 32), 15, _tone(3.0, 440)),
+        "flv": write_clip(d / "clip.flv", _frames(45, 5, 64), 15, _tone(3.0, 550)),   # flv1 + mp3, as CREMA-D
+        "cut_flv": d / "cut.flv",
         "empty": d / "empty.mp4",
         "garbage": d / "garbage.mp4",
         "truncated": d / "truncated.mp4",
@@ -67,6 +69,8 @@ def media(tmp_path_factory) -> dict[str, Path]:
     f["garbage"].write_bytes(rng.bytes(4096))
     whole = f["av"].read_bytes()
     f["truncated"].write_bytes(whole[: len(whole) // 2])   # mp4 index (moov) is at the end: gone
+    flv = f["flv"].read_bytes()
+    f["cut_flv"].write_bytes(flv[: len(flv) // 3])          # still decodes: a damaged answer
     f["big"].write_bytes(rng.bytes(int(1.5 * UPLOAD_LIMIT_MB * 2**20)))
     return f
 
@@ -199,6 +203,22 @@ def test_predict_batch_keeps_order_and_mixes_modalities(client, server, media, o
     assert r.status_code == 200, r.text
     for a, b in zip(r.json(), got):
         assert_same_answer(a, b)
+
+
+def test_damaged_media_are_answered_with_their_warnings(server, media, offline):
+    """A .flv cut to a third decodes (FFmpeg: "illegal dc ... Error at MB"): answered, saying so; clean files never."""
+    r = _post(f"{server}/predict", [_file(media["cut_flv"])])
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["warnings"] and all(w.startswith("cut.flv: ") for w in got["warnings"])
+    assert any("ends at" in w for w in got["warnings"]) and any("damaged" in w for w in got["warnings"])
+    # the same findings offline (the file's name aside: the server names the upload)
+    assert [w.split(": ", 1)[1] for w in offline(media["cut_flv"])["warnings"]] == \
+        [w.split(": ", 1)[1] for w in got["warnings"]]
+    for key in ("flv", "av", "long"):
+        assert _post(f"{server}/predict", [_file(media[key])]).json()["warnings"] == [], key
+    r = _post(f"{server}/predict_batch", [_file(media[k], "videos") for k in ("flv", "cut_flv", "av")])
+    assert [bool(a["warnings"]) for a in r.json()] == [False, True, False]
 
 
 @pytest.mark.parametrize("key,used", [("silent", ["visual"]), ("wav", ["audio"])])

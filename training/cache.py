@@ -43,6 +43,7 @@ from dimml.modalities import PreprocessConfig
 CACHE_VERSION = 2       # 1: spectrograms.npy + frames.npy; 2: one <name>.npy per modality
 LABELS = "_labels"      # array file names of the entry's own (a modality name cannot start with "_")
 DONE = "_done"
+DAMAGE = "_damage"      # an interrupted build's damage warnings so far (row -> warnings)
 CACHE_ENV = "DIMML_CACHE_DIR"
 DEFAULT_DIRNAME = ".dimml-cache"
 HASH_INDEX = "hash-index.json"
@@ -225,6 +226,13 @@ class DecodedCache:
         return out
 
     @property
+    def damaged(self) -> list[tuple[str, list[str]]]:
+        """(sample key, damage warnings) of the current samples whose files decoded with damage
+        (dimml.media: frames the decoder flagged, streams far shorter than declared)."""
+        damage = {d["row"]: d["warnings"] for d in self.meta.get("damaged", [])}
+        return [(k, damage[i]) for k, i in self.row_of.items() if i in damage]
+
+    @property
     def skipped(self) -> list[tuple[str, str]]:
         """(sample key, error) of the current samples left out as undecodable (rows with label -1)."""
         error = {e["row"]: e["error"] for e in self.meta["skipped"]}
@@ -280,15 +288,19 @@ class _Row:
     sample: Sample
 
 
-def _decode_one(job: tuple[int, dict[str, str], dict]) -> tuple[int, dict[str, np.ndarray] | None, str | None]:
-    """Worker: (row, files, cfg dict) -> (row, arrays in the cache dtypes, error)."""
+Decoded = tuple[int, "dict[str, np.ndarray] | None", "str | None", list[str]]   # row, arrays, error, damage
+
+
+def _decode_one(job: tuple[int, dict[str, str], dict]) -> Decoded:
+    """Worker: (row, files, cfg dict) -> (row, arrays in the cache dtypes, error, damage warnings)."""
     row, files, cfg_dict = job
     cfg = PreprocessConfig.from_dict(cfg_dict)
     try:
         clip = decode_sample(files, cfg)
     except MediaError as e:
-        return row, None, f"{e.cause}: {e.detail}"
-    return row, {s.name: clip.arrays[s.name].astype(s.kind_obj.cache_dtype, copy=False) for s in cfg.modalities}, None
+        return row, None, f"{e.cause}: {e.detail}", []
+    arrays = {s.name: clip.arrays[s.name].astype(s.kind_obj.cache_dtype, copy=False) for s in cfg.modalities}
+    return row, arrays, None, clip.warnings
 
 
 def _pid_alive(pid: int) -> bool:
@@ -363,12 +375,17 @@ class _Builder:
                 self.arrays[name] = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+",
                                                               dtype=dtype, shape=shape)
         self.errors: dict[int, str] = {}
+        self.damage: dict[int, list[str]] = {}
+        if resume and (tmp / f"{DAMAGE}.json").is_file():
+            self.damage = {int(k): v for k, v in json.loads((tmp / f"{DAMAGE}.json").read_text()).items()}
         self.last_save = time.monotonic()
 
-    def put(self, row: int, arrays: dict[str, np.ndarray] | None, error: str | None) -> None:
+    def put(self, row: int, arrays: dict[str, np.ndarray] | None, error: str | None, damage: list[str] = ()) -> None:
         if error is not None:
             self.errors[row] = error
             return
+        if damage:
+            self.damage[row] = list(damage)
         for name in self.cfg.names:
             self.arrays[name][row] = arrays[name]
         self.arrays[LABELS][row] = self.rows[row].sample.label
@@ -388,11 +405,12 @@ class _Builder:
             if meta is None or meta["cfg_fingerprint"] != self.cfg.fingerprint() or meta["decoder"] != decoder:
                 continue
             other = DecodedCache(entry, meta, {})
+            damage = {d["row"]: d["warnings"] for d in meta.get("damaged", [])}
             for j, r in enumerate(meta["rows"]):
                 i = want.get(r["content"])
                 if i is None or other.labels[j] < 0:
                     continue
-                self.put(i, {name: other.array(name)[j] for name in self.cfg.names}, None)
+                self.put(i, {name: other.array(name)[j] for name in self.cfg.names}, None, damage.get(j, []))
                 del want[r["content"]]
                 copied += 1
         return copied
@@ -402,6 +420,7 @@ class _Builder:
         for a in self.arrays.values():
             a.flush()
         tmp_done = self.tmp / f"{DONE}.tmp.npy"
+        atomic_write_json(self.tmp / f"{DAMAGE}.json", self.damage)   # before _done: a done row's damage is kept
         np.save(tmp_done, self.done)
         os.replace(tmp_done, self.tmp / f"{DONE}.npy")
         self.last_save = time.monotonic()
@@ -414,6 +433,7 @@ class _Builder:
             a.flush()
         self.arrays.clear()
         (self.tmp / f"{DONE}.npy").unlink(missing_ok=True)
+        (self.tmp / f"{DAMAGE}.json").unlink(missing_ok=True)
         meta = {"version": CACHE_VERSION, "key": key, "cfg": self.cfg.to_dict(),
                 "cfg_fingerprint": self.cfg.fingerprint(), "decoder": decoder_fingerprint(self.cfg),
                 "arrays": {s.name: {"shape": list(s.shape), "dtype": s.kind_obj.cache_dtype}
@@ -422,7 +442,9 @@ class _Builder:
                 "rows": [{"key": r.key, "content": r.content, "sample": r.sample.key, "files": r.sample.files,
                           "label": r.sample.label} for r in self.rows],
                 "skipped": [{"row": i, "sample": self.rows[i].sample.key, "error": e}
-                            for i, e in sorted(self.errors.items())]}
+                            for i, e in sorted(self.errors.items())],
+                "damaged": [{"row": i, "sample": self.rows[i].sample.key, "warnings": w}
+                            for i, w in sorted(self.damage.items())]}
         atomic_write_json(self.tmp / "meta.json", meta)
 
 
@@ -474,11 +496,12 @@ def _build(final: Path, rows: list[_Row], cfg: PreprocessConfig, workers: int, p
 
 
 def build_cache(samples: Sequence[Sample], cfg: PreprocessConfig, cache_dir: str | os.PathLike, *,
-                workers: int = 2, skip_bad: bool = False, progress: bool = True) -> DecodedCache:
+                workers: int = 2, skip_bad: bool = False, strict: bool = False, progress: bool = True) -> DecodedCache:
     """Decode every sample once into a cache entry (or reuse the complete one); returns it opened.
 
     Undecodable samples raise DatasetError naming them, or with skip_bad are left out with a
-    warning (their rows hold label -1 and `subset` leaves them out). workers <= 1 decodes in
+    warning (their rows hold label -1 and `subset` leaves them out). Samples that decoded with
+    damage (`DecodedCache.damaged`) are kept, or with strict refused. workers <= 1 decodes in
     this process; rows already decoded in another entry of the same config are copied, not decoded.
     """
     if not samples:
@@ -507,6 +530,11 @@ def build_cache(samples: Sequence[Sample], cfg: PreprocessConfig, cache_dir: str
         if not skip_bad:
             raise DatasetError(f"{msg}:\n{format_list(bad)}\n(pass skip_bad / --skip-bad to train without them)")
         warnings.warn(f"{msg}; training without them (skip_bad):\n{format_list(bad)}", stacklevel=2)
+    if strict and cache.damaged:
+        damaged = [f"{k} ({'; '.join(w)})" for k, w in cache.damaged]
+        raise DatasetError(f"{len(damaged)} of {len(samples)} samples decoded with damage (strict):\n"
+                           f"{format_list(damaged)}\n(repair or re-download them, or drop --strict to train "
+                           "on them with a warning each)")
     return cache
 
 

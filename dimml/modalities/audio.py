@@ -54,5 +54,6 @@ class Audio(Kind):
             stream = media.audio_stream(c)
             if stream is None:
                 raise media.MediaError(name, "no_audio", "no audio stream")
-            wave = media.decode_audio(c, stream, p.sample_rate, name, p.num_samples)
+            declared = media.wav_declared_s(src) if c.format.name == "wav" else None
+            wave = media.decode_audio(c, stream, p.sample_rate, name, p.num_samples, info.damage, declared)
         return media.log_spectrogram(media.fit_waveform(wave, p), p), info

@@ -37,10 +37,10 @@ class Frames(Kind):
     def decode(self, src, p: FramesParams, limits, name: str):
         """The frames on screen at the centres of N equal segments, RGB, resized (bilinear, no crop)."""
         from dimml import media
-        with media.opened_video(src, name, limits) as (c, stream_info, stream):
+        with media.opened_video(src, name, limits) as (c, stream_info, stream, tally):
             # unknown duration: every target at t=0 -> the first frame N times
             targets = media.frame_times(media.video_duration(stream_info), p.num_frames)
-            frames = media.some_frames(media.pick_frames(c, stream, targets), name)
+            frames = media.some_frames(media.pick_frames(c, stream, targets, tally), name)
             out = np.stack([f.to_ndarray(format="rgb24", width=p.width, height=p.height,
                                          interpolation="BILINEAR") for f in frames])
         return out, stream_info
