@@ -363,20 +363,24 @@ def moving_square(n: int, h: int = 96, w: int = 128, step: int = 3, seed: int = 
     return frames
 
 
-@pytest.mark.parametrize("ext,codec", [("mp4", "libx264"), ("avi", "mjpeg")])
-def test_flow_of_a_translating_square(tmp_path, ext, codec):
+@pytest.mark.parametrize("ext,codec,measure_side", [("mp4", "libx264", 256), ("avi", "mjpeg", 256),
+                                                    ("mp4", "libx264", 0)])
+def test_flow_of_a_translating_square(tmp_path, ext, codec, measure_side):
     n, k = 18, 4
-    path = write_clip(tmp_path / f"sq.{ext}", moving_square(n), fps=10, video_codec=codec)
-    cfg = preprocess_for("resnet18", "flow", {"flow.num_pairs": k, "flow.height": 96, "flow.width": 128})
+    path = write_clip(tmp_path / f"sq.{ext}", moving_square(n), fps=10, video_codec=codec)   # 128 x 96
+    cfg = preprocess_for("resnet18", "flow", {"flow.num_pairs": k, "flow.height": 96, "flow.width": 128,
+                                              "flow.measure_side": measure_side})
     flow = decode_clip(path, cfg).arrays["flow"]
     assert flow.shape == (k, 96, 128, 2) and flow.dtype == np.uint8
     # window centred on the 1.8 s clip: K+1 = 5 frames from the one on screen at 0.9 - 0.25 s: frames 6..10;
-    # u of 3 px right quantises to 128 + 3 * 255 / 40 = 147.1, v to 128
+    # 3 px right in the video is measured at 340 x 256 (short side 256, even sizes): 3 * 340 / 128 = 7.97 px,
+    # quantised to 128 + 7.97 * 255 / 40 = 178.8 (at 128 x 96, measure_side 0: 3 px, 147.1); v to 128
+    px = 3 * 340 / 128 if measure_side else 3
     for j in range(k):
         x0 = 4 + 3 * (6 + j)
         inner = flow[j, 34:62, x0 + 6: x0 + 34]
         u, v = inner[..., 0].astype(float).mean(), inner[..., 1].astype(float).mean()
-        assert abs(u - (128 + 3 * 255 / 40)) < 2.5 and abs(v - 128) < 2, (j, u, v)
+        assert abs(u - (128 + px * 255 / 40)) < 2.5 and abs(v - 128) < 2, (j, u, v)
     # the still background far from the square does not move
     assert abs(flow[:, :, -12:].astype(float).mean() - 128) < 1
     assert np.array_equal(flow, decode_clip(path, cfg).arrays["flow"])     # deterministic

@@ -36,7 +36,7 @@ def dist_name(requirement: str) -> str:
 
 def test_core_dependencies_are_minimal():
     names = {dist_name(r) for r in PYPROJECT["dependencies"]}
-    assert names == {"numpy", "scipy", "av", "opencv-python-headless", "tqdm"}
+    assert names == {"numpy", "scipy", "av", "opencv-contrib-python-headless", "tqdm"}
     assert not names & set(HEAVY)
 
 

@@ -42,10 +42,11 @@ def _pick_rate(rate: int, allowed: tuple[int, ...] | None) -> int:
 def write_clip(path: str | os.PathLike, frames: np.ndarray | None, fps: float = 15,
                audio: np.ndarray | None = None, sample_rate: int = 16000,
                video_codec: str | None = None, audio_codec: str | None = None,
-               container_format: str | None = None) -> Path:
+               container_format: str | None = None, codec_tag: str | None = None) -> Path:
     """Encode RGB frames uint8 [T, H, W, 3] and/or audio float32 [n] or [ch, n] into one file.
 
-    Codecs default from the extension (DEFAULT_CODECS); frames=None writes audio only,
+    Codecs default from the extension (DEFAULT_CODECS); codec_tag sets the video's FourCC (e.g.
+    XVID for UCF101's mpeg4 .avi files); frames=None writes audio only,
     audio=None video only. Audio is resampled (PyAV) to a rate the codec and container
     accept (opus 48 kHz, flv 22.05 kHz...) and cut to the encoder's frame size. Written to a
     temporary name and renamed, so a crash never leaves a half file under `path`.
@@ -65,6 +66,8 @@ def write_clip(path: str | os.PathLike, frames: np.ndarray | None, fps: float = 
             v = a = None
             if frames is not None:
                 v = _add_video(c, frames, fps, video_codec, path)
+                if codec_tag:
+                    v.codec_tag = codec_tag
             if audio is not None:
                 a, resampler = _add_audio(c, audio, sample_rate, audio_codec)
             if v is not None:

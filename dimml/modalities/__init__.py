@@ -44,6 +44,9 @@ class Kind:
 
     name: ClassVar[str] = ""
     params_cls: ClassVar[type] = object        # frozen dataclass of the kind's preprocessing fields
+    # what a parameter absent from a saved config (an older run or bundle) meant before it existed,
+    # where that differs from its default today
+    legacy_params: ClassVar[dict[str, Any]] = {}
     from_video: ClassVar[bool] = True          # derived from a video file's tracks (else: a file of its own)
     dtype: ClassVar[str] = "uint8"             # dtype of the decoded, cached and served array
     cache_dtype: ClassVar[str] = "uint8"       # dtype stored in the training cache
@@ -159,7 +162,8 @@ class ModalitySpec:
         unknown = set(d) - {"name", "kind", "params"}
         if unknown:
             raise ValueError(f"unknown modality spec field(s) {sorted(unknown)}")
-        return cls(d["name"], d["kind"], _make_params(d["kind"], d.get("params", {}), what=f"modality {d['name']!r}"))
+        params = {**get_kind(d["kind"]).legacy_params, **d.get("params", {})}
+        return cls(d["name"], d["kind"], _make_params(d["kind"], params, what=f"modality {d['name']!r}"))
 
 
 def check_name(name: str) -> str:

@@ -1,27 +1,33 @@
-"""Kind `flow`: optical flow computed from the video track while decoding (no pre-extracted flow needed).
+"""Kind `flow`: optical flow of the video track, computed while decoding or read from a pre-extracted tree.
 
-K consecutive frame pairs around the clip centre, OpenCV's DIS optical flow on grey frames,
-quantised as the standard UCF101 flow distribution is: displacement clipped to +-bound px and
-mapped linearly to uint8, round((d + bound) * 255 / (2 * bound)) (0 = -bound, 255 = +bound,
-128 = no motion). Array [K, H, W, 2] uint8 (u = horizontal, v = vertical).
-Encoder: a ResNet with a 2-channel stem per flow frame, averaged over time and space (the
-authors' UCF101 model).
+One convention for both sources, the one of the UCF101 TV-L1 trees users train on
+(Feichtenhofer's `tvl1_flow/{u,v}/<video>/frame%06d.jpg`, made by his gpu_flow tool):
+
+  1. the frames are converted to grey and resized (bicubic) so that their short side is
+     `measure_side` px (320x240 -> 340x256: factor max(S/w, S/h), sizes floored to even numbers);
+  2. the flow of each consecutive pair is measured at that size (`algorithm`: OpenCV's DIS, or
+     TV-L1 as the trees were made), so displacements are in the tree's pixels;
+  3. the displacement is clipped to +-bound px and quantised to uint8,
+     round((d + bound) * 255 / (2 * bound)) (0 = -bound, 255 = +bound, 128 = no motion);
+  4. the u and v planes are resized (bilinear) to H x W.
+
+A tree's JPEGs are the output of step 3, so reading a tree is step 4 alone: the same function
+resizes both, and a model trained on a tree sees the same values from a video (up to JPEG loss
+and the flow algorithm; tests/test_flow_convention.py measures both). Array [K, H, W, 2] uint8
+(u = horizontal, v = vertical). Encoder: a ResNet with a 2-channel stem per flow frame, averaged
+over time and space (the authors' UCF101 model).
+
+`measure_side = 0` measures at H x W (dimml before this convention: bundles whose manifest has
+no `measure_side` decode so, see `legacy_params`). DIS (MEDIUM preset, deterministic for a given
+OpenCV build) is the default: TV-L1 on a CPU takes about 1.5 s per 340x256 pair against DIS's
+20 ms (BENCHMARKS.md), so it is for matching a distributed tree's algorithm, not for serving.
 
 Choices:
   * the K + 1 frames are the consecutive decoded frames starting with the one on screen at
     duration / 2 - (K + 1) / (2 fps), so the window is centred on the clip (from the start when
-    the clip is shorter than the window);
-  * frames are converted to grey (luma) and resized to H x W (bilinear, no crop) *before* the
-    flow, so displacements are in pixels of the H x W frame and cost does not grow with the
-    video's resolution;
+    the clip is shorter than the window); a tree's K images are the middle ones of its folder;
   * a video with fewer than K + 1 frames repeats its last frame: the pairs past the end are
     "no motion" (128).
-  * DIS with OpenCV's MEDIUM preset (deterministic for a given OpenCV build).
-
-Pre-extracted flow is read too: a folder `<root>/u/<video>` of `frame%06d.jpg` files (with the
-same names in `<root>/v/<video>`), the common UCF101 layout, given as the modality's source
-(a manifest's `flow_path` column). The K consecutive u/v images around the middle are resized
-(bilinear) and stacked; their values are taken as they are (quantised with the same bound).
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ import numpy as np
 from dimml.modalities import Kind, register_kind
 
 EXTRACTED_FRAME = re.compile(r"frame(\d+)\.jpg$")   # a pre-extracted flow image's name
+ALGORITHMS = ("dis", "tvl1")
 
 
 @dataclass(frozen=True)
@@ -44,12 +51,30 @@ class FlowParams:
     height: int = 224
     width: int = 224
     bound: float = 20.0           # displacement clipped to +-bound pixels before quantising
+    measure_side: int = 256       # short side the displacement is measured at (the trees' 256); 0: at H x W
+    algorithm: str = "dis"        # dis | tvl1 (the trees' algorithm; slow on a CPU)
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"flow algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.measure_side < 0:
+            raise ValueError(f"flow measure_side must be >= 0 (0: measure at height x width), got {self.measure_side}")
+
+
+def measure_size(width: int, height: int, p: FlowParams) -> tuple[int, int]:
+    """(w, h) the flow of a width x height video is measured at: short side measure_side, even sizes."""
+    if not p.measure_side or not width or not height:
+        return p.width, p.height
+    factor = max(p.measure_side / width, p.measure_side / height)
+    even = lambda x: max(2, int(x * factor) // 2 * 2)
+    return even(width), even(height)
 
 
 @register_kind
 class Flow(Kind):
     name = "flow"
     params_cls = FlowParams
+    legacy_params = {"measure_side": 0}   # saved before the tree convention: measured at H x W
     from_video = True
     dtype = cache_dtype = "uint8"
     encoder = "stack"
@@ -62,22 +87,23 @@ class Flow(Kind):
         return (p.num_pairs, p.height, p.width, 2)
 
     def decode(self, src, p: FlowParams, limits, name: str):
-        """A video (path, bytes, file) -> DIS flow of K frame pairs; a `u/<video>` folder -> its images."""
+        """A video (path, bytes, file) -> flow of K frame pairs; a `u/<video>` folder -> its images."""
         if isinstance(src, (str, os.PathLike)) and os.path.isdir(src):
             return read_extracted(Path(src), p, limits, name)
         from dimml import media
-        with media.opened_video(src, name, limits) as (c, info, stream):
+        with media.opened_video(src, name, limits) as (c, info, stream, tally):
             count = p.num_pairs + 1
-            fps = info.first("video").fps
-            start = media.video_duration(info) / 2 - (count / (2 * fps) if fps else 0.0)
-            frames = media.some_frames(media.consecutive_frames(c, stream, max(0.0, start), count), name)
+            v = info.first("video")
+            start = media.video_duration(info) / 2 - (count / (2 * v.fps) if v.fps else 0.0)
+            frames = media.some_frames(media.consecutive_frames(c, stream, max(0.0, start), count, tally), name)
+            w, h = measure_size(v.width, v.height, p)
             grey: dict[int, np.ndarray] = {}   # by frame identity: a repeated last frame is converted once
             for f in frames:
                 if id(f) not in grey:
-                    # contiguous: PyAV returns a view into padded rows for some widths, DIS needs dense ones
-                    grey[id(f)] = np.ascontiguousarray(f.to_ndarray(format="gray", width=p.width,
-                                                                    height=p.height, interpolation="BILINEAR"))
-        return flow_stack([grey[id(f)] for f in frames], p.bound), info
+                    # contiguous: PyAV returns a view into padded rows for some widths, the flow needs dense ones
+                    grey[id(f)] = np.ascontiguousarray(f.to_ndarray(
+                        format="gray", width=w, height=h, interpolation="BICUBIC" if p.measure_side else "BILINEAR"))
+        return fit_planes(flow_stack([grey[id(f)] for f in frames], p.bound, p.algorithm), p), info
 
     def source_files(self, path: str) -> list[str]:
         """A pre-extracted `u/<video>` folder is read with its `v/<video>` sibling: both folders' files."""
@@ -93,10 +119,20 @@ def quantise(d: np.ndarray, bound: float) -> np.ndarray:
     return np.rint(scaled).astype(np.uint8)
 
 
-def flow_stack(grey: list[np.ndarray], bound: float) -> np.ndarray:
-    """K + 1 grey frames [H, W] uint8 -> quantised DIS flow [K, H, W, 2] uint8 of each consecutive pair."""
+def flow_method(algorithm: str):
+    """An OpenCV optical-flow object: DIS (MEDIUM preset) or Dual TV-L1 (OpenCV's defaults)."""
     import cv2   # imported on use: only the flow kind needs OpenCV
-    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    if algorithm == "dis":
+        return cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    if not hasattr(cv2, "optflow"):
+        raise RuntimeError("TV-L1 flow needs OpenCV's contrib build: pip install opencv-contrib-python-headless "
+                           "(dimml's own dependency; a plain opencv-python installed over it hides it)")
+    return cv2.optflow.DualTVL1OpticalFlow_create()
+
+
+def flow_stack(grey: list[np.ndarray], bound: float, algorithm: str = "dis") -> np.ndarray:
+    """K + 1 grey frames [h, w] uint8 -> quantised flow [K, h, w, 2] uint8 of each consecutive pair."""
+    method = flow_method(algorithm)
     h, w = grey[0].shape
     out = np.empty((len(grey) - 1, h, w, 2), np.uint8)
     still = quantise(np.zeros(2, np.float32), bound)
@@ -104,14 +140,23 @@ def flow_stack(grey: list[np.ndarray], bound: float) -> np.ndarray:
         if grey[k + 1] is grey[k]:
             out[k] = still      # a repeated frame (past the clip's end): no motion, exactly
         else:
-            out[k] = quantise(dis.calc(grey[k], grey[k + 1], None), bound)
+            out[k] = quantise(method.calc(grey[k], grey[k + 1], None), bound)
     return out
+
+
+def fit_planes(flow: np.ndarray, p: FlowParams) -> np.ndarray:
+    """Quantised flow [K, h, w, 2] uint8 -> [K, H, W, 2] (bilinear): the one resize of both sources."""
+    if flow.shape[1:3] == (p.height, p.width):
+        return flow
+    import cv2
+    return np.stack([cv2.resize(f, (p.width, p.height), interpolation=cv2.INTER_LINEAR) for f in flow])
 
 
 def read_extracted(u_dir: Path, p: FlowParams, limits, name: str):
     """Pre-extracted flow `<root>/u/<video>/frame%06d.jpg` + `<root>/v/<video>/...` -> [K, H, W, 2] uint8.
 
-    The K consecutive frames around the middle (the last repeated when there are fewer).
+    The K consecutive frames around the middle (the last repeated when there are fewer), read at
+    their own size, then resized by `fit_planes` as computed flow is.
     """
     from dimml import media
     if u_dir.parent.name != "u":
@@ -127,16 +172,20 @@ def read_extracted(u_dir: Path, p: FlowParams, limits, name: str):
     start = max(0, (len(names) - p.num_pairs) // 2)
     chosen = names[start:start + p.num_pairs]
     chosen += chosen[-1:] * (p.num_pairs - len(chosen))
-    out = np.empty((p.num_pairs, p.height, p.width, 2), np.uint8)
+    planes: list[list[np.ndarray]] = []
     info = None
-    for k, fname in enumerate(chosen):
-        for c, folder in enumerate((u_dir, v_dir)):
+    for fname in chosen:
+        pair = []
+        for folder in (u_dir, v_dir):
             frame, frame_info = media.decode_still(folder / fname, str(folder / fname), limits)
             info = info or frame_info
             try:
-                out[k, :, :, c] = frame.to_ndarray(format="gray", width=p.width, height=p.height,
-                                                   interpolation="BILINEAR")
+                pair.append(frame.to_ndarray(format="gray"))
             except av.FFmpegError as e:
                 raise media.MediaError(str(folder / fname), "undecodable",
                                        f"image cannot be converted ({e.strerror or e})") from None
-    return out, media.MediaInfo(name, "flow_images", None, info.streams)
+        if pair[0].shape != pair[1].shape or (planes and pair[0].shape != planes[0][0].shape):
+            raise media.MediaError(name, "undecodable", f"flow images of different sizes in {u_dir} / {v_dir}")
+        planes.append(pair)
+    flow = np.stack([np.stack(pair, axis=-1) for pair in planes])
+    return fit_planes(np.ascontiguousarray(flow), p), media.MediaInfo(name, "flow_images", None, info.streams)
