@@ -2,8 +2,13 @@
 
 A sample is one source file per field of the model (`video` for its video-derived modalities,
 a modality's name for a file of its own). What an INPUT yields depends on those fields:
-  * a model reading videos: a folder is walked for video files, each one sample (its other
-    fields, e.g. CREMA-D's separate audio, and its label come from the folder's dataset layout);
+  * a folder holding a public dataset as distributed (CREMA-D, AVE, UCF101, ModelNet40), or class
+    folders with no media files of their own at the top: exactly what its layout lists, with its
+    own files (e.g. CREMA-D's separate audio) and its labels (every label of a file that the layout
+    lists under several: an AVE video with two events is one sample, right if either);
+  * another folder: walked for media files (videos, or images for a model without a video field;
+    sub-folders with --recursive; symlinked folders are followed), each one sample; its layout (a
+    manifest.csv, class folders) adds labels and own files;
   * a model reading own files only (e.g. front/rear images): a folder must be a dataset layout
     that names them (manifest.csv with `<name>_path` columns, ModelNet40 renders), or, for a
     model with a single field, is walked for its files;
@@ -26,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from dimml.datasets import IMAGE_EXTS, VIDEO_EXTS, DatasetError, read_layout, read_manifest
+from dimml.datasets import (IMAGE_EXTS, PUBLIC_LAYOUTS, VIDEO_EXTS, DatasetError, LayoutIncomplete, detect_layout,
+                            read_layout, read_manifest, walk_files)
 from dimml.modalities import VIDEO_FIELD, PreprocessConfig
 
 DEFAULT_EXTS = tuple(sorted(e.lstrip(".") for e in VIDEO_EXTS))
@@ -43,7 +49,7 @@ class Job:
 
     key: str                                # the output's `path`: relative, '/'-separated, unique
     files: dict[str, str]                   # source field -> absolute path
-    truth: str | None = None                # the class the dataset layout gives the sample, if any
+    truth: tuple[str, ...] = ()             # the class(es) the dataset layout gives the sample (several: any is right)
     names: dict[str, str] = field(default_factory=dict)   # field -> display name (path rule)
 
 
@@ -64,14 +70,8 @@ def default_exts(cfg: PreprocessConfig) -> tuple[str, ...]:
 
 
 def walk_media(folder: Path, exts: Iterable[str], recursive: bool) -> list[Path]:
-    """Media files under folder (sorted; hidden files and folders skipped, e.g. a dataset cache)."""
-    suffixes = {"." + e for e in exts}
-    out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
-        out += [Path(dirpath, n) for n in sorted(filenames)
-                if not n.startswith(".") and Path(n).suffix.lower() in suffixes]
-    return out
+    """Media files under folder (dimml.datasets.walk_files: sorted, hidden skipped, symlinks followed)."""
+    return walk_files(folder, {"." + e for e in exts}, recursive)
 
 
 def _key_field(files: dict[str, str]) -> str:
@@ -85,31 +85,54 @@ def _wanted(files: dict[str, str], cfg: PreprocessConfig) -> dict[str, str]:
     return {f: p for f, p in files.items() if f in keep}
 
 
-def layout_samples(root: Path, cfg: PreprocessConfig) -> tuple[list[tuple[dict[str, str], str]], str | None]:
-    """[(files by field, class name)] of the folder's dataset layout, and the layout's name.
+Found = list[tuple[dict[str, str], tuple[str, ...]]]   # [(files by field, true classes)]
 
-    Best effort: a folder that is no dataset simply has none (returns [], None).
+
+def layout_samples(root: Path, cfg: PreprocessConfig) -> tuple[Found, str | None]:
+    """The folder's dataset layout: its samples (files by field, classes) and the layout's name.
+
+    A file the layout lists several times (an AVE video with two events) is one sample with every
+    label. A folder that is no dataset has none ([], None); one holding part of a public dataset's
+    layout (VideoFlash/ without AudioWAV/, ...), or whose layout cannot be read, is an InputError.
     """
+    try:
+        layout = detect_layout(root)
+    except LayoutIncomplete as e:
+        raise InputError(str(e)) from None
+    except DatasetError:
+        return [], None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # e.g. "class folders without videos": irrelevant here
-            found = read_layout(root, modalities=cfg)
-    except DatasetError:
+            found = read_layout(root, layout, modalities=cfg)
+    except DatasetError as e:
+        if layout in PUBLIC_LAYOUTS or layout == "manifest":
+            raise InputError(str(e)) from None
         return [], None
-    out = []
-    for s in found.samples:
+    return _by_file(found.samples, found.classes, cfg), found.layout
+
+
+def _by_file(samples, classes: Sequence[str], cfg: PreprocessConfig) -> Found:
+    """One entry per key file with every class the samples of it carry (in order), its model fields only."""
+    by_file: dict[str, tuple[dict[str, str], list[str]]] = {}
+    for s in samples:
         files = _wanted(s.files, cfg)
         if files:
-            out.append((files, found.classes[s.label]))
-    return out, found.layout
+            entry = by_file.setdefault(os.path.realpath(files[_key_field(files)]), (files, []))
+            if classes[s.label] not in entry[1]:
+                entry[1].append(classes[s.label])
+    return [(f, tuple(t)) for f, t in by_file.values()]
 
 
-def _root_jobs(src: Path, cfg: PreprocessConfig, exts: Sequence[str], recursive: bool
-               ) -> tuple[Path, list[tuple[dict[str, str], str | None]]]:
+def _root_jobs(src: Path, cfg: PreprocessConfig, exts: Sequence[str], recursive: bool) -> tuple[Path, Found]:
     """(root the keys are relative to, [(files by field, truth)]) for one INPUT."""
     fields = cfg.fields
     if src.is_dir():
         samples, layout = layout_samples(src, cfg)
+        if layout == "folders":   # class folders of any video: only the asked-for extensions
+            samples = [(f, t) for f, t in samples if Path(f[_key_field(f)]).suffix.lower().lstrip(".") in exts]
+        if samples and (layout in PUBLIC_LAYOUTS or (layout == "folders" and not walk_media(src, exts, False))):
+            return src, samples   # a dataset: what its layout lists
         if VIDEO_FIELD in fields:
             # every video of the folder; the layout adds labels and own files (by the video's real path)
             by_video = {os.path.realpath(f[VIDEO_FIELD]): (f, t) for f, t in samples if VIDEO_FIELD in f}
@@ -121,15 +144,13 @@ def _root_jobs(src: Path, cfg: PreprocessConfig, exts: Sequence[str], recursive:
                 raise InputError(f"{src}: no media files ({', '.join(exts)}){hint}")
             out = []
             for v in videos:
-                files, truth = by_video.get(os.path.realpath(v), ({}, None))
+                files, truth = by_video.get(os.path.realpath(v), ({}, ()))
                 out.append(({**files, VIDEO_FIELD: str(v)}, truth))
             return src, out
-        if samples:
-            return src, [(f, t) for f, t in samples]
         if len(fields) == 1:
             found = walk_media(src, exts, recursive)
             if found:
-                return src, [({fields[0]: str(p)}, None) for p in found]
+                return src, [({fields[0]: str(p)}, ()) for p in found]
         raise InputError(f"{src}: this model reads {', '.join(fields)} per sample: give a dataset folder whose "
                          f"layout names them (manifest.csv with {', '.join(f'{f}_path' for f in fields)} columns, "
                          f"ModelNet40 renders){' or a folder of ' + '/'.join(exts) + ' files' if len(fields) == 1 else ''}")
@@ -138,11 +159,11 @@ def _root_jobs(src: Path, cfg: PreprocessConfig, exts: Sequence[str], recursive:
             samples, classes = read_manifest(src)
         except DatasetError as e:
             raise InputError(str(e)) from None
-        return src.parent, [(_wanted(s.files, cfg), classes[s.label]) for s in samples if _wanted(s.files, cfg)]
+        return src.parent, _by_file(samples, classes, cfg)
     if len(fields) != 1:
         raise InputError(f"{src}: this model reads {', '.join(fields)} per sample; a single file is one of "
                          "them: give a manifest .csv naming each sample's files")
-    return src.parent, [({fields[0]: str(src)}, None)]
+    return src.parent, [({fields[0]: str(src)}, ())]
 
 
 def find_jobs(inputs: Sequence[str | os.PathLike], cfg: PreprocessConfig | None = None, *,

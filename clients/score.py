@@ -334,11 +334,13 @@ def run_score(opts: ScoreOptions, stop: Stop | None = None, scorer: LocalScorer 
     summary.elapsed_s = time.monotonic() - t0
     if stop.is_set() and summary.server_lost is None and summary.skipped + summary.scored < summary.found:
         summary.interrupted = stop.signal or 0   # 0: stopped by the caller, not by a signal
-    _tally(summary, rows, {j.key: j.truth for j in jobs if j.truth is not None})
+    _tally(summary, rows, {j.key: j.truth for j in jobs if j.truth})
     return summary
 
 
-def _tally(summary: Summary, rows: dict[str, tuple[str, str]], truth: dict[str, str]) -> None:
+def _tally(summary: Summary, rows: dict[str, tuple[str, str]], truth: dict[str, tuple[str, ...]]) -> None:
+    """Rows ok/failed by cause; (true, predicted) pairs of labelled rows. A file with several labels
+    is right when the prediction is any of them (its pair is then (prediction, prediction))."""
     classes = set(summary.classes)
     for key, (label, error) in rows.items():
         if error:
@@ -346,13 +348,12 @@ def _tally(summary: Summary, rows: dict[str, tuple[str, str]], truth: dict[str, 
             summary.errors[error.split(":", 1)[0]] += 1
             continue
         summary.ok += 1
-        t = truth.get(key)
-        if t is None:
-            continue
-        if t in classes:
-            summary.pairs.append((t, label))
-        else:
-            summary.unknown_truth[t] += 1
+        labels = truth.get(key, ())
+        known = [t for t in labels if t in classes]
+        if known:
+            summary.pairs.append((label if label in known else known[0], label))
+        elif labels:
+            summary.unknown_truth[labels[0]] += 1
 
 
 # ---------------------------------------------------------------------------------------

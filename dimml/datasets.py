@@ -25,7 +25,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Hashable, Iterable, Sequence
 
 from dimml.modalities import BUILTIN_NAMES, VIDEO_FIELD, PreprocessConfig, check_name
 
@@ -35,7 +35,9 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
 VIDEO_EXTS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".ts", ".3gp"}
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 LAYOUTS = ("auto", "manifest", "folders", "cremad", "ave", "ucf101", "modelnet40")
+PUBLIC_LAYOUTS = ("cremad", "ave", "ucf101", "modelnet40")   # the public datasets' own layouts
 CREMAD_EMOTIONS = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
+CREMAD_DIRS = ("VideoFlash", "AudioWAV")           # the videos, their own audio files
 AVE_SPLIT_FILES = {"train": "trainSet.txt", "val": "valSet.txt", "test": "testSet.txt"}
 UCF_LIST_DIRS = (".", "ucfTrainTestlist")          # where UCF101's split lists may be
 UCF_VIDEO_DIRS = ("UCF-101", ".")                  # where its class folders may be
@@ -56,6 +58,10 @@ class DatasetError(ValueError):
     """A dataset that cannot be read as asked (bad layout, missing or undecodable files)."""
 
 
+class LayoutIncomplete(DatasetError):
+    """A folder holding part of a known layout (CREMA-D's VideoFlash/ without AudioWAV/, ...)."""
+
+
 @dataclass
 class Sample:
     """One labelled sample: its source files (absolute paths keyed by field), label and split."""
@@ -63,11 +69,17 @@ class Sample:
     files: dict[str, str]           # "video" and/or modality names -> absolute path (a file, or a flow folder)
     label: int                      # index into DatasetSpec.classes
     split: str | None               # "train" | "val" | "test"
+    tag: str = ""                   # which row, for a file a layout lists more than once (AVE: its category)
+
+    @property
+    def path(self) -> str:
+        """The file that names the sample: its video, else its first file."""
+        return self.files.get(VIDEO_FIELD) or next(iter(self.files.values()))
 
     @property
     def key(self) -> str:
-        """The sample's identity: its video, else its first file."""
-        return self.files.get(VIDEO_FIELD) or next(iter(self.files.values()))
+        """The sample's identity: its path, with `#tag` for a file listed more than once."""
+        return f"{self.path}#{self.tag}" if self.tag else self.path
 
 
 @dataclass
@@ -79,6 +91,7 @@ class DatasetSpec:
     classes: list[str]
     layout: str = ""
     dropped: list[str] = field(default_factory=list)   # keys of samples skipped (skip_bad), already warned about
+    notes: list[str] = field(default_factory=list)     # what is unusual about the dataset, one line each (counts)
 
     @property
     def num_classes(self) -> int:
@@ -97,6 +110,17 @@ class DatasetSpec:
             out[s.split][s.label] += 1
         return out
 
+    def summary(self) -> dict:
+        """What `dimml inspect DATASET` and the training log show: layout, classes with their
+        counts per split, how many samples have each source field (a flow tree shows as "flow"),
+        and the notes (JSON-ready)."""
+        counts = self.counts()
+        return {"root": str(self.root), "layout": self.layout, "samples": len(self.samples),
+                "classes": {c: {split: counts[split][i] for split in SPLITS} for i, c in enumerate(self.classes)},
+                "splits": {split: sum(counts[split]) for split in SPLITS},
+                "sources": dict(Counter(f for s in self.samples for f in s.files)),
+                "notes": list(self.notes), "dropped": len(self.dropped)}
+
 
 @dataclass
 class Layout:
@@ -107,6 +131,7 @@ class Layout:
     samples: list[Sample]
     classes: list[str]
     misnamed: list[str] = field(default_factory=list)   # "path (why)" of files the layout cannot use
+    notes: list[str] = field(default_factory=list)      # what is unusual, one line each (DatasetSpec.notes)
 
 
 def format_list(items: list[str], limit: int = LIST_MAX) -> str:
@@ -150,11 +175,19 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _media_files(folder: Path, exts: set[str] = VIDEO_EXTS) -> list[Path]:
-    """Files with one of `exts` under folder (recursively), skipping hidden files and folders (e.g. the cache)."""
+def walk_files(folder: Path, exts: Iterable[str] = VIDEO_EXTS, recursive: bool = True) -> list[Path]:
+    """Files with one of `exts` (".mp4", ...) under folder, sorted; hidden files and folders (e.g. the
+    cache) skipped; symlinked folders followed, each real folder once (no loop through a link cycle)."""
+    exts = {e.lower() for e in exts}
     out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
         out += [Path(dirpath, n) for n in sorted(filenames)
                 if not n.startswith(".") and Path(n).suffix.lower() in exts]
     return out
@@ -227,7 +260,7 @@ def read_folders(root: Path) -> tuple[list[Sample], list[str]]:
     empty = []
     for split, folder in parts:
         for class_dir in _subdirs(folder):
-            files = _media_files(class_dir)
+            files = walk_files(class_dir)
             if not files:
                 empty.append(str(class_dir))
             found += [(class_dir.name, split, str(p.resolve())) for p in files]
@@ -252,7 +285,7 @@ def read_cremad(root: Path, audio_name: str | None = BUILTIN_OF_KIND["audio"]) -
     The wav is the own file of the audio modality `audio_name` (None: not used). Also returns
     the .flv files whose names do not parse, reported like missing files.
     """
-    _need(root / "VideoFlash", root / "AudioWAV")
+    _need(*(root / d for d in CREMAD_DIRS))
     videos = sorted(p for p in (root / "VideoFlash").iterdir() if p.suffix.lower() == ".flv")
     if not videos:
         raise DatasetError(f"{root / 'VideoFlash'}: no .flv files")
@@ -270,42 +303,100 @@ def read_cremad(root: Path, audio_name: str | None = BUILTIN_OF_KIND["audio"]) -
     return samples, classes, bad
 
 
-def _read_ave_list(path: Path) -> list[tuple[str, str]]:
-    """(category, video id) per line of an AVE list file `Category&VideoID&Quality&Start&End`."""
+@dataclass(frozen=True)
+class AveRow:
+    """One row of an AVE list: `Category&VideoID&Quality&StartTime&EndTime`."""
+
+    category: str
+    video: str
+    segment: str      # "StartTime&EndTime" (the annotated event; the whole video is used)
+    text: str = field(default="", compare=False)   # the line as written
+
+
+def _read_ave_list(path: Path) -> list[AveRow]:
+    """The rows of an AVE list file (Annotations.txt has a header line, the split files do not)."""
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:   # universal newlines: LF and CRLF copies alike
         for lineno, line in enumerate(f, start=1):
             line = line.strip()
             if not line:
                 continue
-            fields = line.split("&")
-            if len(fields) < 2:
+            fields = [x.strip() for x in line.split("&")]
+            if len(fields) < 2 or not fields[0] or not fields[1]:
                 raise DatasetError(f"{path}, line {lineno}: expected Category&VideoID&Quality&StartTime&EndTime, "
                                    f"got {line!r}")
-            if lineno == 1 and fields[0].strip().lower() == "category":
+            if lineno == 1 and fields[0].lower() == "category":
                 continue   # header
-            out.append((fields[0].strip(), fields[1].strip()))
+            out.append(AveRow(fields[0], fields[1], "&".join(fields[3:5]), line))
     return out
 
 
-def read_ave(root: Path) -> tuple[list[Sample], list[str]]:
-    """AVE: `Annotations.txt` (+ optional train/val/testSet.txt), videos in `AVE/` or the root.
+def read_ave(root: Path) -> tuple[list[Sample], list[str], list[str]]:
+    """AVE: `Annotations.txt` (+ `trainSet.txt` / `valSet.txt` / `testSet.txt`), videos `AVE/<VideoID>.mp4`.
 
-    The whole video is used; the annotated event segment (StartTime..EndTime) is not cut out.
+    Every list row is one sample, as the AVE reference code reads the lists: a video with two
+    events is two samples (one per category, key `<video>#<category>`), and one listed in two
+    split files is in both splits. With split files, their rows are the samples (Annotations.txt
+    rows in none of them are left out, counted in the notes); without, the Annotations.txt rows
+    are, split later. The whole video is used; the annotated segment is not cut out. The DI-MML
+    authors' loader differs: it keeps one sample per video per split, the first row's label.
+    Returns (samples, classes, notes).
     """
-    _need(root / "Annotations.txt")
-    entries = _read_ave_list(root / "Annotations.txt")
-    if not entries:
-        raise DatasetError(f"{root / 'Annotations.txt'}: no annotations")
-    split_of: dict[str, str] = {}
-    for split, name in AVE_SPLIT_FILES.items():
-        if (root / name).is_file():
-            split_of.update({vid: split for _, vid in _read_ave_list(root / name)})
+    annotations = root / "Annotations.txt"
+    if not annotations.is_file():
+        present = [n for n in AVE_SPLIT_FILES.values() if (root / n).is_file()]
+        raise LayoutIncomplete(f"{root}: looks like AVE ({', '.join(present) or 'AVE/'}) but Annotations.txt is "
+                           "missing (it comes with the split files in AVE_Dataset.zip)")
+    listed = _read_ave_list(annotations)
+    if not listed:
+        raise DatasetError(f"{annotations}: no annotations")
+    split_rows = {split: _read_ave_list(root / name) for split, name in AVE_SPLIT_FILES.items()
+                  if (root / name).is_file()}
+    notes: list[str] = []
+    if split_rows:
+        rows = [(r, split) for split, rs in split_rows.items() for r in rs]
+        unsplit = Counter(listed) - Counter(r for r, _ in rows)
+        if unsplit:
+            notes.append(f"{sum(unsplit.values())} Annotations.txt row(s) are in no split file "
+                         f"({', '.join(AVE_SPLIT_FILES[s] for s in split_rows)}): left out, e.g. "
+                         f"{next(iter(unsplit)).text!r}")
+    else:
+        rows = [(r, None) for r in listed]
+    # identical rows in one split are one sample
+    seen: set[tuple[AveRow, str | None]] = set()
+    unique = []
+    for row in rows:
+        if row not in seen:
+            seen.add(row)
+            unique.append(row)
+    if len(unique) < len(rows):
+        notes.append(f"{len(rows) - len(unique)} row(s) listed twice in the same split: kept once")
     video_dir = root / "AVE" if (root / "AVE").is_dir() else root
-    classes = sorted({c for c, _ in entries})
+    classes = sorted({r.category for r in listed} | {r.category for r, _ in unique})   # Annotations.txt's, at least
     index = {c: i for i, c in enumerate(classes)}
-    return [Sample({VIDEO_FIELD: str((video_dir / f"{vid}.mp4").resolve())}, index[c], split_of.get(vid))
-            for c, vid in entries], classes
+    categories: dict[str, set[str]] = {}
+    splits_of: dict[str, set[str | None]] = {}
+    per_label: Counter = Counter()
+    for r, split in unique:
+        categories.setdefault(r.video, set()).add(r.category)
+        splits_of.setdefault(r.video, set()).add(split)
+        per_label[(r.video, r.category)] += 1
+    samples = []
+    for r, split in unique:
+        tag = ""
+        if len(categories[r.video]) > 1 or per_label[(r.video, r.category)] > 1:
+            tag = r.category if per_label[(r.video, r.category)] == 1 else f"{r.category}@{split}"
+        samples.append(Sample({VIDEO_FIELD: str((video_dir / f"{r.video}.mp4").resolve())},
+                              index[r.category], split, tag))
+    multi = sorted(v for v, c in categories.items() if len(c) > 1)
+    if multi:
+        notes.append(f"{len(multi)} video(s) carry several labels (events of different categories), one sample "
+                     f"per label, e.g. {multi[0]}: {', '.join(sorted(categories[multi[0]]))}")
+    crossed = sorted(v for v, sp in splits_of.items() if len(sp) > 1)
+    if crossed:
+        notes.append(f"{len(crossed)} video(s) are in two splits (with different labels), e.g. {crossed[0]} in "
+                     f"{' and '.join(sorted(str(x) for x in splits_of[crossed[0]]))}")
+    return samples, classes, notes
 
 
 def _ucf_list(root: Path, name: str) -> Path | None:
@@ -319,25 +410,64 @@ def is_ucf101(root: Path) -> bool:
     return any(_ucf_list(root, f"trainlist0{i}.txt") for i in UCF_SPLIT_IDS)
 
 
-def read_ucf101(root: Path, split_id: int = 1, flow_name: str | None = BUILTIN_OF_KIND["flow"]) -> tuple[list[Sample], list[str]]:
-    """UCF101: `<class>/<video>.avi` (under `UCF-101/` or the root) listed by `trainlist0N.txt` / `testlist0N.txt`.
+class CaseFolding:
+    """Finds a path whose parts may differ in letter case from the name given (cached listings).
 
-    The lists may sit in the root or `ucfTrainTestlist/`. The test list has no labels: every label
-    comes from the class folder. Class order: `classInd.txt` when present, else sorted names.
-    Pre-extracted flow (`<root>/{flow,tvl1_flow}/u/<video stem>/`, with `v/` beside `u/`) becomes
-    the own source of the flow modality `flow_name` (None: not used): files[flow_name] = that
-    `u/<stem>` folder.
+    UCF101's lists name `HandstandPushups/v_HandstandPushups_g08_c01.avi` in some copies (the
+    DI-MML authors' edited lists) while the file is `v_HandStandPushups_g08_c01.avi`, and its TV-L1
+    tree spells the folders `v_HandstandPushups_...`: on a case-sensitive disk an exact lookup
+    loses the class.
+    """
+
+    def __init__(self) -> None:
+        self._listing: dict[Path, dict[str, str]] = {}
+
+    def _names(self, folder: Path) -> dict[str, str]:
+        if folder not in self._listing:
+            try:
+                self._listing[folder] = {n.lower(): n for n in sorted(os.listdir(folder))}
+            except OSError:
+                self._listing[folder] = {}
+        return self._listing[folder]
+
+    def find(self, base: Path, rel: str) -> Path | None:
+        """base/rel if it exists, else the one path under base equal to it but for case; None if neither."""
+        exact = base / rel
+        if exact.exists():
+            return exact
+        here = base
+        for part in Path(rel).parts:
+            real = self._names(here).get(part.lower())
+            if real is None:
+                return None
+            here = here / real
+        return here
+
+
+def read_ucf101(root: Path, split_id: int = 1, flow_name: str | None = BUILTIN_OF_KIND["flow"]
+                ) -> tuple[list[Sample], list[str], list[str]]:
+    """UCF101: `UCF-101/<class>/<video>.avi` listed by `ucfTrainTestlist/trainlist0N.txt` / `testlist0N.txt`.
+
+    The lists may sit in the root or `ucfTrainTestlist/` (CRLF or LF); the test list has no
+    labels: every label comes from the class folder. Class order: `classInd.txt` when present,
+    else sorted names. A listed video that is not there under its exact name is matched to a file
+    whose name differs only in case (counted in the notes). Pre-extracted flow
+    (`<root>/{flow,tvl1_flow}/u/<video stem>/`, `v/` beside `u/`; folder names matched the same
+    way) becomes the own source of the flow modality `flow_name` (None: not used): files[flow_name]
+    = that `u/<stem>` folder. Returns (samples, classes, notes).
     """
     if split_id not in UCF_SPLIT_IDS:
         raise DatasetError(f"UCF101 split_id must be one of {UCF_SPLIT_IDS}, got {split_id}")
     lists = {split: _ucf_list(root, f"{split}list0{split_id}.txt") for split in ("train", "test")}
     missing = [f"{split}list0{split_id}.txt" for split, p in lists.items() if p is None]
     if missing:
-        raise DatasetError(f"{root}: no {' or '.join(missing)} (looked in {', '.join(UCF_LIST_DIRS)})")
+        raise LayoutIncomplete(f"{root}: looks like UCF101 but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing (looked in "
+                           f"{', '.join(str(root / d) for d in UCF_LIST_DIRS)}; the lists come in "
+                           "UCF101TrainTestSplits-RecognitionTask.zip as ucfTrainTestlist/)")
     video_dir = next(root / d for d in UCF_VIDEO_DIRS if (root / d).is_dir())
     entries: list[tuple[str, str]] = []   # (relative video path, split)
     for split, path in lists.items():
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, start=1):
                 parts = line.split()
                 if not parts:
@@ -352,7 +482,7 @@ def read_ucf101(root: Path, split_id: int = 1, flow_name: str | None = BUILTIN_O
     class_ind = _ucf_list(root, "classInd.txt")
     if class_ind is not None:
         ind = {}
-        with open(class_ind, encoding="utf-8") as f:
+        with open(class_ind, encoding="utf-8-sig") as f:
             for line in f:
                 parts = line.split()
                 if len(parts) == 2 and parts[0].isdigit():
@@ -364,17 +494,37 @@ def read_ucf101(root: Path, split_id: int = 1, flow_name: str | None = BUILTIN_O
     else:
         classes = sorted(names)
     index = {c: i for i, c in enumerate(classes)}
+    folding = CaseFolding()
     flow_dirs = [root / d for d in UCF_FLOW_DIRS if flow_name and (root / d / "u").is_dir()]
-    samples = []
+    samples, by_case, flow_by_case = [], [], []
+    flow_found = 0
     for rel, split in entries:
-        video = video_dir / rel
+        video = folding.find(video_dir, rel)
+        if video is None:
+            video = video_dir / rel          # missing: the file check names it
+        elif video != video_dir / rel:
+            by_case.append(f"{rel} -> {video.relative_to(video_dir).as_posix()}")
         files = {VIDEO_FIELD: str(video.resolve())}
         for d in flow_dirs:
-            if (d / "u" / video.stem).is_dir():
-                files[flow_name] = str((d / "u" / video.stem).resolve())
+            u_dir = folding.find(d / "u", video.stem)
+            if u_dir is not None and u_dir.is_dir():
+                files[flow_name] = str(u_dir.resolve())
+                flow_found += 1
+                if u_dir.name != video.stem:
+                    flow_by_case.append(f"{video.stem} -> {u_dir.name}")
                 break
         samples.append(Sample(files, index[rel.split("/")[0]], split))
-    return samples, classes
+    notes = []
+    if by_case:
+        notes.append(f"{len(by_case)} list entr(y/ies) name a video only by a different letter case: matched, "
+                     f"e.g. {by_case[0]}")
+    if flow_by_case:
+        notes.append(f"{len(flow_by_case)} pre-extracted flow folder(s) differ from their video's name in letter "
+                     f"case: matched, e.g. {flow_by_case[0]}")
+    if flow_dirs and flow_found < len(samples):
+        notes.append(f"pre-extracted flow ({', '.join(str(d) for d in flow_dirs)}) for {flow_found} of "
+                     f"{len(samples)} videos; the others' flow is computed from the video")
+    return samples, classes, notes
 
 
 def is_modelnet40(root: Path) -> bool:
@@ -419,8 +569,26 @@ def read_modelnet40(root: Path, names: Sequence[str] = MODELNET_NAMES) -> tuple[
     return samples, classes
 
 
+UCF_VIDEO_NAME = re.compile(r"^v_[A-Za-z]+_g\d\d_c\d\d\.avi$")   # UCF101's v_<Class>_gGG_cCC.avi
+
+
+def _looks_like_ucf101(data: Path) -> bool:
+    """UCF101's videos (UCF-101/, or class folders of v_<Class>_gGG_cCC.avi) whatever the lists."""
+    if (data / "UCF-101").is_dir():
+        return True
+    for class_dir in _subdirs(data)[:3]:
+        if any(UCF_VIDEO_NAME.match(n) for n in sorted(os.listdir(class_dir))[:5]):
+            return True
+    return False
+
+
 def detect_layout(data: Path) -> str:
-    """Which layout a data path is, by what it contains."""
+    """Which layout a data path is, by what it contains.
+
+    A folder holding part of a known layout (CREMA-D's VideoFlash/ without AudioWAV/, UCF101's
+    videos without their split lists, AVE's split files without Annotations.txt) is an error
+    naming the missing part, never class folders read by accident (a one-class "dataset").
+    """
     if data.is_file():
         if data.suffix.lower() == ".csv":
             return "manifest"
@@ -429,18 +597,23 @@ def detect_layout(data: Path) -> str:
         raise DatasetError(f"{data}: no such file or folder")
     if (data / "manifest.csv").is_file():
         return "manifest"
-    if (data / "VideoFlash").is_dir() and (data / "AudioWAV").is_dir():
+    cremad = [(data / n).is_dir() for n in CREMAD_DIRS]
+    if all(cremad):
         return "cremad"
-    if (data / "Annotations.txt").is_file():
+    if any(cremad):
+        have, need = (CREMAD_DIRS[0], CREMAD_DIRS[1]) if cremad[0] else (CREMAD_DIRS[1], CREMAD_DIRS[0])
+        raise LayoutIncomplete(f"{data}: looks like CREMA-D ({have}/) but {need}/ is missing (CREMA-D needs both "
+                           f"{CREMAD_DIRS[0]}/*.flv and {CREMAD_DIRS[1]}/*.wav)")
+    if (data / "Annotations.txt").is_file() or any((data / n).is_file() for n in AVE_SPLIT_FILES.values()):
         return "ave"
-    if is_ucf101(data):
+    if is_ucf101(data) or _looks_like_ucf101(data):
         return "ucf101"
     if _subdirs(data):
         return "modelnet40" if is_modelnet40(data) else "folders"
     raise DatasetError(f"{data}: not a dataset. Expected one of: manifest.csv (label[,split] with path and/or "
                        f"<name>_path columns); class sub-folders of videos (optionally under train/val/test); "
-                       f"CREMA-D (VideoFlash/ + AudioWAV/); AVE (Annotations.txt); UCF101 (trainlist0N.txt, "
-                       f"optionally in ucfTrainTestlist/); ModelNet40 renders (<class>/<split>/*.obj.shaded_v0XX.png)")
+                       f"CREMA-D (VideoFlash/ + AudioWAV/); AVE (Annotations.txt); UCF101 (UCF-101/ with "
+                       f"ucfTrainTestlist/trainlist0N.txt); ModelNet40 renders (<class>/<split>/*.obj.shaded_v0XX.png)")
 
 
 def image_names(modalities: PreprocessConfig | None) -> tuple[str, ...]:
@@ -472,7 +645,7 @@ def read_layout(data: str | os.PathLike, layout: str = "auto", *, split_id: int 
         layout = detect_layout(data)
     elif not data.exists():
         raise DatasetError(f"{data}: no such file or folder")
-    root, misnamed = data, []
+    root, misnamed, notes = data, [], []
     if layout == "manifest":
         csv_path = data if data.is_file() else data / "manifest.csv"
         root = csv_path.parent
@@ -484,12 +657,12 @@ def read_layout(data: str | os.PathLike, layout: str = "auto", *, split_id: int 
         misnamed = [f"{p} (name is not ACTOR_SENTENCE_EMOTION_LEVEL, EMOTION one of "
                     f"{'/'.join(CREMAD_EMOTIONS)})" for p in bad]
     elif layout == "ave":
-        samples, classes = read_ave(root)
+        samples, classes, notes = read_ave(root)
     elif layout == "ucf101":
-        samples, classes = read_ucf101(root, split_id, kind_name(modalities, "flow"))
+        samples, classes, notes = read_ucf101(root, split_id, kind_name(modalities, "flow"))
     else:
         samples, classes = read_modelnet40(root, image_names(modalities))
-    return Layout(root, layout, samples, classes, misnamed)
+    return Layout(root, layout, samples, classes, misnamed, notes)
 
 
 # ---------------------------------------------------------------------------------------
@@ -603,13 +776,14 @@ def read_split_files(paths: Sequence[str | os.PathLike]) -> dict[str, str]:
     return out
 
 
-def apply_split_files(samples: list[Sample], paths: Sequence[str | os.PathLike]) -> list[Sample]:
-    """Samples with the split the split files give their key's stem; unlisted samples are left out
-    (a warning says how many), as are listed clips the dataset lacks."""
+def apply_split_files(samples: list[Sample], paths: Sequence[str | os.PathLike],
+                      notes: list[str] | None = None) -> list[Sample]:
+    """Samples with the split the split files give their path's stem; unlisted samples are left out
+    (a warning says how many, and a line in `notes`), as are listed clips the dataset lacks."""
     splits = read_split_files(paths)
     kept, unlisted = [], []
     for s in samples:
-        split = splits.get(Path(s.key).stem)
+        split = splits.get(Path(s.path).stem)
         if split is None:
             unlisted.append(s.key)
             continue
@@ -617,13 +791,19 @@ def apply_split_files(samples: list[Sample], paths: Sequence[str | os.PathLike])
         kept.append(s)
     if not kept:
         raise DatasetError(f"no sample is listed in the split file(s) {', '.join(map(str, paths))} "
-                           f"(names are matched by file stem, e.g. {Path(samples[0].key).stem if samples else '?'})")
+                           f"(names are matched by file stem, e.g. {Path(samples[0].path).stem if samples else '?'})")
+    lines = []
     if unlisted:
         warnings.warn(f"{len(unlisted)} sample(s) not listed in the split file(s), left out:\n{format_list(unlisted)}",
                       stacklevel=3)
-    missing = len(splits) - len(kept)
+        lines.append(f"{len(unlisted)} sample(s) in no split file ({', '.join(Path(p).name for p in paths)}): "
+                     f"left out, e.g. {unlisted[0]}")
+    missing = len(splits) - len({Path(s.path).stem for s in kept})
     if missing > 0:
         warnings.warn(f"{missing} clip(s) listed in the split file(s) are not in the dataset", stacklevel=3)
+        lines.append(f"{missing} clip(s) listed in the split file(s) are not in the dataset")
+    if notes is not None:
+        notes += lines
     return kept
 
 
@@ -665,7 +845,7 @@ def load_dataset(data: str | os.PathLike, *, layout: str = "auto", split_seed: i
                  val_fraction: float = 0.1, test_fraction: float = 0.2, speaker_disjoint: bool = False,
                  skip_bad: bool = False, split_id: int = 1,
                  modalities: PreprocessConfig | None = None,
-                 split_files: Sequence[str | os.PathLike] = ()) -> DatasetSpec:
+                 split_files: Sequence[str | os.PathLike] = (), min_classes: int = 2) -> DatasetSpec:
     """Read a dataset folder (or manifest CSV) into labelled, split samples; checks their files exist.
 
     modalities: the run's PreprocessConfig. With it, samples keep only the fields its modalities
@@ -674,6 +854,8 @@ def load_dataset(data: str | os.PathLike, *, layout: str = "auto", split_seed: i
     split_id: which of UCF101's three official splits (1..3).
     split_files: files that assign each clip its split (read_split_files; e.g. the DI-MML authors'
     CREMA-D train.csv and test.csv); they override the layout's splits, unlisted samples are left out.
+    min_classes: fewer classes with samples is a DatasetError (2 for training: a one-class "dataset"
+    is a folder read wrongly; 1 where a subset is fine, e.g. checking an exported bundle).
     """
     _check_fractions(val_fraction, test_fraction)
     found = read_layout(data, layout, split_id=split_id, modalities=modalities)
@@ -683,7 +865,7 @@ def load_dataset(data: str | os.PathLike, *, layout: str = "auto", split_seed: i
                            f"(this dataset is {layout})")
 
     dupes = sorted(k for k, n in Counter(s.key for s in samples).items() if n > 1)
-    if dupes:
+    if dupes:   # (a layout that lists a file several times tags its samples: only a manifest gets here)
         raise DatasetError(f"{len(dupes)} path(s) listed more than once in {root}:\n{format_list(dupes)}")
 
     bad: dict[int, str] = _select_fields(samples, modalities, root, layout) if modalities is not None else {}
@@ -705,8 +887,9 @@ def load_dataset(data: str | os.PathLike, *, layout: str = "auto", split_seed: i
         if not samples:
             raise DatasetError(f"{root}: no usable samples left after skipping {len(why)} bad ones")
 
+    notes = list(found.notes)
     if split_files:
-        samples = apply_split_files(samples, split_files)
+        samples = apply_split_files(samples, split_files, notes)
     todo = [s for s in samples if s.split is None]
     if speaker_disjoint:
         splits = group_split([s.key for s in todo], cremad_speaker, seed=split_seed,
@@ -716,11 +899,28 @@ def load_dataset(data: str | os.PathLike, *, layout: str = "auto", split_seed: i
                                   val_fraction=val_fraction, test_fraction=test_fraction)
     for s, split in zip(todo, splits):
         s.split = split
-    return DatasetSpec(root, samples, found.classes, layout, dropped)
+    spec = DatasetSpec(root, samples, found.classes, layout, dropped, notes)
+    _check_classes(spec, min_classes)
+    return spec
 
 
-__all__ = ["Sample", "DatasetSpec", "DatasetError", "Layout", "load_dataset", "read_layout", "detect_layout",
+def _check_classes(spec: DatasetSpec, min_classes: int) -> None:
+    """Fewer than min_classes classes with samples is an error; a class without training samples is a note."""
+    counts = spec.counts()
+    present = [c for i, c in enumerate(spec.classes) if any(counts[s][i] for s in SPLITS)]
+    if len(present) < min_classes:
+        raise DatasetError(f"{spec.root}: read as {spec.layout!r}, the dataset has {len(present)} class(es) "
+                           f"({', '.join(present) or 'none'}); a classifier needs at least two. Is this the "
+                           "dataset's top folder? (`dimml inspect` shows how a folder is read)")
+    untrained = [c for i, c in enumerate(spec.classes) if not counts["train"][i]]
+    if untrained:
+        spec.notes.append(f"{len(untrained)} class(es) have no training samples: {', '.join(untrained[:LIST_MAX])}")
+    if spec.dropped:
+        spec.notes.append(f"{len(spec.dropped)} sample(s) skipped as unusable (skip_bad)")
+
+
+__all__ = ["Sample", "DatasetSpec", "DatasetError", "LayoutIncomplete", "Layout", "walk_files", "load_dataset", "read_layout", "detect_layout",
            "read_manifest", "read_folders", "read_split_files", "apply_split_files", "read_cremad", "read_ave", "read_ucf101", "read_modelnet40",
            "manifest_field", "manifest_column", "image_names", "kind_name", "stratified_split", "group_split", "split_sizes", "cremad_speaker",
            "format_list", "SPLITS", "LAYOUTS", "VIDEO_EXTS", "IMAGE_EXTS", "CREMAD_EMOTIONS", "MODELNET_VIEWS",
-           "MODELNET_NAMES", "UCF_FLOW_DIRS"]
+           "MODELNET_NAMES", "UCF_FLOW_DIRS", "PUBLIC_LAYOUTS"]

@@ -109,6 +109,9 @@ def build_bundle(run_dir: str | os.PathLike, out: str | os.PathLike, opts: Bundl
             "feature_dim": dim,
             "fusion": run.model_cfg.fusion,
             "method": run.config.get("method"),
+            # what it learnt from: the layout, split sizes and source fields (a flow tree shows as
+            # "flow"), whose convention the preprocessing above records
+            "data": {k: v for k, v in run.config.get("data", {}).items() if k in ("layout", "sizes", "sources")},
             "lw_temperature": run.lw_temperature,
             # the run's final output rule (chosen on validation for DI-MML; the fusion head for the
             # others): what serving and scoring answer with

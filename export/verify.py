@@ -80,7 +80,7 @@ def media_sources(data: str | os.PathLike, cfg: PreprocessConfig,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            spec = load_dataset(data, modalities=cfg)
+            spec = load_dataset(data, modalities=cfg, min_classes=1)
         # test split first: the samples the model did not train on
         samples = sorted(spec.samples, key=lambda s: (s.split != "test", s.key))
         found = [dict(s.files) for s in samples]

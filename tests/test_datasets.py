@@ -125,17 +125,18 @@ def test_manifest_with_several_own_file_columns(tmp_path, clip):
     write_wav(tmp_path / "v.wav")
     write_csv(tmp_path / "mixed.csv", ["path", "label", "audio_path", "front_path", "rear_path"],
               [["v.mp4", "x", "v.wav", "img/0_front.png", "gone.png"]])
-    mixed = load_dataset(tmp_path / "mixed.csv", modalities=preprocess_for("tiny", "audio,visual,front:image"))
+    mixed = load_dataset(tmp_path / "mixed.csv", modalities=preprocess_for("tiny", "audio,visual,front:image"),
+                         min_classes=1)   # one class: this case is about the columns
     assert list(mixed.samples[0].files) == ["video", "audio", "front"]
     assert mixed.samples[0].key == str((tmp_path / "v.mp4").resolve())
     with pytest.raises(DatasetError, match=r"gone\.png \(missing\)"):
-        load_dataset(tmp_path / "mixed.csv")     # without a config every listed file is checked
+        load_dataset(tmp_path / "mixed.csv", min_classes=1)     # without a config every listed file is checked
 
     # a row lacking a file the run needs is listed like a missing file
     write_csv(tmp_path / "gap.csv", ["front_path", "rear_path", "label"],
               [["img/0_front.png", "img/0_rear.png", "a"], ["img/1_front.png", "", "a"]])
     with pytest.raises(DatasetError, match=r"1 of 2 samples.*\n.*1_front\.png \(no source for modality 'rear'\)"):
-        load_dataset(tmp_path / "gap.csv", modalities=images)
+        load_dataset(tmp_path / "gap.csv", modalities=images, min_classes=1)
 
 
 @pytest.mark.parametrize("header, match", [
@@ -256,13 +257,19 @@ def test_ave_annotations_and_split_files(tmp_path, clip):
         put(clip, tmp_path / "AVE" / f"vid{vid}.mp4")
     spec = load_dataset(tmp_path)
     assert spec.layout == "ave"
-    assert spec.classes == ["Church bell", "Dog", "Male speech, man speaking"]
+    assert spec.classes == ["Church bell", "Dog", "Male speech, man speaking"]   # Annotations.txt's categories
     s = by_name(spec)
-    assert len(s) == 4 and "Category.mp4" not in s
-    assert [s[f"vid{v}.mp4"].label for v in "ABCD"] == [0, 2, 0, 1]
+    assert len(s) == 3 and "Category.mp4" not in s
+    assert [s[f"vid{v}.mp4"].label for v in "ACD"] == [0, 0, 1]
     assert (s["vidA.mp4"].split, s["vidC.mp4"].split, s["vidD.mp4"].split) == ("train", "test", "train")
-    assert s["vidB.mp4"].split == "train"          # not in a split file: seeded split (1 sample -> train)
     assert s["vidA.mp4"].files == {"video": str((tmp_path / "AVE" / "vidA.mp4").resolve())}
+    # the split files list the samples: vidB's row is in none of them, left out and said so
+    assert any("1 Annotations.txt row(s) are in no split file" in n and "vidB" in n for n in spec.notes)
+    assert any("1 class(es) have no training samples: Male speech, man speaking" in n for n in spec.notes)
+    # without split files every Annotations.txt row is a sample, split by the seeded stratified split
+    for name in ("trainSet.txt", "testSet.txt"):
+        (tmp_path / name).unlink()
+    assert len(load_dataset(tmp_path).samples) == 4
 
 
 # ---------------------------------------------------------------------------------------
@@ -396,7 +403,7 @@ def test_missing_files_error_lists_them_and_skip_bad_warns(tmp_path, clip):
     for i in range(14):
         if i < 2:
             put(clip, tmp_path / f"ok{i}.mp4")
-            rows.append([f"ok{i}.mp4", "x"])
+            rows.append([f"ok{i}.mp4", "xy"[i]])
         else:
             rows.append([f"gone{i}.mp4", "x"])
     (tmp_path / "empty.mp4").write_bytes(b"")

@@ -80,7 +80,7 @@ def check_value(name: str, value: Any, annotation) -> Any:
 
 def config_values(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """A file's mapping -> TrainConfig keyword arguments, each key and value checked."""
-    from training.trainer import TrainConfig
+    from training.config import TrainConfig
 
     if isinstance(data.get("train"), dict):   # a RUN/config.json: the resolved TrainConfig is under "train"
         data = data["train"]

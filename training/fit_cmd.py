@@ -27,9 +27,9 @@ HELP = {
               "mses, mslr, ogm-ge, pmr, umt)",
     "preset": "model and preprocessing preset: resnet18 (the paper), tiny (CPU, seconds), small (CPU, minutes: the competition corpus of RESULTS.md) or paper-cremad "
               "(the authors' released CREMA-D run: 10 s audio, fixed T_lw = 1 paper-lw output)",
-    "split_file": "comma-separated files assigning each clip its split: the authors' headerless "
-                  "train.csv,test.csv (<clip>,<label> rows; split = file name) or a CSV with name and split "
-                  "columns; unlisted clips are left out",
+    "split_file": "files assigning each clip its split, comma-separated or the flag repeated (they add up): "
+                  "the authors' headerless train.csv,test.csv (<clip>,<label> rows; split = file name) or a CSV "
+                  "with name and split columns; unlisted clips are left out",
     "modalities": "the model's modalities, in order: built-in names (audio, visual, flow) or NAME:KIND "
                   "(e.g. front:image,rear:image)",
     "device": "auto | cpu | cuda | cuda:N",
@@ -54,10 +54,13 @@ HELP = {
     "split_id": "UCF101: which of the three official train/test splits (trainlist0N.txt / testlist0N.txt)",
     "speaker_disjoint": "CREMA-D: split by speaker",
     "skip_bad": "skip missing or undecodable files with a warning instead of failing",
+    "strict": "refuse media that decode with damage (frames the decoder flagged, streams far shorter than "
+              "declared) instead of training on them with a warning each",
     "logger": "scalars: csv (metrics.csv, always written) | tensorboard (also per-step and per-epoch "
               "scalars in RUN/tensorboard/; needs pip install 'dimml[tensorboard]')",
 }
 NOT_FLAGS = ("data", "out", "hparams", "preprocess")
+LIST_FLAGS = ("split_file",)   # comma-separated config fields whose flag may be repeated
 
 
 def _type_of(annotation: str):
@@ -67,14 +70,14 @@ def _type_of(annotation: str):
     raise TypeError(f"no CLI type for {annotation!r}")
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, default None (= the config's default)."""
-    from training.trainer import PRESET_DEFAULTS, TrainConfig
+def add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """One flag per TrainConfig field (or the fields in `only`), default None (= the config's default)."""
+    from training.config import PRESET_DEFAULTS, TrainConfig
     # "{epochs}" in a help text -> "150 for resnet18, 30 for tiny", from the presets themselves
     per_preset = {k: ", ".join(f"{d[k]:.3g} for {name}" for name, d in PRESET_DEFAULTS.items())
                   for k in next(iter(PRESET_DEFAULTS.values()))}
     for f in dataclasses.fields(TrainConfig):
-        if f.name in NOT_FLAGS:
+        if f.name in NOT_FLAGS or (only is not None and f.name not in only):
             continue
         flag, t = "--" + f.name.replace("_", "-"), _type_of(str(f.type))
         helptext = HELP.get(f.name, f.name.replace("_", " ")).format(**per_preset)
@@ -82,8 +85,15 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             helptext += f" [default: {f.default}]"
         if t is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        elif f.name in LIST_FLAGS:   # repeatable: the values add up (joined with commas)
+            p.add_argument(flag, dest=f.name, action="append", default=None, help=helptext)
         else:
             p.add_argument(flag, dest=f.name, type=t, default=None, help=helptext)
+
+
+def config_flags(args: argparse.Namespace, names) -> dict:
+    """The TrainConfig values given as flags (repeated list flags joined with commas)."""
+    return {k: ",".join(v) if k in LIST_FLAGS and v is not None else v for k, v in vars(args).items() if k in names}
 
 
 def parse_sets(items: list[str]) -> tuple[dict, dict]:
@@ -115,7 +125,7 @@ def register(subparsers) -> None:
     p.add_argument("--data", default=None, help="dataset folder or manifest CSV (required, here or in --config)")
     p.add_argument("--out", default=None,
                    help="run folder (RUN); an interrupted run there resumes (required, here or in --config)")
-    _add_config_flags(p)
+    add_config_flags(p)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="method hyper-parameter (e.g. lambda_d=0.5) or preprocess.MODALITY.PARAM=VALUE; repeatable")
     p.add_argument("--force", action="store_true", help="start over, discarding a finished or interrupted run")
@@ -143,7 +153,8 @@ def run_fit(args: argparse.Namespace) -> int:
         hparams, preprocess = parse_sets(args.sets)
         names = {f.name for f in dataclasses.fields(TrainConfig)} - set(NOT_FLAGS) | {"data", "out"}
         from_file = config_values(read_file(args.config), args.config) if args.config else {}
-        values = merge(from_file, {k: v for k, v in vars(args).items() if k in names}, hparams, preprocess)
+        flags = config_flags(args, names)
+        values = merge(from_file, flags, hparams, preprocess)
         for key in ("data", "out"):
             if not values.get(key):
                 raise ValueError(f"--{key} is required (on the command line or in --config)")

@@ -27,7 +27,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,133 +37,20 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from dimml.datasets import SPLITS, DatasetError, DatasetSpec, load_dataset, stratified_split
+from dimml.datasets import SPLITS, DatasetError, DatasetSpec, stratified_split
 from dimml.fileio import atomic_write_bytes, atomic_write_json
-from dimml.modalities import DEFAULT_MODALITIES, PreprocessConfig, preprocess_for
+from dimml.modalities import PreprocessConfig
 from training.augment import augment_frames
-from training.logs import LOGGER, LOGGERS, Scalars, attach, detach, open_scalars
+from training.config import PRESET_DEFAULTS, VOLATILE, TrainConfig  # noqa: F401 (PRESET_DEFAULTS re-exported)
+from training.logs import LOGGER, Scalars, attach, detach, open_scalars
 from training.cache import CachedDataset, DecodedCache, build_cache, default_cache_dir
-from training.evaluate import AUTO, autocast, collect, evaluate, format_table, output_choices
+from training.evaluate import autocast, collect, evaluate, format_table
 from training.methods import Batch, Method, get_method
-from training.models import FUSIONS, build_model, build_model_config, check_fusion
+from training.models import build_model, build_model_config
 from training.run import CONFIG, REPORT, WEIGHTS, atomic_torch_save, run_config_fields, save_run_model
 
 CHECKPOINT, METRICS, LOG = "checkpoint.pt", "metrics.csv", "train.log"
 RUN_FILES = (CHECKPOINT, METRICS, LOG, CONFIG, WEIGHTS, REPORT, "curves.png", "confusion.png")
-
-# Values a TrainConfig leaves None, per preset. resnet18: the paper. tiny: learns the
-# synthetic corpus in seconds on a CPU. paper-cremad: the authors' released CREMA-D run (their
-# README / run script): ResNet18, 10 s of audio at 16 kHz (257 x 1004), 3 frames at 224 with
-# random resized crop + flip, SGD lr 1e-3 (x0.1 at epoch 70), 150 + 20 epochs, batch 16, DUC dot
-# product at T = 50 (the default), and the paper's weighting at their fixed T = 1 as the output.
-LR_STEP_FRACTION = 70 / 150       # the paper decays after 70 of 150 epochs
-PAPER_SCHEDULE = dict(epochs=150, lr=1e-3, stage2_epochs=20, batch_size=16, lr_step_fraction=LR_STEP_FRACTION)
-PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "resnet18": PAPER_SCHEDULE,
-    "tiny": dict(epochs=30, lr=2e-2, stage2_epochs=10, batch_size=16, lr_step_fraction=LR_STEP_FRACTION),
-    # small: CPU minutes per run; the competition corpus of RESULTS.md (issue 14). Batch 8 and the
-    # decay after 80 % of the epochs: a shape-only visual cue takes 10-25 epochs to be learnt alone,
-    # and at the paper's 70/150 it was often cut off by the decay (unimodal visual 60 to 100 % by seed)
-    "small": dict(epochs=30, lr=2e-2, stage2_epochs=10, batch_size=8, lr_step_fraction=0.8),
-    "paper-cremad": {**PAPER_SCHEDULE, "lw_temperature": 1.0, "output": "paper-lw"},
-}
-# Fields that may change between a run and its resumption (how, not what, is computed).
-VOLATILE = ("device", "workers", "decode_workers", "compile", "cache_dir", "eval_batch_size", "output", "logger")
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; None fields are filled by `resolve` (see PRESET_DEFAULTS)."""
-
-    data: str
-    out: str
-    method: str = "dimml"
-    preset: str = "resnet18"
-    modalities: str = DEFAULT_MODALITIES  # e.g. "visual,flow" or "front:image,rear:image" (dimml.modalities)
-    device: str = "auto"                  # auto | cpu | cuda | cuda:N
-    seed: int = 0
-    # optimisation (stage "encoders"/"joint")
-    epochs: int | None = None
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_step_epoch: int | None = None      # None: the preset's fraction of epochs (70/150, the paper's; small 0.8)
-    lr_gamma: float = 0.1
-    batch_size: int | None = None         # None: the preset's (16, the paper's; small 8); per process under DDP
-    # stage "fusion" (two-stage methods)
-    stage2_epochs: int | None = None
-    stage2_lr: float | None = None        # None: lr
-    stage2_step: int | None = None        # None: half of stage2_epochs
-    # model / inference
-    fusion: str = "concat"
-    lw_temperature: float | None = None   # None: fitted on the validation split
-    # final output: auto (weighting methods: chosen on validation; others: the fusion head) or forced:
-    # fusion | <modality> | paper-lw (Eq. 8-9 at lw_temperature) | fitted (training.evaluate)
-    output: str | None = None             # None: the preset's, else auto
-    # execution
-    augment: bool = True                  # random resized crop + flip of image kinds (training only)
-    amp: str = "auto"                     # auto (bf16 on CUDA) | bf16 | off
-    compile: str = "auto"                 # auto (on CUDA) | on | off
-    channels_last: bool = True            # on CUDA
-    workers: int | None = None            # DataLoader workers; None: 0 on CPU, 4 on CUDA
-    decode_workers: int = 2               # processes decoding media into the cache
-    eval_batch_size: int | None = None    # None: 4 x batch_size
-    logger: str = "csv"                   # scalars: csv (metrics.csv) | tensorboard (also RUN/tensorboard/)
-    # data
-    layout: str = "auto"
-    split_seed: int = 0
-    split_id: int = 1                     # UCF101: which official train/test split (1..3)
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
-    speaker_disjoint: bool = False
-    skip_bad: bool = False
-    cache_dir: str | None = None          # None: training.cache.default_cache_dir(data root)
-    split_file: str | None = None         # comma-separated split files (dimml.datasets.read_split_files),
-                                          # e.g. the authors' CREMA-D train.csv,test.csv
-    # overrides
-    hparams: dict = field(default_factory=dict)      # method hyper-parameters (--set key=value)
-    preprocess: dict = field(default_factory=dict)   # "<modality>.<param>" -> value (--set preprocess.visual.num_frames=3)
-
-    def resolve(self) -> "TrainConfig":
-        """A copy with every None default filled and choices checked."""
-        if self.preset not in PRESET_DEFAULTS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESET_DEFAULTS)}")
-        for name, allowed in (("amp", ("auto", "bf16", "off")), ("compile", ("auto", "on", "off")),
-                              ("fusion", FUSIONS), ("logger", LOGGERS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        names = self.preprocess_config().names   # unknown modalities, kinds or fields fail here
-        d = PRESET_DEFAULTS[self.preset]
-        output = self.output if self.output is not None else d.get("output", AUTO)
-        if output not in output_choices(names):
-            raise ValueError(f"output must be one of {output_choices(names)}, got {output!r}")
-        # absolute data path: `evaluate --run RUN` and resumption work from any directory
-        c = dataclasses.replace(self, data=os.path.abspath(self.data), hparams=dict(self.hparams),
-                                preprocess=dict(self.preprocess), output=output)
-        if c.split_file:
-            c.split_file = ",".join(os.path.abspath(p.strip()) for p in c.split_file.split(",") if p.strip())
-        c.lw_temperature = d.get("lw_temperature") if c.lw_temperature is None else c.lw_temperature
-        c.epochs = d["epochs"] if c.epochs is None else c.epochs
-        c.lr = d["lr"] if c.lr is None else c.lr
-        c.batch_size = d["batch_size"] if c.batch_size is None else c.batch_size
-        c.lr_step_epoch = max(1, round(c.epochs * d["lr_step_fraction"])) if c.lr_step_epoch is None else c.lr_step_epoch
-        c.stage2_epochs = d["stage2_epochs"] if c.stage2_epochs is None else c.stage2_epochs
-        c.stage2_lr = c.lr if c.stage2_lr is None else c.stage2_lr
-        c.stage2_step = max(1, c.stage2_epochs // 2) if c.stage2_step is None else c.stage2_step
-        if min(c.epochs, c.stage2_epochs) < 0 or min(c.lr_step_epoch, c.stage2_step, c.batch_size) < 1:
-            raise ValueError("epochs must be >= 0; lr steps and batch_size >= 1")
-        method = get_method(c.method)
-        if c.fusion not in method.fusions:
-            raise ValueError(f"method {c.method!r} supports fusion {method.fusions}, not {c.fusion!r}")
-        method.check_modalities(len(names))
-        check_fusion(c.fusion, len(names))
-        method.make_hparams(c.hparams, c.epochs)   # unknown or invalid hyper-parameters fail here, early
-        return c
-
-    def preprocess_config(self) -> PreprocessConfig:
-        """The run's modalities with the preset's parameters and the --set preprocess.* overrides."""
-        return preprocess_for(self.preset, self.modalities, self.preprocess)
-
 
 # ---------------------------------------------------------------------------------------
 # data
@@ -188,15 +75,12 @@ def prepare_data(cfg: TrainConfig, preprocess: PreprocessConfig, *, rank: int = 
 
     A dataset without a validation split gets one carved from train (val_fraction, or 0.1).
     """
-    spec = load_dataset(cfg.data, layout=cfg.layout, split_seed=cfg.split_seed, val_fraction=cfg.val_fraction,
-                        test_fraction=cfg.test_fraction, speaker_disjoint=cfg.speaker_disjoint,
-                        skip_bad=cfg.skip_bad, modalities=preprocess, split_id=cfg.split_id,
-                        split_files=cfg.split_file.split(",") if cfg.split_file else ())
+    spec = cfg.load_dataset(preprocess)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(spec.root)
     if rank > 0:
         dist.barrier()   # wait for rank 0 to build the cache, then open it
     cache = build_cache(spec.samples, preprocess, cache_dir, workers=cfg.decode_workers, skip_bad=cfg.skip_bad,
-                        progress=progress and rank == 0)
+                        strict=cfg.strict, progress=progress and rank == 0)
     if rank == 0 and world > 1:
         dist.barrier()
     rows = {s: cache.subset([x.key for x in spec.split(s)]) for s in SPLITS}
@@ -285,6 +169,15 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         LOGGER.log(level, msg)
 
+    def _log_dataset(self) -> None:
+        """The dataset's layout, classes and what is unusual about it; a warning per damaged file."""
+        spec = self.data.spec
+        self.log(f"dataset: {spec.layout} layout, {len(spec.samples)} samples, {spec.num_classes} classes")
+        for note in spec.notes:
+            self.log(f"dataset: {note}", logging.WARNING)
+        for _, damage in self.data.cache.damaged:
+            self.log(f"damaged media (trained on; --strict refuses): {'; '.join(damage)}", logging.WARNING)
+
     def broadcast(self, obj: Any) -> Any:
         if self.world == 1:
             return obj
@@ -367,7 +260,8 @@ class Trainer:
             "lw_temperature": cfg.lw_temperature, "unimodal_heads": self.method.unimodal_heads,
             "train": dataclasses.asdict(cfg), "hparams": dataclasses.asdict(hp),
             "data": {"root": str(self.data.spec.root), "layout": self.data.spec.layout,
-                     "sizes": self.data.sizes, "val_carved": self.data.val_carved},
+                     "sizes": self.data.sizes, "val_carved": self.data.val_carved,
+                     "sources": self.data.spec.summary()["sources"], "notes": self.data.spec.notes},
             **run_config_fields(preprocess, model_cfg, classes),
         }
         fingerprint = self._fingerprint(self.config)
@@ -390,6 +284,7 @@ class Trainer:
             atomic_write_json(self.out / CONFIG, self.config)
             self.log(f"{cfg.method} on {self.data.spec.root} ({self.data.sizes}), preset {cfg.preset}, "
                      f"device {self.device}, {self.world} process(es)")
+            self._log_dataset()
 
         for si in range(start_stage, len(self.method.stages)):
             self._train_stage(si, fingerprint, start_epoch if si == start_stage else 0,
@@ -420,6 +315,8 @@ class Trainer:
         """The part of the config a checkpoint must match to be resumed."""
         fp = {k: v for k, v in config.items() if k not in ("unimodal_heads",)}
         fp["train"] = {k: v for k, v in config["train"].items() if k not in VOLATILE}
+        # the dataset's description (sources, notes) follows from its files: a checkpoint matches without it
+        fp["data"] = {k: v for k, v in config["data"].items() if k not in ("sources", "notes")}
         return json.loads(json.dumps(fp))
 
     # ----- stages and epochs
