@@ -123,10 +123,11 @@ def make_clips(shape: ClipShape, count: int, work: Path) -> list[Path]:
 def bundle_preset(bundle: Path) -> str | None:
     """The preset whose preprocessing the bundle uses (picks the synth clip shape), if any."""
     from dimml.bundle import load_bundle
-    from dimml.modalities import KIND_PRESETS, preprocess_for
+    from dimml.modalities import preprocess_for
+    from dimml.presets import PRESETS
 
     pre = load_bundle(str(bundle)).preprocess.input_dict()
-    return next((k for k in KIND_PRESETS if preprocess_for(k, "audio,visual").input_dict() == pre), None)
+    return next((k for k in PRESETS if preprocess_for(k, "audio,visual").input_dict() == pre), None)
 
 
 def media_files(inputs: list[str]) -> list[Path]:

@@ -14,7 +14,8 @@ from dimml.modalities import preprocess_for
 from dimml.weighting import OutputRule
 from training.evaluate import choose_output, evaluate, format_table
 from training.methods import get_method
-from training.models import MODEL_PRESETS, build_model, build_model_config
+from dimml.presets import PRESETS
+from training.models import build_model, build_model_config
 from training.trainer import TrainConfig
 
 K = 3
@@ -119,7 +120,8 @@ def test_paper_cremad_preset_is_the_authors_run():
     assert pp.spec("audio").shape == (1, 257, 1004) and pp.spec("audio").params.sample_rate == 16000
     assert pp.spec("audio").params.seconds == 10.0
     assert pp.spec("visual").shape == (3, 224, 224, 3)
-    assert MODEL_PRESETS["paper-cremad"] == MODEL_PRESETS["resnet18"]
+    ours, paper = PRESETS["paper-cremad"], PRESETS["resnet18"]
+    assert (ours.widths, ours.blocks, ours.schedule) == (paper.widths, paper.blocks, paper.schedule)
     hp = get_method("dimml").make_hparams(c.hparams, c.epochs)
     assert (hp.duc_distance, hp.duc_temperature, hp.warmup) == ("dot", 50.0, 20)
     assert get_method("mlb").make_hparams({}, c.epochs).mode == "paper"   # README: --set mode=tanh for the code's

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dimml.fileio import atomic_write_bytes, atomic_write_json
-from dimml.modalities import KIND_PRESETS   # the presets (light import: no torch for --help)
+from dimml.presets import PRESETS   # (light import: no torch for --help)
 
 ABLATION = [  # (row, TS, S-Clf, DUC, LW, method run, output)
     ("Joint", "", "", "", "", "joint", "fused"),
@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also train mmclf and dimml-sclf for the Table 3 ablation")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..n-1 per method (default 1)")
     p.add_argument("--out", required=True, help="output folder: runs/, compare.{md,json,png}")
-    p.add_argument("--preset", default="resnet18", choices=sorted(KIND_PRESETS))
+    p.add_argument("--preset", default="resnet18", choices=list(PRESETS))
     p.add_argument("--modalities", help="the runs' modalities (default: audio,visual), e.g. front:image,rear:image")
     p.add_argument("--device", default="auto")
     p.add_argument("--epochs", type=int, help="stage-1 epochs for every method (same budget)")

@@ -1,4 +1,4 @@
-"""A run's configuration: TrainConfig (every field a flag of `dimml train`) and the presets' schedules.
+"""A run's configuration: TrainConfig, every field a flag of `dimml train`; its defaults come from a preset.
 
 Torch-free, so that commands reading a dataset the way training does (`dimml inspect DATASET`)
 stay light; `TrainConfig.resolve` imports the method and model registries only when called.
@@ -12,24 +12,9 @@ from typing import Any
 
 from dimml.datasets import DatasetSpec, load_dataset
 from dimml.modalities import DEFAULT_MODALITIES, PreprocessConfig, preprocess_for
+from dimml.presets import get_preset
 from training.logs import LOGGERS
 
-# Values a TrainConfig leaves None, per preset. resnet18: the paper. tiny: learns the
-# synthetic corpus in seconds on a CPU. paper-cremad: the authors' released CREMA-D run (their
-# README / run script): ResNet18, 10 s of audio at 16 kHz (257 x 1004), 3 frames at 224 with
-# random resized crop + flip, SGD lr 1e-3 (x0.1 at epoch 70), 150 + 20 epochs, batch 16, DUC dot
-# product at T = 50 (the default), and the paper's weighting at their fixed T = 1 as the output.
-LR_STEP_FRACTION = 70 / 150       # the paper decays after 70 of 150 epochs
-PAPER_SCHEDULE = dict(epochs=150, lr=1e-3, stage2_epochs=20, batch_size=16, lr_step_fraction=LR_STEP_FRACTION)
-PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "resnet18": PAPER_SCHEDULE,
-    "tiny": dict(epochs=30, lr=2e-2, stage2_epochs=10, batch_size=16, lr_step_fraction=LR_STEP_FRACTION),
-    # small: CPU minutes per run; the competition corpus of RESULTS.md (issue 14). Batch 8 and the
-    # decay after 80 % of the epochs: a shape-only visual cue takes 10-25 epochs to be learnt alone,
-    # and at the paper's 70/150 it was often cut off by the decay (unimodal visual 60 to 100 % by seed)
-    "small": dict(epochs=30, lr=2e-2, stage2_epochs=10, batch_size=8, lr_step_fraction=0.8),
-    "paper-cremad": {**PAPER_SCHEDULE, "lw_temperature": 1.0, "output": "paper-lw"},
-}
 # Fields that may change between a run and its resumption (how, not what, is computed).
 VOLATILE = ("device", "workers", "decode_workers", "compile", "cache_dir", "eval_batch_size", "output", "logger",
             "strict")
@@ -37,7 +22,7 @@ VOLATILE = ("device", "workers", "decode_workers", "compile", "cache_dir", "eval
 
 @dataclass
 class TrainConfig:
-    """Everything a run depends on; None fields are filled by `resolve` (see PRESET_DEFAULTS)."""
+    """Everything a run depends on; None fields are filled by `resolve` from the preset (dimml.presets)."""
 
     data: str
     out: str
@@ -94,15 +79,14 @@ class TrainConfig:
         from training.evaluate import AUTO, output_choices
         from training.methods import get_method
         from training.models import FUSIONS, check_fusion
-        if self.preset not in PRESET_DEFAULTS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESET_DEFAULTS)}")
+        preset = get_preset(self.preset)   # unknown presets fail here
         for name, allowed in (("amp", ("auto", "bf16", "off")), ("compile", ("auto", "on", "off")),
                               ("fusion", FUSIONS), ("logger", LOGGERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         names = self.preprocess_config().names   # unknown modalities, kinds or fields fail here
-        d = PRESET_DEFAULTS[self.preset]
-        output = self.output if self.output is not None else d.get("output", AUTO)
+        d, defaults = preset.schedule, preset.defaults
+        output = self.output if self.output is not None else defaults.get("output", AUTO)
         if output not in output_choices(names):
             raise ValueError(f"output must be one of {output_choices(names)}, got {output!r}")
         # absolute data path: `evaluate --run RUN` and resumption work from any directory
@@ -110,12 +94,12 @@ class TrainConfig:
                                 preprocess=dict(self.preprocess), output=output)
         if c.split_file:
             c.split_file = ",".join(os.path.abspath(p.strip()) for p in c.split_file.split(",") if p.strip())
-        c.lw_temperature = d.get("lw_temperature") if c.lw_temperature is None else c.lw_temperature
-        c.epochs = d["epochs"] if c.epochs is None else c.epochs
-        c.lr = d["lr"] if c.lr is None else c.lr
-        c.batch_size = d["batch_size"] if c.batch_size is None else c.batch_size
-        c.lr_step_epoch = max(1, round(c.epochs * d["lr_step_fraction"])) if c.lr_step_epoch is None else c.lr_step_epoch
-        c.stage2_epochs = d["stage2_epochs"] if c.stage2_epochs is None else c.stage2_epochs
+        c.lw_temperature = defaults.get("lw_temperature") if c.lw_temperature is None else c.lw_temperature
+        c.epochs = d.epochs if c.epochs is None else c.epochs
+        c.lr = d.lr if c.lr is None else c.lr
+        c.batch_size = d.batch_size if c.batch_size is None else c.batch_size
+        c.lr_step_epoch = max(1, round(c.epochs * d.lr_step_fraction)) if c.lr_step_epoch is None else c.lr_step_epoch
+        c.stage2_epochs = d.stage2_epochs if c.stage2_epochs is None else c.stage2_epochs
         c.stage2_lr = c.lr if c.stage2_lr is None else c.stage2_lr
         c.stage2_step = max(1, c.stage2_epochs // 2) if c.stage2_step is None else c.stage2_step
         if min(c.epochs, c.stage2_epochs) < 0 or min(c.lr_step_epoch, c.stage2_step, c.batch_size) < 1:

@@ -10,8 +10,8 @@
 Every TrainConfig field is a flag (--lr-step-epoch, --stage2-epochs, --no-augment, ...).
 Method hyper-parameters: --set lambda_d=0.5 --set duc_distance=dot; preprocessing, per
 modality: --set preprocess.visual.num_frames=3 --set preprocess.flow.num_pairs=5.
-Methods: dimml, dimml-duc, dimml-sclf, mmclf, joint, mlb, dgl, unimodal, preds-avg, mses, mslr,
-ogm-ge, pmr, umt (training/methods/; umt needs --set teachers=RUN, a finished unimodal run).
+The methods (--method) are training/methods/'s registry and the presets (--preset) dimml/presets.py's
+table: both listed under their flags below.
 """
 from __future__ import annotations
 
@@ -23,10 +23,8 @@ from pathlib import Path
 
 # Flags with more to say than their default.
 HELP = {
-    "method": "training method (dimml, dimml-duc, dimml-sclf, mmclf, joint, mlb, dgl, unimodal, preds-avg, "
-              "mses, mslr, ogm-ge, pmr, umt)",
-    "preset": "model and preprocessing preset: resnet18 (the paper), tiny (CPU, seconds), small (CPU, minutes: the competition corpus of RESULTS.md) or paper-cremad "
-              "(the authors' released CREMA-D run: 10 s audio, fixed T_lw = 1 paper-lw output)",
+    "method": "training method: {methods}",
+    "preset": "schedule, inputs and widths: {presets}",
     "split_file": "files assigning each clip its split, comma-separated or the flag repeated (they add up): "
                   "the authors' headerless train.csv,test.csv (<clip>,<label> rows; split = file name) or a CSV "
                   "with name and split columns; unlisted clips are left out",
@@ -70,17 +68,28 @@ def _type_of(annotation: str):
     raise TypeError(f"no CLI type for {annotation!r}")
 
 
+def _help_values(names: set[str]) -> dict[str, str]:
+    """What the help texts' {fields} stand for, from the registries themselves: "{epochs}" -> "150 for
+    resnet18, 30 for tiny, ...", "{presets}" -> each preset with its line, "{methods}" -> every method."""
+    from dimml.presets import PRESETS, SCHEDULE_FIELDS, describe
+    out = {k: ", ".join(f"{getattr(p.schedule, k):.3g} for {name}" for name, p in PRESETS.items())
+           for k in SCHEDULE_FIELDS}
+    out["presets"] = describe()
+    if "method" in names:   # the registry imports torch: only for the commands that take --method
+        from training.methods import REGISTRY
+        out["methods"] = ", ".join(f"{n} ({m.description})" if m.description else n for n, m in REGISTRY.items())
+    return out
+
+
 def add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
     """One flag per TrainConfig field (or the fields in `only`), default None (= the config's default)."""
-    from training.config import PRESET_DEFAULTS, TrainConfig
-    # "{epochs}" in a help text -> "150 for resnet18, 30 for tiny", from the presets themselves
-    per_preset = {k: ", ".join(f"{d[k]:.3g} for {name}" for name, d in PRESET_DEFAULTS.items())
-                  for k in next(iter(PRESET_DEFAULTS.values()))}
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in NOT_FLAGS or (only is not None and f.name not in only):
-            continue
+    from training.config import TrainConfig
+    wanted = [f for f in dataclasses.fields(TrainConfig)
+              if f.name not in NOT_FLAGS and (only is None or f.name in only)]
+    values = _help_values({f.name for f in wanted})
+    for f in wanted:
         flag, t = "--" + f.name.replace("_", "-"), _type_of(str(f.type))
-        helptext = HELP.get(f.name, f.name.replace("_", " ")).format(**per_preset)
+        helptext = HELP.get(f.name, f.name.replace("_", " ")).format(**values).replace("%", "%%")
         if f.default is not None:
             helptext += f" [default: {f.default}]"
         if t is bool:

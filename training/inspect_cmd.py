@@ -24,7 +24,8 @@ from pathlib import Path
 
 from dimml.datasets import SPLITS, DatasetError, format_list
 from dimml.media import MediaError, decode_sample
-from dimml.modalities import DEFAULT_MODALITIES, KIND_PRESETS, VIDEO_FIELD, PreprocessConfig, preprocess_for
+from dimml.modalities import DEFAULT_MODALITIES, VIDEO_FIELD, PreprocessConfig, preprocess_for
+from dimml.presets import PRESETS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a modality's own file (an image; or e.g. audio=speech.wav instead of FILE's track)")
     p.add_argument("--modalities", default=DEFAULT_MODALITIES,
                    help=f"the modalities, e.g. visual,flow or front:image,rear:image (default {DEFAULT_MODALITIES})")
-    p.add_argument("--preset", default="resnet18", choices=sorted(KIND_PRESETS),
+    p.add_argument("--preset", default="resnet18", choices=list(PRESETS),
                    help="preprocessing preset (default: resnet18, the papers' setting)")
     p.add_argument("--max-duration", type=float, help="maximum duration in seconds (default 600)")
     p.add_argument("--max-pixels", type=int, help="maximum frame pixel count (default 4096*4096)")

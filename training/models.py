@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dimml.modalities import ModalitySpec, PreprocessConfig
+from dimml.presets import get_preset
 
 FUSIONS = ("concat", "sum", "film", "gated")
 FUSION_KEY = "fusion"   # the fusion head's name among the model's modules (a reserved modality name)
@@ -55,14 +56,6 @@ class ModelConfig:
         d["widths"], d["blocks"] = tuple(d["widths"]), tuple(d["blocks"])
         d["modalities"] = tuple(dict(m) for m in d["modalities"])
         return cls(**d)
-
-
-MODEL_PRESETS: dict[str, dict] = {
-    "resnet18": dict(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2)),
-    "tiny": dict(widths=(8, 16, 32, 64), blocks=(1, 1, 1, 1)),
-    "small": dict(widths=(8, 16, 32, 64), blocks=(1, 1, 1, 1)),   # tiny widths; larger inputs (KIND_PRESETS)
-    "paper-cremad": dict(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2)),   # the authors' ResNet18
-}
 
 
 # ---------------------------------------------------------------------------------------
@@ -336,10 +329,9 @@ class MultiModel:
 def build_model_config(preset: str, num_classes: int, preprocess: PreprocessConfig, fusion: str = "concat",
                        **overrides: Any) -> ModelConfig:
     """A preset's architecture for the modalities of `preprocess`."""
-    if preset not in MODEL_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(MODEL_PRESETS)}")
+    p = get_preset(preset)
     check_fusion(fusion, len(preprocess.modalities))
-    kw = {**MODEL_PRESETS[preset], **overrides}
+    kw = {"widths": p.widths, "blocks": p.blocks, **overrides}
     return ModelConfig(num_classes=num_classes, fusion=fusion,
                        modalities=tuple(s.to_dict() for s in preprocess.modalities), **kw)
 
@@ -356,6 +348,6 @@ def build_model(cfg: ModelConfig, preprocess: PreprocessConfig | None = None) ->
     return MultiModel(branches, fusion_head(cfg))
 
 
-__all__ = ["ModelConfig", "MODEL_PRESETS", "FUSIONS", "FUSION_KEY", "FUSION_HEADS", "Branch", "FusionHead",
+__all__ = ["ModelConfig", "FUSIONS", "FUSION_KEY", "FUSION_HEADS", "Branch", "FusionHead",
            "ConcatFusion", "SumFusion", "FiLMFusion", "GatedFusion", "SpectrogramEncoder", "StackEncoder",
            "MultiModel", "build_model_config", "build_model", "build_encoder", "fusion_head", "check_fusion"]

@@ -41,7 +41,7 @@ from dimml.datasets import SPLITS, DatasetError, DatasetSpec, stratified_split
 from dimml.fileio import atomic_write_bytes, atomic_write_json
 from dimml.modalities import PreprocessConfig
 from training.augment import augment_frames
-from training.config import PRESET_DEFAULTS, VOLATILE, TrainConfig  # noqa: F401 (PRESET_DEFAULTS re-exported)
+from training.config import VOLATILE, TrainConfig
 from training.logs import LOGGER, Scalars, attach, detach, open_scalars
 from training.cache import CachedDataset, DecodedCache, build_cache, default_cache_dir
 from training.evaluate import autocast, collect, evaluate, format_table

@@ -190,29 +190,11 @@ def _make_params(kind: str, values: Mapping[str, Any], what: str = "") -> Any:
     return cls(**out)
 
 
-# ---------------------------------------------------------------------------------------
-# presets: per kind, the parameters a preset uses
-
-# `resnet18`: the papers' settings. `tiny`: trains in seconds on a CPU.
-KIND_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "resnet18": {},
-    "tiny": {"audio": {"seconds": 2.0}, "frames": {"num_frames": 2, "height": 64, "width": 64},
-             "flow": {"num_pairs": 2, "height": 64, "width": 64}, "image": {"height": 64, "width": 64}},
-    # small (CPU minutes): 2 s at 8 kHz -> a 129 x 99 spectrogram (cheaper than tiny's 257 x 199),
-    # 3 frames / pairs at 64 x 64 (one more than tiny)
-    "small": {"audio": {"sample_rate": 8000, "seconds": 2.0, "nperseg": 256, "noverlap": 96},
-              "frames": {"num_frames": 3, "height": 64, "width": 64},
-              "flow": {"num_pairs": 3, "height": 64, "width": 64}, "image": {"height": 64, "width": 64}},
-    # the DI-MML authors' CREMA-D run: 10 s at 16 kHz -> a 257 x 1004 spectrogram; 3 frames at 224
-    "paper-cremad": {"audio": {"sample_rate": 16000, "seconds": 10.0}, "frames": {"num_frames": 3, "height": 224, "width": 224}},
-}
-
-
 def parse_modalities(text: str | Iterable[str] = DEFAULT_MODALITIES, preset: str = "resnet18") -> tuple[ModalitySpec, ...]:
     """"audio,visual" or "front:image,rear:image" -> specs with the preset's parameters."""
+    from dimml.presets import get_preset
     items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
-    if preset not in KIND_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(KIND_PRESETS)}")
+    inputs = get_preset(preset).inputs
     specs = []
     for item in items:
         name, _, kind = item.partition(":")
@@ -222,7 +204,7 @@ def parse_modalities(text: str | Iterable[str] = DEFAULT_MODALITIES, preset: str
                              f"(built-in names: {', '.join(f'{n} ({k})' for n, k in BUILTIN_NAMES.items())}; "
                              f"kinds: {', '.join(sorted(KINDS))})")
         specs.append(ModalitySpec(check_name(name), kind,
-                                  _make_params(kind, KIND_PRESETS[preset].get(kind, {}), what=f"modality {name!r}")))
+                                  _make_params(kind, inputs.get(kind, {}), what=f"modality {name!r}")))
     return check_modalities(specs)
 
 
@@ -355,4 +337,4 @@ from dimml.modalities import audio, flow, frames, image  # noqa: E402,F401
 
 __all__ = ["Kind", "KINDS", "register_kind", "get_kind", "ModalitySpec", "PreprocessConfig", "Limits",
            "parse_modalities", "format_modalities", "preprocess_for", "check_modalities",
-           "VIDEO_FIELD", "BUILTIN_NAMES", "DEFAULT_MODALITIES", "KIND_PRESETS", "LEGACY_FIELDS"]
+           "VIDEO_FIELD", "BUILTIN_NAMES", "DEFAULT_MODALITIES", "LEGACY_FIELDS"]
