@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from dimml.config import PreprocessConfig
 from dimml.fileio import atomic_write_json
+from dimml.prediction import FUSION
 
 if TYPE_CHECKING:
     from dimml.weighting import OutputRule
@@ -42,7 +43,6 @@ MANIFEST = "manifest.json"
 FORMAT = "dimml-bundle"
 SCHEMA_VERSION = 2   # bump on any change a loader of the old version would misread
 READABLE_SCHEMAS = (1, 2)
-FUSION = "fusion"    # the fusion module's name (reserved: no modality may take it)
 BRANCH_OUTPUTS = ("features", "logits")
 FUSION_OUTPUTS = ("logits",)
 REQUIRED = {
@@ -188,24 +188,17 @@ class Bundle:
         return float(self.manifest["lw_temperature"])
 
     @property
-    def output(self) -> str:
-        """The name of the output rule: "fusion", a modality, "paper-lw" or "fitted"."""
-        return self.output_rule.name
-
-    @property
-    def output_rule(self) -> "OutputRule":
-        """How the answer is made from the branch logits: the manifest's `output` (OutputRule.to_dict(),
-        the rule the run chose on validation). Older manifests: `output` "weighted" (or none) is the
-        paper's weighting at `lw_temperature`, "fused" the fusion head; an interim `output_rule`
-        entry is read too."""
+    def final_output(self) -> "OutputRule":
+        """The final output: how the answer is made from the branch logits (the manifest's
+        `final_output`, OutputRule.to_dict(): the rule the run chose on validation, and why).
+        Older manifests: `output` (a rule dict; or "weighted" / none: the paper's weighting at
+        `lw_temperature`, "fused": the fusion head) or an interim `output_rule` entry."""
         from dimml.weighting import OutputRule
 
-        out = self.manifest.get("output")
-        if isinstance(out, dict):
-            return OutputRule.from_dict(out)
-        if self.manifest.get("output_rule"):
-            return OutputRule.from_dict(self.manifest["output_rule"])
-        return OutputRule.legacy(out or "weighted", self.temperature)
+        for key in ("final_output", "output", "output_rule"):
+            if isinstance(self.manifest.get(key), dict):
+                return OutputRule.from_dict(self.manifest[key])
+        return OutputRule.legacy(self.manifest.get("output") or "weighted", self.temperature)
 
     @property
     def feature_dim(self) -> int:

@@ -13,10 +13,11 @@ Each answer (JSON-ready: str keys, Python floats), for a bundle with modalities 
                   "fusion": {...}},
      "modalities_used": ["<m1>", ...],
      "model": {"name": "...", "version": "..."}, "backend": "onnxruntime-cpu",
+     "final_output": {"rule": "paper-lw", "reason": "..."},   # which rule answered, and why
      "warnings": []}                          # damage found in the sample's files (Clip.warnings)
 `probabilities` is the softmax of Z = sum_i w_i z_i over the branches of the modalities
 present, plus the fusion head when every modality is present; the weights sum to 1. They follow
-the bundle's output rule (`Bundle.output_rule`, applied by dimml.weighting.OutputRule.apply): the
+the bundle's final output (`Bundle.final_output`, applied by dimml.weighting.OutputRule.apply): the
 rule the run chose on validation (the fusion head, one unimodal head, the paper's Eq. 8-9 at its
 T, or the fitted prior weighting); weight 1 on the fusion head for methods that answer by it
 (joint, MLB, DGL, the ablations). Each branch's certainty (Eq. 8) is reported whatever the rule.
@@ -132,7 +133,7 @@ class Predictor:
         self.preprocess: PreprocessConfig = self.bundle.preprocess
         self.names: tuple[str, ...] = self.preprocess.names
         self.fields: tuple[str, ...] = self.preprocess.fields
-        self.rule = self.bundle.output_rule
+        self.rule = self.bundle.final_output
 
     @property
     def backend(self) -> str:
@@ -250,6 +251,7 @@ class Predictor:
         """Outputs -> one JSON-ready answer dict per row (see the module docstring)."""
         probs = out.probabilities
         branch_probs = {b: softmax(z) for b, z in out.logits.items()}
+        rule, reason = self.rule.answering(tuple(out.logits))
         answers = []
         for i in range(len(out)):
             answers.append({
@@ -261,6 +263,7 @@ class Predictor:
                 "modalities_used": list(out.modalities),
                 "model": self.bundle.model_info(),
                 "backend": self.engine.backend,
+                "final_output": {"rule": rule, "reason": reason},
                 "warnings": [],
             })
         return answers

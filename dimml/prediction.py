@@ -6,10 +6,12 @@ The wire format (one dict per sample):
     {"label": str, "probabilities": {class: p},
      "branches": {<modality> | "fusion": {"probabilities": {class: p}, "certainty": c, "weight": w}},
      "modalities_used": [<modality>, ...], "model": {"name": str, "version": str}, "backend": str,
-     "warnings": ["<file>: <what is wrong>", ...]}
+     "final_output": {"rule": str, "reason": str}, "warnings": ["<file>: <what is wrong>", ...]}
 The branches are the model's modalities (e.g. audio, visual; front, rear) plus its fusion head.
 A sample missing a modality is answered by the branches it has (no fusion), so `branches` may
-hold fewer entries. `warnings` names damage the decoder found in the sample's files (frames it
+hold fewer entries. `final_output` names the rule that answered (the bundle's final output: the
+paper's weighting "paper-lw", the "fitted" weighting, the "fusion" head or a modality's head) and
+why. `warnings` names damage the decoder found in the sample's files (frames it
 flagged as damaged, a stream far shorter than its file declares): the answer is given, but from
 damaged input; it is empty for a clean file (and absent from answers of older servers).
 """
@@ -18,7 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-FUSION = "fusion"   # the fusion head's branch name (beside one branch per modality)
+# The vocabulary of answers, defined here once: the fusion head is "fusion" (its branch in answers,
+# its module in bundles and runs, its row in reports); the final output (what answers: the rule the
+# run chose) is "final" in reports.
+FUSION = "fusion"
+FINAL = "final"
 
 
 def branch_names(modalities) -> tuple[str, ...]:
@@ -52,6 +58,8 @@ class Prediction:
     model_version: str = ""
     backend: str = ""
     warnings: tuple[str, ...] = ()   # damage found while decoding the sample's files; () when clean
+    final_output: str = ""           # the rule that answered (older servers: "")
+    final_output_reason: str = ""
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -75,7 +83,9 @@ class Prediction:
                        modalities_used=tuple(str(m) for m in d.get("modalities_used") or ()),
                        model_name=str(model.get("name", "")), model_version=str(model.get("version", "")),
                        backend=str(d.get("backend", "")),
-                       warnings=tuple(str(w) for w in d.get("warnings") or ()), raw=dict(d))
+                       warnings=tuple(str(w) for w in d.get("warnings") or ()),
+                       final_output=str((d.get("final_output") or {}).get("rule", "")),
+                       final_output_reason=str((d.get("final_output") or {}).get("reason", "")), raw=dict(d))
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"malformed prediction ({type(e).__name__}: {e}): {str(dict(d))[:300]}") from None
         if pred.label not in pred.probabilities:
@@ -89,7 +99,8 @@ class Prediction:
                                  "weight": b.weight} for k, b in self.branches.items()},
                 "modalities_used": list(self.modalities_used),
                 "model": {"name": self.model_name, "version": self.model_version}, "backend": self.backend,
+                "final_output": {"rule": self.final_output, "reason": self.final_output_reason},
                 "warnings": list(self.warnings)}
 
 
-__all__ = ["BranchResult", "Prediction", "FUSION", "branch_names"]
+__all__ = ["BranchResult", "Prediction", "FUSION", "FINAL", "branch_names"]

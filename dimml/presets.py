@@ -39,7 +39,7 @@ class Preset:
     inputs: Mapping[str, Mapping[str, Any]]     # kind -> preprocessing parameters (others: the kind's defaults)
     widths: tuple[int, ...]                     # ResNet stage widths; the feature size is the last
     blocks: tuple[int, ...]                     # BasicBlocks per stage
-    defaults: Mapping[str, Any] = field(default_factory=dict)   # other TrainConfig fields (lw_temperature, output)
+    defaults: Mapping[str, Any] = field(default_factory=dict)   # other TrainConfig fields (lw_temperature, final_output)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", MappingProxyType({k: MappingProxyType(dict(v)) for k, v in self.inputs.items()}))
@@ -74,7 +74,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("paper-cremad", "the DI-MML authors' CREMA-D run: ResNet18, 10 s of audio, fixed T_lw = 1 paper-lw output",
            PAPER, inputs={"audio": {"sample_rate": 16000, "seconds": 10.0},
                           "frames": {"num_frames": 3, "height": 224, "width": 224}},
-           defaults={"lw_temperature": 1.0, "output": "paper-lw"}, **RESNET18),
+           defaults={"lw_temperature": 1.0, "final_output": "paper-lw"}, **RESNET18),
 )}
 
 

@@ -9,10 +9,12 @@ NumPy only, so serving and scoring need no torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from dimml.prediction import FUSION
 
 # Grid for fitting T on validation data: certainties lie in [1/K, 1], so useful T spans
 # roughly 0.01 (near-argmax of certainty) to 10 (near-uniform weights).
@@ -70,15 +72,15 @@ def fit_temperature(branch_logits: Sequence[np.ndarray], labels: np.ndarray,
 # The final output: chosen on validation among the fusion head, each unimodal head, the
 # paper's weighting (Eq. 8-9) and a fitted weighting that contains both as special cases.
 
-FUSION = "fusion"
 # When validation has fewer clips than this in some class, nothing is fitted or selected: the
 # answer is the fusion head (the one head trained on every modality), and the report says so.
 MIN_VAL_PER_CLASS = 5
 PRIOR_L2 = 0.01          # ridge on the fitted per-branch priors: keeps a small split from pushing them to +-inf
 PRIOR_BOUND = 8.0        # |b| beyond this already makes one branch's weight ~1 at any T in the grid
 CV_FOLDS = 5
-# Ties on validation accuracy go to the simpler rule, in this order.
-PREFERENCE = ("fusion", "unimodal", "paper-lw", "fitted")
+# Ties on validation accuracy go to the certainty-aware weighting (the product's design: the paper's
+# rule, then the fitted one), so that another rule answers only where it is better on validation.
+PREFERENCE = ("paper-lw", "fitted", "fusion", "unimodal")
 
 
 @dataclass(frozen=True)
@@ -97,17 +99,31 @@ class OutputRule:
     branch: str | None = None
     temperature: float = 1.0
     prior: tuple[tuple[str, float], ...] = ()   # (branch, b) pairs; missing branches have b = 0
+    reason: str = field(default="", compare=False)   # why the run chose it (said in answers)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "rule": self.rule, "branch": self.branch, "temperature": self.temperature,
-                "prior": dict(self.prior)}
+                "prior": dict(self.prior), "reason": self.reason}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "OutputRule":
         if d.get("rule") not in ("branch", "weighted"):
             raise ValueError(f"output rule must be 'branch' or 'weighted', got {d.get('rule')!r}")
         return cls(str(d["name"]), d["rule"], d.get("branch"), float(d.get("temperature", 1.0)),
-                   tuple(sorted((str(k), float(v)) for k, v in (d.get("prior") or {}).items())))
+                   tuple(sorted((str(k), float(v)) for k, v in (d.get("prior") or {}).items())),
+                   str(d.get("reason") or ""))
+
+    def because(self, reason: str) -> "OutputRule":
+        """The same rule, saying why it was chosen."""
+        return replace(self, reason=reason)
+
+    def answering(self, branches: Sequence[str]) -> tuple[str, str]:
+        """(the rule that answers a sample with these branches, why): this one, or for a head rule
+        whose head is absent, the paper's weighting over the branches present (what `apply` does)."""
+        if self.rule == "branch" and self.branch not in branches:
+            return "paper-lw", (f"the {self.branch} head needs a missing modality: the paper's weighting "
+                                f"(T = {self.temperature:.3g}) over the branches present")
+        return self.name, self.reason
 
     @classmethod
     def paper(cls, temperature: float) -> "OutputRule":
@@ -190,19 +206,22 @@ def select_output(logits: Mapping[str, np.ndarray], labels: np.ndarray, *, tempe
     Candidates: the fusion head, each unimodal head, the paper's weighting (T fixed when given, else
     fitted) and the fitted prior weighting. Each is scored by class-stratified k-fold cross-validation
     on the validation split (rules with parameters are fitted on the other folds), so a rule that
-    only overfits the split is not chosen; ties go to the simpler rule (PREFERENCE). The chosen
+    only overfits the split is not chosen; ties go to the weighting (PREFERENCE). The chosen
     rule is then refitted on the whole split. Too small a split (a class with < min_per_class
-    clips): the fusion head, with `fallback` set in the returned report.
+    clips): the paper's weighting (T as given, else fitted on what there is, else 1), since no
+    other rule can be shown better; `fallback` is set in the returned report.
     """
     labels = np.asarray(labels)
     names = list(logits)
     counts = np.bincount(labels) if labels.size else np.zeros(0, int)
     smallest = int(counts[counts > 0].min()) if counts.size and (counts > 0).any() else 0
-    default = OutputRule.head(FUSION if FUSION in names else names[0])
     if smallest < min_per_class:
+        t = temperature if temperature is not None else (
+            fit_temperature([np.asarray(z) for z in logits.values()], labels) if labels.size else 1.0)
         reason = (f"validation split too small to choose an output ({smallest} clip(s) in its smallest class, "
-                  f"need {min_per_class}): answering with the {default.name} head")
-        return default, {"chosen": default.name, "fallback": True, "reason": reason, "candidates": {}}
+                  f"need {min_per_class}): answering with the paper's weighting, no other rule shown better")
+        return OutputRule.paper(t).because(reason), {"chosen": "paper-lw", "fallback": True, "reason": reason,
+                                                     "candidates": {}}
 
     def make(kind: str, idx: np.ndarray) -> OutputRule:
         sub = {n: np.asarray(z)[idx] for n, z in logits.items()}
@@ -225,11 +244,14 @@ def select_output(logits: Mapping[str, np.ndarray], labels: np.ndarray, *, tempe
             nll += _nll(z, labels[held]) * len(held)
         scores[cand] = {"cv_accuracy": correct / len(labels), "cv_nll": nll / len(labels),
                         "preference": PREFERENCE.index(kind)}
-    # accuracy first (rounded: float sums must not break ties), then simplicity, then NLL
+    # accuracy first (rounded: float sums must not break ties), then PREFERENCE, then NLL
     best = min(scores, key=lambda n: (-round(scores[n]["cv_accuracy"], 9), scores[n]["preference"], scores[n]["cv_nll"]))
     kind = dict(kinds)[best]
     chosen = OutputRule.head(best) if kind in ("fusion", "unimodal") else make(kind, everything)
+    tied = [n for n in scores if n != best and round(scores[n]["cv_accuracy"], 9) == round(scores[best]["cv_accuracy"], 9)]
     reason = (f"highest {len(splits)}-fold cross-validated accuracy on the validation split "
-              f"({scores[best]['cv_accuracy']:.3f}; ties go to {' > '.join(PREFERENCE)})")
+              f"({scores[best]['cv_accuracy']:.3f}" + (f", tied with {', '.join(tied)}: ties go to "
+                                                      f"{' > '.join(PREFERENCE)})" if tied else ")"))
+    chosen = chosen.because(reason)
     return chosen, {"chosen": best, "fallback": False, "reason": reason, "folds": len(splits),
                     "candidates": {n: {k: v for k, v in s.items() if k != "preference"} for n, s in scores.items()}}

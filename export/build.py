@@ -49,10 +49,7 @@ def _metrics(report: dict[str, Any] | None) -> dict[str, Any]:
     """The run's test metrics from report.json (training.evaluate's "metrics", with its split)."""
     if not report:
         return {}
-    if isinstance(report.get("metrics"), dict):
-        extra = {k: report[k] for k in ("eval_split", "primary") if k in report}
-        return {**extra, **report["metrics"]}
-    return {k: v for k, v in report.items() if k != "lw_temperature"}
+    return {"eval_split": report["eval_split"], **report["metrics"]}
 
 
 def build_bundle(run_dir: str | os.PathLike, out: str | os.PathLike, opts: BundleOptions = BundleOptions(),
@@ -113,9 +110,8 @@ def build_bundle(run_dir: str | os.PathLike, out: str | os.PathLike, opts: Bundl
             # "flow"), whose convention the preprocessing above records
             "data": {k: v for k, v in run.config.get("data", {}).items() if k in ("layout", "sizes", "sources")},
             "lw_temperature": run.lw_temperature,
-            # the run's final output rule (chosen on validation for DI-MML; the fusion head for the
-            # others): what serving and scoring answer with
-            "output": run.output_rule.to_dict(),
+            # the run's final output (chosen on validation, and why): what serving and scoring answer with
+            "final_output": run.final_output.to_dict(),
             "metrics": _metrics(run.report),
             "onnx": {"opset": opts.opset, "exporter": opts.exporter, "modules": modules},
             "torch": torch_files,

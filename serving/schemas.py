@@ -40,6 +40,15 @@ class ModelInfo(BaseModel):
     version: str = Field(description="the bundle's version (a content hash)")
 
 
+class FinalOutput(BaseModel):
+    """Which rule made the answer's probabilities, and why."""
+
+    rule: str = Field(description="paper-lw (DI-MML's certainty-aware weighting, Eq. 8-9), fitted (the weighting "
+                                  "with fitted per-branch priors), fusion (the fusion head) or a modality's head")
+    reason: str = Field(description="why: the validation choice made when the run was trained, or that a head "
+                                    "rule's head needed a missing modality (then the weighting answers)")
+
+
 class Answer(BaseModel):
     """A prediction for one sample."""
 
@@ -52,6 +61,8 @@ class Answer(BaseModel):
     modalities_used: list[str] = Field(description="the modalities found in the upload, in the model's order")
     model: ModelInfo = Field(description="the bundle that answered")
     backend: str = Field(description="the inference backend, e.g. onnxruntime-cpu, onnxruntime-cuda, tensorrt")
+    final_output: FinalOutput = Field(description="the rule that answered: the bundle's final output, chosen "
+                                                  "on validation when the run was trained")
     warnings: list[str] = Field(default_factory=list, description=(
         "damage the decoder found in the uploaded files, one '<file>: <what>' each (frames it flagged as "
         "damaged, a stream far shorter than the file declares): the answer comes from damaged input. "
@@ -74,4 +85,4 @@ class ItemError(ErrorBody):
 BatchItem = Union[Answer, ItemError]
 
 
-__all__ = ["Answer", "BranchAnswer", "ModelInfo", "ErrorBody", "ItemError", "BatchItem", "ERROR_STATUSES"]
+__all__ = ["Answer", "FinalOutput", "BranchAnswer", "ModelInfo", "ErrorBody", "ItemError", "BatchItem", "ERROR_STATUSES"]

@@ -197,7 +197,7 @@ class DIMMLInference:
                 "fields": list(cfg.fields), "upload_fields": list(upload_fields(cfg)),
                 "schema_version": self.bundle.schema,
                 "fusion": m.get("fusion"), "lw_temperature": self.bundle.temperature,
-                "output": self.bundle.output, "output_rule": self.bundle.output_rule.to_dict(),
+                "final_output": self.bundle.final_output.to_dict(),
                 "preprocess": cfg.to_dict(),
                 "batching": {"max_batch_size": SETTINGS.max_batch_size,
                              "max_latency_ms": SETTINGS.max_latency_ms}}

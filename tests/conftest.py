@@ -90,8 +90,9 @@ TINY_UPLOAD_LIMIT_MB = 1    # DIMML_MAX_UPLOAD_MB of the tiny servers (their sam
 
 
 def make_tiny_run(run_dir: Path, setting: str, *, seed: int = 0, fusion: str = "concat", temperature: float = 0.7,
-                  classes: tuple[str, ...] = TINY_CLASSES, report: dict | None = None) -> Path:
-    """A random-weight tiny run of a setting with a report, as training would leave it."""
+                  classes: tuple[str, ...] = TINY_CLASSES, report: dict | None = None, rule=None) -> Path:
+    """A random-weight tiny run of a setting with a report, as training would leave it: its final
+    output `rule` (an OutputRule; default the paper's weighting at `temperature`), or a whole `report`."""
     import json
 
     import torch
@@ -105,9 +106,12 @@ def make_tiny_run(run_dir: Path, setting: str, *, seed: int = 0, fusion: str = "
     config = {"method": "dimml", "preset": "tiny", **run_config_fields(pp, cfg, list(classes)), "lw_temperature": 1.0}
     save_run_model(run_dir, config, build_model(cfg, pp))
     # the shape training.evaluate writes (abridged)
+    from dimml.weighting import OutputRule
+    rule = rule or OutputRule.paper(temperature).because("chosen on validation (a random-weight test run)")
     (run_dir / "report.json").write_text(json.dumps(report or {
-        "method": "dimml", "primary": "weighted", "eval_split": "test", "lw_temperature": temperature,
-        "metrics": {"weighted": {"accuracy": 0.42}, "fused": {"accuracy": 0.4}}}))
+        "method": "dimml", "eval_split": "test", "metrics": {"final": {"accuracy": 0.42}, "fusion": {"accuracy": 0.4}},
+        "final_output": {"chosen": rule.name, "rule": rule.to_dict(), "reason": rule.reason,
+                         "lw_temperature": temperature, "lw_temperature_source": "val"}}))
     return run_dir
 
 

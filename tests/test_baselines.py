@@ -78,7 +78,7 @@ def test_ogm_ge_noise_on_both_encoders_and_window():
         method.on_epoch_start("joint", epoch, ctx)
         prepare(method, "joint")
         res = method.step("joint", make_batch(AV, seed=2), method.nets("joint"))
-        res.losses["fused"].backward()
+        res.losses["fusion"].backward()
         before = {n: grads(method.branch(n).encoder) for n in method.names}
         method.after_backward("joint", method.nets("joint"))
         for n in method.names:
@@ -314,7 +314,7 @@ def test_fit_each_baseline(setting, corpora, tmp_path):
         out = tmp_path / method
         report = fit(TrainConfig(out=str(out), method=method, hparams=hparams.get(method, {}), **base),
                      progress=False)
-        assert tuple(report["metrics"]["probe"]) == names and "fused" in report["metrics"], method
+        assert tuple(report["metrics"]["probe"]) == names and "fusion" in report["metrics"], method
         assert list(torch.load(out / "model.pt", weights_only=True)) == [*names, "fusion"], method
         header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
         assert {f"val_acc_{n}" for n in (*names, "fusion")} <= set(header), (method, header)

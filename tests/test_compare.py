@@ -33,11 +33,15 @@ def test_compare_tables_every_method_and_the_ablation(corpus, tmp_path):
         m = report["metrics"]
         detached = method != "joint"
         assert cols["audio"]["values"] == [m["audio"]["accuracy"] if detached else m["probe"]["audio"]]
-        final = "weighted" if report["primary"] == "weighted" else "fused"
-        assert cols["multi"]["values"] == [m[final]["accuracy"]]
+        assert cols["multi"]["values"] == [m["final"]["accuracy"]] and cols["fusion"]["values"] == [m["fusion"]["accuracy"]]
+        assert cols["chosen"] == [report["final_output"]["chosen"]]
+        if method in ("mmclf", "dimml-sclf"):   # the ablations answer with their fusion head
+            assert cols["chosen"] == ["fusion"] and cols["multi"]["values"] == cols["fusion"]["values"]
     rows = {r["row"]: r for r in summary["ablation"]}
     assert rows["TS + S-Clf + DUC"]["method"] == rows["TS + S-Clf + DUC + LW"]["method"] == "dimml"
-    assert rows["TS + S-Clf + DUC + LW"]["output"] == "weighted"
+    assert (rows["TS + S-Clf + DUC"]["output"], rows["TS + S-Clf + DUC + LW"]["output"]) == ("fusion", "paper-lw")
+    dimml = json.loads((out / "runs" / "dimml-seed0" / "report.json").read_text())
+    assert rows["TS + S-Clf + DUC + LW"]["multi"]["mean"] == dimml["final_output"]["candidates"]["paper-lw"]["accuracy"]
     md = (out / "compare.md").read_text()
     assert "| joint (probe) |" in md and "| TS (MM Clf) | x |" in md
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -53,29 +57,31 @@ def test_compare_rejects_unknown_methods(corpus, tmp_path):
     assert res.returncode == 2 and "nosuch" in res.stderr and "Traceback" not in res.stderr and not (tmp_path / "x" / "runs").exists()
 
 
-def _report(names: tuple[str, ...], primary: str, acc: dict[str, float], seed: int) -> dict:
+def _report(names: tuple[str, ...], chosen: str, acc: dict[str, float], seed: int) -> dict:
     """A report.json as evaluation writes it, with given accuracies (probe = head - 0.1)."""
     m = {k: {"accuracy": v + 0.01 * seed, "macro_f1": v, "ece": 0.1} for k, v in acc.items()}
     m["probe"] = {n: acc[n] - 0.1 for n in names}
-    return {"primary": primary, "metrics": m}
+    return {"metrics": m, "final_output": {"chosen": chosen, "candidates": {"paper-lw": m["final"]}}}
 
 
 def test_compare_tables_have_a_column_per_modality(tmp_path):
     from training.compare import bar_chart, tables
 
     names = ("front", "rear", "flow")
-    acc = {"front": 0.5, "rear": 0.6, "flow": 0.7, "fused": 0.8, "weighted": 0.9}
-    reports = {"dimml": [_report(names, "weighted", acc, s) for s in range(2)],
-               "joint": [_report(names, "fused", {k: v for k, v in acc.items() if k != "weighted"}, s)
-                         for s in range(2)]}
+    acc = {"front": 0.5, "rear": 0.6, "flow": 0.7, "fusion": 0.8, "final": 0.9}
+    reports = {"dimml": [_report(names, "paper-lw", acc, s) for s in range(2)],
+               "joint": [_report(names, "fusion", {**acc, "final": 0.8}, s) for s in range(2)]}
     md, summary = tables(reports, seeds=2)
     assert summary["modalities"] == list(names)
-    assert "| Method | Front | Rear | Flow | Multimodal | probe Front | probe Rear | probe Flow |" in md
+    assert ("| Method | Front | Rear | Flow | Multimodal (final output) | Fusion head | Final output chosen | "
+            "probe Front | probe Rear | probe Flow |") in md
     assert summary["methods"]["dimml"]["rear"]["values"] == pytest.approx([0.6, 0.61])       # own head
     assert summary["methods"]["joint"]["rear"]["values"] == pytest.approx([0.5, 0.5])        # probe
-    assert summary["methods"]["dimml"]["multi"]["values"] == pytest.approx([0.9, 0.91])      # weighted
-    assert summary["methods"]["joint"]["multi"]["values"] == pytest.approx([0.8, 0.81])      # fused
-    assert "| dimml | 50.50 ± 0.71 | 60.50 ± 0.71 | 70.50 ± 0.71 | 90.50 ± 0.71 |" in md
+    assert summary["methods"]["dimml"]["multi"]["values"] == pytest.approx([0.9, 0.91])      # its final output
+    assert summary["methods"]["dimml"]["fusion"]["values"] == pytest.approx([0.8, 0.81])     # its fusion head
+    assert summary["methods"]["joint"]["multi"]["values"] == pytest.approx([0.8, 0.81])
+    assert "| dimml | 50.50 ± 0.71 | 60.50 ± 0.71 | 70.50 ± 0.71 | 90.50 ± 0.71 | 80.50 ± 0.71 | paper-lw x2 |" in md
+    assert "| joint (probe) | 40.00 ± 0.00 |" in md and "| fusion x2 |" in md
     assert "| TS + S-Clf + DUC + LW | x | x | x | x |" in md
     bar_chart(summary, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -142,8 +142,9 @@ def test_manifest_contents_and_roundtrip(bundle_dir, run_dir):
     assert m["preprocess"] == run.preprocess.to_dict() and "modalities" in m["preprocess"]
     assert m["modalities"] == ["audio", "visual"] and m["fields"] == ["video"] and b.fields == ("video",)
     assert b.temperature == 0.7 == run.lw_temperature        # the fitted T from the report
-    assert m["metrics"] == {"eval_split": "test", "primary": "weighted",
-                            "weighted": {"accuracy": 0.42}, "fused": {"accuracy": 0.4}}
+    assert m["metrics"] == {"eval_split": "test", "final": {"accuracy": 0.42}, "fusion": {"accuracy": 0.4}}
+    assert m["final_output"]["name"] == "paper-lw" and m["final_output"]["temperature"] == 0.7
+    assert b.final_output == run.final_output and b.final_output.reason == run.final_output.reason
     assert (m["feature_dim"], m["fusion"]) == (64, "concat") and "num_frames" not in m
     assert m["onnx"]["opset"] == 18 and set(m["onnx"]["modules"]) == {"audio", "visual", "fusion"}
     assert m["torch"]["programs"] == {k: f"torch/{k}.pt2" for k in ("audio", "visual", "fusion")}

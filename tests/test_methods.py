@@ -21,7 +21,7 @@ from training.evaluate import evaluate, fit_probe
 from training.losses import DUC_TEMPERATURE, transfer_dimensions
 from training.methods import REGISTRY, Batch, get_method
 from training.methods.base import averaging_fusion, zero_modality_head
-from training.models import FUSION_KEY, MultiModel, StackEncoder, build_model, build_model_config
+from training.models import FUSION, MultiModel, StackEncoder, build_model, build_model_config
 
 K, D = 4, 64   # tiny preset: feature dim 64
 AV = "audio,visual"
@@ -132,7 +132,8 @@ def test_registry_holds_every_method_and_variant():
     assert (hp.lambda_s, hp.lambda_d, hp.warmup, hp.sep_every) == (1.0, 1.0, 20, 0)   # the paper
     assert hp.duc_temperature == DUC_TEMPERATURE[hp.duc_distance]
     assert get_method("mmclf").make_hparams({}).lambda_s == 0 and get_method("dimml-sclf").make_hparams({}).lambda_d == 0
-    assert get_method("dimml").weighting and not get_method("dimml-duc").weighting
+    # every method chooses its final output on validation but the Table 3 ablations (their fusion head)
+    assert {n for n, m in REGISTRY.items() if not m.chooses_output} == {"dimml-duc", "dimml-sclf", "mmclf"}
 
 
 # every (method, stage, setting): trainable parameters all get a gradient (DDP runs without
@@ -160,7 +161,7 @@ def test_gradients_reach_exactly_the_trainable_parameters(name, stage, setting):
                 assert p.grad is None, f"{name}/{stage}: frozen {mod_name}.{pname} got a gradient"
     for out, z in res.logits.items():
         assert z.shape == (8, K), out
-    assert set(res.logits) <= {*method.names, FUSION_KEY}
+    assert set(res.logits) <= {*method.names, FUSION}
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
@@ -311,8 +312,8 @@ def test_dimml_fusion_stage_freezes_the_encoders(setting):
     method = make_method("dimml", setting)
     prepare(method, "fusion")
     res = method.step("fusion", make_batch(setting), method.nets("fusion"))
-    assert set(res.losses) == {"fused"}
-    res.losses["fused"].backward()
+    assert set(res.losses) == {"fusion"}
+    res.losses["fusion"].backward()
     assert has_grad(method.model.fusion)
     assert all(zero_grad(method.model.branches[n]) for n in method.names) and zero_grad(method.extras["sclf"])
 
@@ -410,7 +411,7 @@ def test_dgl_routes_fused_loss_to_fusion_and_unimodal_losses_to_encoders(setting
     model = method.model
     enc = {n: model.branches[n].encoder for n in method.names}
     batch = make_batch(setting)
-    terms = [("fused", [model.fusion], list(enc.values()))]
+    terms = [("fusion", [model.fusion], list(enc.values()))]
     terms += [(n, [enc[n]], [model.fusion, *(e for m, e in enc.items() if m != n)]) for n in method.names]
     for term, trained, untouched in terms:
         prepare(method, "joint")
@@ -463,19 +464,20 @@ def test_evaluate_forced_paper_rule_weighs_every_head_and_fusion_and_reports_per
     batches = [(make_inputs(setting, b=6, seed=s), torch.arange(6) % K) for s in range(3)]
     loaders = {"train": batches[:2], "val": batches[2:], "test": batches[1:]}
     report = evaluate(model, loaders, method="dimml", num_classes=K, classes=[f"c{k}" for k in range(K)],
-                      weighting=True, lw_temperature=0.5, device=torch.device("cpu"), progress=False,
-                      output="paper-lw")
-    assert report["output"]["forced"] and report["output_rule"] == {"name": "paper-lw", "rule": "weighted",
-                                                                    "branch": None, "temperature": 0.5, "prior": {}}
+                      chooses=True, lw_temperature=0.5, device=torch.device("cpu"), progress=False,
+                      final_output="paper-lw")
+    out = report["final_output"]
+    assert out["forced"] and out["rule"] == {"name": "paper-lw", "rule": "weighted", "branch": None,
+                                             "temperature": 0.5, "prior": {}, "reason": out["reason"]}
     m = report["metrics"]
-    assert set(m) == {"fused", "weighted", "audio", "visual", "flow", "probe"}
+    assert set(m) == {"final", "fusion", "audio", "visual", "flow", "probe"}
     assert set(m["probe"]) == {"audio", "visual", "flow"}
     _, logits = model.eval()(  # the weighted output by hand, over the three heads and fusion
         {n: torch.cat([b[0][n] for b in batches[1:]]) for n in model.names})
     z, _, _ = weigh([logits[n].numpy() for n in ("audio", "visual", "flow", "fusion")], 0.5)
     labels = torch.cat([b[1] for b in batches[1:]])
     want = float((torch.from_numpy(z).argmax(1) == labels).double().mean())
-    assert m["weighted"]["accuracy"] == pytest.approx(want)
+    assert m["final"]["accuracy"] == pytest.approx(want)
 
 
 def test_linear_probe_separates_separable_features_deterministically():

@@ -73,11 +73,30 @@ def test_confidently_wrong_branch_is_not_trusted_by_the_paper_rule_but_is_by_nob
     assert rule.name != "visual"
 
 
-def test_tiny_validation_split_falls_back_to_fusion_and_says_so():
+def test_tiny_validation_split_falls_back_to_the_weighting_and_says_so():
     logits, y = _val(n=12)
     rule, report = select_output(logits, y)
-    assert report["fallback"] and rule == OutputRule.head("fusion")
-    assert "too small" in report["reason"]
+    assert report["fallback"] and rule.name == "paper-lw" and rule.rule == "weighted" and not rule.prior
+    assert "too small" in report["reason"] and rule.reason == report["reason"]
+    assert select_output(logits, y, temperature=0.3)[0].temperature == 0.3
+
+
+def test_a_validation_tie_goes_to_the_weighting():
+    """Every rule right on every clip: the paper's weighting answers (then the fitted one), not the fusion head."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 10)
+    confident = lambda: np.eye(3)[y] * 6 + rng.normal(0, 0.1, (len(y), 3))
+    logits = {"audio": confident(), "visual": confident(), "fusion": confident()}
+    rule, report = select_output(logits, y)
+    assert {n: c["cv_accuracy"] for n, c in report["candidates"].items()} == dict.fromkeys(report["candidates"], 1.0)
+    assert rule.name == report["chosen"] == "paper-lw"
+    assert "tied with" in report["reason"] and "paper-lw > fitted > fusion > unimodal" in report["reason"]
+    # a better head still wins: the visual head is the only one right on a third of the clips
+    logits["audio"][y == 2], logits["fusion"][y == 2] = np.eye(3)[0] * 6, np.eye(3)[0] * 6
+    logits["visual"][y != 2] *= 0.01
+    rule, report = select_output(logits, y)
+    assert report["candidates"]["visual"]["cv_accuracy"] == 1.0 > report["candidates"]["paper-lw"]["cv_accuracy"]
+    assert rule.name in ("visual", "fitted") and report["candidates"][rule.name]["cv_accuracy"] == 1.0
 
 
 def test_rule_round_trips():

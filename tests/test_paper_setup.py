@@ -42,33 +42,34 @@ def _logits(n: int, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
 def test_choose_output_selects_on_validation_and_lists_every_candidate():
     z, y = _logits(90)
     said: list[str] = []
-    rule, facts, rules = choose_output(z, y, weighting=True, log=said.append)
+    rule, facts, rules = choose_output(z, y, chooses=True, log=said.append)
     assert set(rules) == {"fusion", "audio", "visual", "paper-lw", "fitted"}
     assert not facts["fallback"] and not facts["forced"] and facts["chosen"] in rules
     assert set(facts["cv"]) == set(rules) and facts["rule"] == rule.to_dict()
     assert rule.name != "visual" and said == [f"final output: {facts['chosen']} ({facts['reason']})"]
-    # a method whose final output is its fusion head keeps it
-    rule, facts, _ = choose_output(z, y, weighting=False, log=said.append)
+    assert rule.reason == facts["reason"]
+    # a method whose final output is its fusion head (an ablation) keeps it
+    rule, facts, _ = choose_output(z, y, chooses=False, log=said.append)
     assert rule.rule == "branch" and rule.branch == "fusion" and not facts["fallback"]
 
 
 def test_tiny_validation_split_falls_back_with_a_warning():
     z, y = _logits(9)   # 3 clips per class
     said: list[str] = []
-    rule, facts, rules = choose_output(z, y, weighting=True, log=said.append)
-    assert facts["fallback"] and rule.branch == "fusion" and "too small" in facts["reason"]
+    rule, facts, rules = choose_output(z, y, chooses=True, log=said.append)
+    assert facts["fallback"] and rule.name == "paper-lw" and "too small" in facts["reason"]
     assert said[0].startswith("warning: validation split too small")
     assert "fitted" in rules   # still reported, never chosen on so few clips
 
 
 def test_forcing_a_rule():
     z, y = _logits(30)
-    rule, facts, _ = choose_output(z, y, weighting=True, output="paper-lw", lw_temperature=1.0, log=lambda m: None)
+    rule, facts, _ = choose_output(z, y, chooses=True, final_output="paper-lw", lw_temperature=1.0, log=lambda m: None)
     assert rule == OutputRule.paper(1.0) and facts["forced"] and facts["lw_temperature_source"] == "config"
-    rule, _, _ = choose_output(z, y, weighting=False, output="visual", log=lambda m: None)
+    rule, _, _ = choose_output(z, y, chooses=False, final_output="visual", log=lambda m: None)
     assert rule.rule == "branch" and rule.branch == "visual"
-    with pytest.raises(ValueError, match="output must be one of"):
-        choose_output(z, y, weighting=True, output="flow", log=lambda m: None)
+    with pytest.raises(ValueError, match="final_output must be one of"):
+        choose_output(z, y, chooses=True, final_output="flow", log=lambda m: None)
 
 
 def _model_and_loaders(n_val: int):
@@ -90,19 +91,19 @@ def _model_and_loaders(n_val: int):
 def test_report_lists_every_candidate_and_the_choice(n_val):
     model, loaders = _model_and_loaders(n_val)
     said: list[str] = []
-    report = evaluate(model, loaders, method="dimml", num_classes=K, classes=["a", "b", "c"], weighting=True,
+    report = evaluate(model, loaders, method="dimml", num_classes=K, classes=["a", "b", "c"], chooses=True,
                       lw_temperature=None, device=torch.device("cpu"), progress=False, log=said.append)
-    out = report["output"]
+    out = report["final_output"]
     assert set(out["candidates"]) == {"fusion", "audio", "visual", "paper-lw", "fitted"}
     for name, row in out["candidates"].items():
         assert {"accuracy", "macro_f1", "ece"} <= set(row), name
-    assert out["candidates"]["fusion"] == {**report["metrics"]["fused"], **out["candidates"]["fusion"]}
-    assert report["metrics"]["weighted"] == {k: out["candidates"][out["chosen"]][k] for k in ("accuracy", "macro_f1", "ece")}
-    assert report["output_rule"] == out["rule"] and out["reason"]
+    assert out["candidates"]["fusion"] == {**report["metrics"]["fusion"], **out["candidates"]["fusion"]}
+    assert report["metrics"]["final"] == {k: out["candidates"][out["chosen"]][k] for k in ("accuracy", "macro_f1", "ece")}
+    assert out["rule"]["name"] == out["chosen"] and out["rule"]["reason"] == out["reason"] != ""
     table = format_table(report)
     assert "paper-lw" in table and "fitted" in table and "<- chosen" in table
     if n_val == 6:   # 2 clips per class: the fallback, said in the report, the table and the log
-        assert out["fallback"] and out["chosen"] == "fusion" and "WARNING" in table
+        assert out["fallback"] and out["chosen"] == "paper-lw" and "WARNING" in table
         assert any(m.startswith("warning: validation split too small") for m in said)
     else:
         assert not out["fallback"] and all("cv_accuracy" in r for r in out["candidates"].values())
@@ -115,7 +116,7 @@ def test_paper_cremad_preset_is_the_authors_run():
     c = TrainConfig(data="d", out="o", preset="paper-cremad").resolve()
     assert (c.epochs, c.stage2_epochs, c.lr, c.lr_step_epoch, c.lr_gamma, c.batch_size) == (150, 20, 1e-3, 70, 0.1, 16)
     assert (c.momentum, c.weight_decay, c.augment) == (0.9, 1e-4, True)
-    assert c.lw_temperature == 1.0 and c.output == "paper-lw"   # the paper's weighting at their fixed T = 1
+    assert c.lw_temperature == 1.0 and c.final_output == "paper-lw"   # the paper's weighting at their fixed T = 1
     pp = c.preprocess_config()
     assert pp.spec("audio").shape == (1, 257, 1004) and pp.spec("audio").params.sample_rate == 16000
     assert pp.spec("audio").params.seconds == 10.0
@@ -126,9 +127,9 @@ def test_paper_cremad_preset_is_the_authors_run():
     assert (hp.duc_distance, hp.duc_temperature, hp.warmup) == ("dot", 50.0, 20)
     assert get_method("mlb").make_hparams({}, c.epochs).mode == "paper"   # README: --set mode=tanh for the code's
     # explicit flags still win over the preset
-    c2 = TrainConfig(data="d", out="o", preset="paper-cremad", output="auto", lw_temperature=None).resolve()
-    assert c2.output == "auto" and c2.lw_temperature == 1.0
-    assert TrainConfig(data="d", out="o", preset="resnet18").resolve().output == "auto"
+    c2 = TrainConfig(data="d", out="o", preset="paper-cremad", final_output="auto", lw_temperature=None).resolve()
+    assert c2.final_output == "auto" and c2.lw_temperature == 1.0
+    assert TrainConfig(data="d", out="o", preset="resnet18").resolve().final_output == "auto"
 
 
 # ---------------------------------------------------------------------------------------

@@ -58,8 +58,10 @@ def reference(run, arrays: dict[str, np.ndarray]) -> dict:
 
 def check_answer(a: dict, ref: dict, i: int, used: list[str], model_name: str, version: str) -> None:
     assert json.loads(json.dumps(a)) == a   # JSON-ready as is
-    assert set(a) == {"label", "probabilities", "branches", "modalities_used", "model", "backend", "warnings"}
+    assert set(a) == {"label", "probabilities", "branches", "modalities_used", "model", "backend", "final_output",
+                      "warnings"}
     assert a["warnings"] == []   # clean synthetic media: no damage
+    assert set(a["final_output"]) == {"rule", "reason"} and a["final_output"]["rule"] == "paper-lw"
     assert list(a["probabilities"]) == CLASSES
     np.testing.assert_allclose(list(a["probabilities"].values()), ref["probs"][i], atol=1e-5)
     assert a["label"] == CLASSES[int(ref["probs"][i].argmax())]
@@ -214,12 +216,12 @@ def test_bad_inputs_are_refused_clearly(predictors, tmp_path):
         p.predict_clips([other])
 
 
-def test_fused_output_bundle_answers_by_the_fusion_head(tmp_path):
-    """A run whose final output is its fusion head (report primary "fused") is served as such."""
-    run = make_tiny_run(tmp_path / "fused-run", "visual,flow",
-                        report={"method": "joint", "primary": "fused", "lw_temperature": T, "metrics": {}})
+def test_a_fusion_head_final_output_answers_by_the_fusion_head(tmp_path):
+    """A run whose final output is its fusion head is served as such, and answers say so."""
+    rule = OutputRule.head("fusion", T).because("the method's final output is its fusion head")
+    run = make_tiny_run(tmp_path / "fusion-run", "visual,flow", rule=rule)
     bundle = build_bundle(run, tmp_path / "b", BundleOptions(exporter="torchscript"), progress=False)
-    assert load_bundle(bundle).output_rule == OutputRule("fusion", "branch", "fusion", temperature=T)
+    assert load_bundle(bundle).final_output == OutputRule("fusion", "branch", "fusion", temperature=T)
     p = Predictor(bundle, open_engine(bundle, "onnxruntime-cpu"))
     arrays = random_arrays("visual,flow", 2)
     got = p.predict_arrays(arrays)
@@ -228,22 +230,22 @@ def test_fused_output_bundle_answers_by_the_fusion_head(tmp_path):
     for i, a in enumerate(got):
         np.testing.assert_allclose(list(a["probabilities"].values()), fusion_probs[i], rtol=1e-4, atol=1e-5)
         assert {b: v["weight"] for b, v in a["branches"].items()} == {"visual": 0.0, "flow": 0.0, "fusion": 1.0}
-    # one modality: still that branch alone
+        assert a["final_output"] == {"rule": "fusion", "reason": rule.reason}
+    # one modality: still that branch alone, by the weighting (the fusion head needs both)
     [solo] = p.predict_arrays({"flow": arrays["flow"][:1]})
     assert solo["modalities_used"] == ["flow"] and solo["branches"]["flow"]["weight"] == 1.0
+    assert solo["final_output"]["rule"] == "paper-lw" and "missing modality" in solo["final_output"]["reason"]
 
 
 def test_output_rule_from_the_report_is_used(tmp_path):
     """A report that chose an output rule on validation (e.g. one modality's head): the bundle
     records it and the Predictor answers by it; without that branch, the weighting over the rest."""
-    rule = OutputRule.head("rear")
-    run = make_tiny_run(tmp_path / "rule-run", "front:image,rear:image",
-                        report={"method": "dimml", "primary": "weighted", "lw_temperature": T, "metrics": {},
-                                "output_rule": rule.to_dict()})
+    rule = OutputRule.head("rear").because("the best rule on validation")
+    run = make_tiny_run(tmp_path / "rule-run", "front:image,rear:image", rule=rule)
     bundle = build_bundle(run, tmp_path / "b", BundleOptions(exporter="torchscript"), progress=False)
-    assert json.loads((bundle / "manifest.json").read_text())["output"] == rule.to_dict()
+    assert json.loads((bundle / "manifest.json").read_text())["final_output"] == rule.to_dict()
     p = Predictor(bundle, open_engine(bundle, "onnxruntime-cpu"))
-    assert p.rule == rule and p.bundle.output == "rear"
+    assert p.rule == rule and p.bundle.final_output.name == "rear"
     arrays = random_arrays("front:image,rear:image", 2, seed=9)
     ref = reference(load_run(run), arrays)
     for i, a in enumerate(p.predict_arrays(arrays)):
@@ -253,22 +255,23 @@ def test_output_rule_from_the_report_is_used(tmp_path):
     assert front_only["branches"]["front"]["weight"] == 1.0
 
 
-def test_older_manifests_map_to_output_rules(tiny_bundle, tmp_path):
-    """Manifests from before output rules (`output` "weighted" | "fused" | absent, plus
-    `lw_temperature`; or the interim `output_rule` entry) load as the paper's rule / the fusion head."""
+def test_older_manifests_map_to_final_outputs(tiny_bundle, tmp_path):
+    """Manifests from before `final_output` (`output` a rule dict, or "weighted" | "fused" | absent plus
+    `lw_temperature`; or the interim `output_rule` entry) load as that rule / the paper's / the fusion head."""
     src = tiny_bundle("audio,visual")
     run = src.parent / "tiny-run"
     bundle = Path(shutil.copytree(src, tmp_path / "b"))   # a copy: the test rewrites its manifest
     mpath = bundle / "manifest.json"
     manifest = json.loads(mpath.read_text())
-    assert manifest["output"] == OutputRule.paper(T).to_dict()   # a report without a rule: the paper's at its T
+    assert manifest["final_output"] == OutputRule.paper(T).to_dict() | {"reason": manifest["final_output"]["reason"]}
 
     def rule_of(**output) -> OutputRule:
-        m = {k: v for k, v in manifest.items() if k != "output"}
+        m = {k: v for k, v in manifest.items() if k != "final_output"}
         mpath.write_text(json.dumps({**m, **output}))
-        return load_bundle(bundle).output_rule
+        return load_bundle(bundle).final_output
 
     assert rule_of(output="weighted") == OutputRule.paper(T) == rule_of()
+    assert rule_of(output=OutputRule.head("visual").to_dict()) == OutputRule.head("visual")   # the rule-dict era
     assert rule_of(output="fused") == OutputRule.head("fusion", T)
     assert rule_of(output="fused", output_rule=OutputRule.head("audio").to_dict()) == OutputRule.head("audio")
     # an old "weighted" manifest answers with exactly Eq. 8-9 at its T

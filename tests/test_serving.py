@@ -147,6 +147,7 @@ def assert_same_answer(got: dict, want: dict) -> None:
     assert got["label"] == want["label"]
     assert got["modalities_used"] == want["modalities_used"]
     assert got["model"] == want["model"] and got["backend"] == want["backend"]
+    assert got["final_output"] == want["final_output"] and got["final_output"]["rule"]
     assert list(got["probabilities"]) == list(want["probabilities"])
     np.testing.assert_allclose(list(got["probabilities"].values()),
                                list(want["probabilities"].values()), rtol=1e-5, atol=1e-6)

@@ -79,8 +79,8 @@ def setting_corpora(tmp_path_factory):
     return corpus_of
 
 
-def primary(report: dict) -> dict:
-    return report["metrics"][report["primary"]]
+def final(report: dict) -> dict:
+    return report["metrics"]["final"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -127,12 +127,12 @@ def test_config_declares_the_modalities():
         TrainConfig(data="d", out="o", modalities="front,rear").resolve()
     with pytest.raises(ValueError, match="unknown modality"):
         TrainConfig(data="d", out="o", preprocess={"flow.num_pairs": 3}).resolve()
-    for name in ("fused", "weighted", "probe"):   # report keys
+    for name in ("fusion", "final", "fused", "weighted", "probe"):   # report keys, today's and older ones
         with pytest.raises(ValueError, match="reserved"):
             TrainConfig(data="d", out="o", modalities=f"{name}:image,rear:image").resolve()
-    with pytest.raises(ValueError, match="output must be one of"):
-        TrainConfig(data="d", out="o", output="flow").resolve()
-    assert TrainConfig(data="d", out="o", output="visual").resolve().output == "visual"
+    with pytest.raises(ValueError, match="final_output must be one of"):
+        TrainConfig(data="d", out="o", final_output="flow").resolve()
+    assert TrainConfig(data="d", out="o", final_output="visual").resolve().final_output == "visual"
 
 
 # The fusion parameters of runs saved before fusion heads took M inputs (audio first, visual second).
@@ -180,7 +180,7 @@ def test_every_method_beats_chance(runs, method):
     out, report = runs(method, settings, **extra)
     n = report["sizes"]["test"]
     assert n == 6 * K
-    assert primary(report)["accuracy"] >= 2 / K, report["metrics"]   # chance is 1/K
+    assert final(report)["accuracy"] >= 2 / K, report["metrics"]   # chance is 1/K
     assert report["metrics"]["probe"]["audio"] >= 2 / K
     assert (out / "model.pt").is_file() and not (out / "checkpoint.pt").exists()
 
@@ -201,7 +201,7 @@ def test_each_setting_trains_the_papers_methods(setting, setting_corpora, tmp_pa
                                  epochs=2, stage2_epochs=1, batch_size=8,
                                  hparams={"warmup": 1} if method == "dimml" else {}), progress=False)
         m = report["metrics"]
-        assert set(m) == {"fused", *names, "probe"} | ({"weighted"} if method == "dimml" else set()), method
+        assert set(m) == {"final", "fusion", *names, "probe"}, method
         assert tuple(m["probe"]) == names
         config = json.loads((out / "config.json").read_text())
         assert config["train"]["modalities"] == setting
@@ -211,7 +211,7 @@ def test_each_setting_trains_the_papers_methods(setting, setting_corpora, tmp_pa
         run = load_run(out)
         assert run.model.names == names and run.preprocess.names == names
         header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
-        losses = {"dimml": names, "joint": ("fused",), "mlb": ("fused", *names), "dgl": ("fused", *names)}[method]
+        losses = {"dimml": names, "joint": ("fusion",), "mlb": ("fusion", *names), "dgl": ("fusion", *names)}[method]
         assert {f"loss_{n}" for n in losses} <= set(header), (method, header)
         if method == "dimml":
             assert {f"duc_{n}" for n in names} | {f"sclf_{n}" for n in names} <= set(header)
@@ -230,7 +230,7 @@ def test_dimml_learns_each_setting(setting, setting_corpora, tmp_path):
     report = fit(TrainConfig(data=str(corpus), out=str(tmp_path / "run"), method="dimml", modalities=setting,
                              **BASE), progress=False)
     assert report["sizes"]["test"] == 6 * K
-    assert primary(report)["accuracy"] >= 2 / K, report["metrics"]   # chance is 1/K
+    assert final(report)["accuracy"] >= 2 / K, report["metrics"]   # chance is 1/K
     for name, acc in report["metrics"]["probe"].items():
         assert acc >= 2 / K, (name, report["metrics"])
 
@@ -241,53 +241,77 @@ def test_run_folder_report_and_log(runs):
         assert (out / name).is_file(), name
     assert json.loads((out / "report.json").read_text()) == report
     m = report["metrics"]
-    assert set(m) == {"fused", "weighted", "audio", "visual", "probe"}
-    for name in ("fused", "weighted", "audio", "visual"):
+    assert set(m) == {"final", "fusion", "audio", "visual", "probe"}
+    for name in ("final", "fusion", "audio", "visual"):
         assert set(m[name]) == {"accuracy", "macro_f1", "ece"} and 0 <= m[name]["ece"] <= 1
-    assert report["primary"] == "weighted" and report["lw_temperature"] > 0
-    assert report["lw_temperature_source"] == "val"
-    # 3 validation clips per class: too few to choose an output -> the fusion head, said in the
-    # report, the table and the log
-    out_facts = report["output"]
-    assert out_facts["fallback"] and out_facts["chosen"] == "fusion" and "too small" in out_facts["reason"]
-    assert report["output_rule"] == {"name": "fusion", "rule": "branch", "branch": "fusion",
-                                     "temperature": report["lw_temperature"], "prior": {}}
-    assert m["weighted"] == m["fused"]
+    out_facts = report["final_output"]
+    t = out_facts["lw_temperature"]
+    assert t > 0 and out_facts["lw_temperature_source"] == "val"
+    # 3 validation clips per class: too few to choose an output -> the paper's weighting (no other
+    # rule can be shown better), said in the report, the table and the log
+    assert out_facts["fallback"] and out_facts["chosen"] == "paper-lw" and "too small" in out_facts["reason"]
+    assert out_facts["rule"] == {"name": "paper-lw", "rule": "weighted", "branch": None, "temperature": t,
+                                 "prior": {}, "reason": out_facts["reason"]}
     cands = out_facts["candidates"]
+    assert m["final"] == {k: cands["paper-lw"][k] for k in m["final"]}
     assert set(cands) == {"fusion", "audio", "visual", "paper-lw", "fitted"}
     for name, row in cands.items():
         assert {"accuracy", "macro_f1", "ece"} <= set(row), name
     assert {k: cands["audio"][k] for k in m["audio"]} == m["audio"]
-    assert cands["paper-lw"]["temperature"] == report["lw_temperature"]
+    assert {k: cands["fusion"][k] for k in m["fusion"]} == m["fusion"]
+    assert cands["paper-lw"]["temperature"] == t
     log = (out / "train.log").read_text()
-    assert "warning: validation split too small" in log and "final output: fusion" in log
+    assert "warning: validation split too small" in log and "final output: paper-lw" in log
     assert sum(map(sum, report["confusion"])) == report["sizes"]["test"]
     config = json.loads((out / "config.json").read_text())
-    assert config["method"] == "dimml" and config["inference"] == "weighted"
+    assert config["method"] == "dimml" and "inference" not in config
     assert config["hparams"]["warmup"] == 2 and config["train"]["epochs"] == 12   # resolved: 20/150 of 12
     run = load_run(out)
-    assert run.lw_temperature == report["lw_temperature"] and run.classes == [f"class{k}" for k in range(K)]
+    assert run.lw_temperature == t and run.classes == [f"class{k}" for k in range(K)]
+    assert run.final_output.to_dict() == out_facts["rule"]
     rows = (out / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     assert len(rows) == 1 + 12 + 4
-    assert {"loss_audio", "loss_visual", "loss_fused", "train_acc_audio", "val_acc_fusion", "duc_audio"} <= set(header)
+    assert {"loss_audio", "loss_visual", "loss_fusion", "train_acc_audio", "val_acc_fusion", "duc_audio"} <= set(header)
     assert "dimension separation at epoch 2" in (out / "train.log").read_text()
-    # a method without weighting reports the fused output only, its heads being probes
+    # joint training chooses its final output too, its unimodal heads being probes
     _, joint = runs("joint")
-    assert joint["primary"] == "fused" and "weighted" not in joint["metrics"] and joint["lw_temperature"] is None
-    assert joint["unimodal_heads"] == "probe"
+    assert joint["final_output"]["chosen"] == "paper-lw" and joint["unimodal_heads"] == "probe"
     assert joint["metrics"]["visual"]["accuracy"] == joint["metrics"]["probe"]["visual"]
 
 
+def test_reports_of_older_versions_load_in_todays_vocabulary(tmp_path):
+    """report.json before `final_output`: the fusion head "fused", the final output "weighted", the choice
+    in "primary" / "output" / "output_rule" (or only "primary", the oldest)."""
+    from training.run import upgrade_report
+    rule = {"name": "fitted", "rule": "weighted", "branch": None, "temperature": 0.4, "prior": {"audio": 0.5}}
+    old = {"method": "dimml", "primary": "weighted", "lw_temperature": 0.4, "lw_temperature_source": "val",
+           "metrics": {"fused": {"accuracy": 0.5}, "weighted": {"accuracy": 0.6}, "audio": {"accuracy": 0.4},
+                       "probe": {"audio": 0.3}},
+           "output": {"chosen": "fitted", "reason": "best on validation", "candidates": {}}, "output_rule": rule,
+           "eval_split": "test"}
+    new = upgrade_report(old)
+    assert new["metrics"] == {"fusion": {"accuracy": 0.5}, "final": {"accuracy": 0.6}, "audio": {"accuracy": 0.4},
+                              "probe": {"audio": 0.3}}
+    assert new["final_output"]["chosen"] == "fitted" and new["final_output"]["rule"] == rule
+    assert new["final_output"]["lw_temperature"] == 0.4 and not {"primary", "output", "output_rule"} & set(new)
+    oldest = upgrade_report({"method": "joint", "primary": "fused", "lw_temperature": None,
+                             "metrics": {"fused": {"accuracy": 0.7}}}, {"lw_temperature": 0.9})
+    assert oldest["metrics"]["final"] == oldest["metrics"]["fusion"] == {"accuracy": 0.7}
+    assert oldest["final_output"]["rule"]["name"] == "fusion" and oldest["final_output"]["rule"]["temperature"] == 0.9
+    assert upgrade_report(new) is new
+
+
 def test_forced_paper_output_equals_a_hand_computation(runs, corpus):
-    # --output paper-lw with --lw-temperature fixed: exactly the paper's Eq. 8-9
-    out, report = runs("dimml", output="paper-lw", lw_temperature=0.3)
-    assert report["output"]["forced"] and report["output"]["chosen"] == "paper-lw"
-    assert report["lw_temperature"] == 0.3 and report["lw_temperature_source"] == "config"
+    # --final-output paper-lw with --lw-temperature fixed: exactly the paper's Eq. 8-9
+    out, report = runs("dimml", final_output="paper-lw", lw_temperature=0.3)
+    facts = report["final_output"]
+    assert facts["forced"] and facts["chosen"] == "paper-lw"
+    assert facts["lw_temperature"] == 0.3 and facts["lw_temperature_source"] == "config"
     run = load_run(out)
     data = prepare_data(TrainConfig(data=str(corpus), out=str(out), preset="tiny"), run.preprocess, progress=False)
     o = collect(run.model, make_loader(data, "test", 16, 0, False), torch.device("cpu"))
-    t = report["lw_temperature"]
+    t = facts["lw_temperature"]
     preds = []
     for j in range(len(o.labels)):
         z = {b: o.logits[b][j].double().tolist() for b in ("audio", "visual", "fusion")}
@@ -299,10 +323,10 @@ def test_forced_paper_output_equals_a_hand_computation(runs, corpus):
         weighted = [sum(w[b] * z[b][k] for b in z) for k in range(K)]
         preds.append(max(range(K), key=lambda k: weighted[k]))
     pred = torch.tensor(preds)
-    assert report["metrics"]["weighted"]["accuracy"] == pytest.approx(float((pred == o.labels).double().mean()))
-    assert report["metrics"]["weighted"]["macro_f1"] == pytest.approx(macro_f1(pred.numpy(), o.labels.numpy(), K))
-    paper = report["output"]["candidates"]["paper-lw"]
-    assert paper["temperature"] == 0.3 and report["metrics"]["weighted"] == {k: paper[k] for k in report["metrics"]["weighted"]}
+    assert report["metrics"]["final"]["accuracy"] == pytest.approx(float((pred == o.labels).double().mean()))
+    assert report["metrics"]["final"]["macro_f1"] == pytest.approx(macro_f1(pred.numpy(), o.labels.numpy(), K))
+    paper = facts["candidates"]["paper-lw"]
+    assert paper["temperature"] == 0.3 and report["metrics"]["final"] == {k: paper[k] for k in report["metrics"]["final"]}
 
 
 def test_cpu_runs_are_reproducible(runs):
@@ -358,7 +382,7 @@ def test_ddp_two_processes_with_gloo(corpus, tmp_path):
     log = (out / "train.log").read_text()
     assert "2 process(es)" in log and "dimension separation at epoch 1" in log
     report = json.loads((out / "report.json").read_text())
-    assert report["sizes"]["test"] == 6 * K and "weighted" in report["metrics"]
+    assert report["sizes"]["test"] == 6 * K and "final" in report["metrics"]
 
 
 def test_evaluate_command_reproduces_the_report(runs, corpus, tmp_path, capsys):
@@ -369,8 +393,8 @@ def test_evaluate_command_reproduces_the_report(runs, corpus, tmp_path, capsys):
     (run / "report.json").unlink()
     assert cli_main(["evaluate", "--run", str(run), "--data", str(corpus)]) == 0
     again = json.loads((run / "report.json").read_text())
-    assert again["metrics"] == report["metrics"] and again["lw_temperature"] == report["lw_temperature"]
-    assert "weighted" in capsys.readouterr().out
+    assert again["metrics"] == report["metrics"] and again["final_output"]["rule"] == report["final_output"]["rule"]
+    assert "final output: paper-lw" in capsys.readouterr().out
 
 
 def test_cli_rejects_bad_input_clearly(corpus, tmp_path, capsys):
@@ -402,7 +426,7 @@ def test_cuda_bf16_compile_run(corpus, tmp_path):
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-2, rtol=0)   # same crops on either device
     report = fit(TrainConfig(data=str(corpus), out=str(tmp_path / "gpu"), method="dimml", device="cuda",
                              **{**SHORT, "amp": "bf16", "compile": "on"}), progress=False)
-    assert primary(report)["accuracy"] >= 2 / K
+    assert final(report)["accuracy"] >= 2 / K
 
 
 @pytest.mark.cuda
@@ -413,4 +437,4 @@ def test_cuda_bf16_compile_run_three_modalities(setting_corpora, tmp_path):
                              method="dimml", modalities=setting, device="cuda",
                              **{**SHORT, "amp": "bf16", "compile": "on"}), progress=False)
     assert set(report["metrics"]["probe"]) == {"audio", "visual", "flow"}
-    assert primary(report)["accuracy"] >= 2 / K
+    assert final(report)["accuracy"] >= 2 / K

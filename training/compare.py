@@ -5,29 +5,30 @@ seeds); the columns are the runs' modalities (`--modalities`, default audio,visu
 Unimodal accuracy is the method's own head for detached methods (their encoders never saw the
 other modality's objective) and the linear probe of the frozen encoder for the others (joint,
 MLB, DGL), as the papers measure modality competition. Multimodal accuracy is the method's
-final output: certainty-weighted where the method weights, else the fusion head.
+final output (chosen on validation: training.evaluate), beside its fusion head's and the rules
+chosen over the seeds.
 
 Table 3 (ablation) reuses runs: TS = `mmclf`, + S-Clf = `dimml-sclf`, + DUC = `dimml`'s fusion
-output, + LW = `dimml`'s weighted output (the last two differ only at inference).
+head, + LW = `dimml`'s paper weighting (the last two differ only at inference).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from dimml.fileio import atomic_write_bytes, atomic_write_json
+from dimml.prediction import FINAL, FUSION
 from dimml.presets import PRESETS   # (light import: no torch for --help)
 
-ABLATION = [  # (row, TS, S-Clf, DUC, LW, method run, output)
-    ("Joint", "", "", "", "", "joint", "fused"),
-    ("TS (MM Clf)", "x", "", "", "", "mmclf", "fused"),
-    ("TS + S-Clf", "x", "x", "", "", "dimml-sclf", "fused"),
-    ("TS + S-Clf + DUC", "x", "x", "x", "", "dimml", "fused"),
-    ("TS + S-Clf + DUC + LW", "x", "x", "x", "x", "dimml", "weighted"),
+ABLATION = [  # (row, TS, S-Clf, DUC, LW, method run, output: the report's candidate rule)
+    ("Joint", "", "", "", "", "joint", FUSION),
+    ("TS (MM Clf)", "x", "", "", "", "mmclf", FUSION),
+    ("TS + S-Clf", "x", "x", "", "", "dimml-sclf", FUSION),
+    ("TS + S-Clf + DUC", "x", "x", "x", "", "dimml", FUSION),
+    ("TS + S-Clf + DUC + LW", "x", "x", "x", "x", "dimml", "paper-lw"),
 ]
 
 
@@ -76,12 +77,13 @@ def modalities_of(report: dict[str, Any]) -> list[str]:
 
 
 def row_of(method: str, report: dict[str, Any]) -> dict[str, float]:
-    """Each modality's and the multimodal accuracy of one run (Table 2 style), plus the probes ("probe_<name>")."""
+    """Each modality's and the multimodal (final output) accuracy of one run (Table 2 style), its
+    fusion head's ("fusion"), plus the probes ("probe_<name>")."""
     m = report["metrics"]
     names = modalities_of(report)
     uni = {n: m[n]["accuracy"] if is_detached(method) else m["probe"][n] for n in names}
-    final = "weighted" if m.get("weighted") and report.get("primary", "fused") == "weighted" else "fused"
-    return {**uni, "multi": m[final]["accuracy"], **{f"probe_{n}": m["probe"][n] for n in names}}
+    return {**uni, "multi": m[FINAL]["accuracy"], "fusion": m[FUSION]["accuracy"],
+            **{f"probe_{n}": m["probe"][n] for n in names}}
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -95,6 +97,7 @@ def fmt(xs: list[float]) -> str:
 
 def train_all(args: argparse.Namespace, methods: list[str]) -> dict[str, list[dict]]:
     """Fit (or resume, or reuse) every (method, seed) run; return their reports."""
+    from training.run import read_report
     from training.trainer import TrainConfig, fit
 
     reports: dict[str, list[dict]] = {m: [] for m in methods}
@@ -119,7 +122,7 @@ def train_all(args: argparse.Namespace, methods: list[str]) -> dict[str, list[di
             # shared with that method's own row when the list has it
             hparams = {"teachers": str(trained(teachers, seed, {}))} if teachers else {}
             run_dir = trained(method, seed, hparams)
-            reports[method].append(json.loads((run_dir / "report.json").read_text()))
+            reports[method].append(read_report(run_dir))
     return reports
 
 
@@ -130,17 +133,19 @@ def tables(reports: dict[str, list[dict]], seeds: int) -> tuple[str, dict]:
     summary["modalities"] = names
     title = lambda n: n[:1].upper() + n[1:]
     lines = ["## Method comparison (test accuracy, %)", "",
-             "| Method | " + " | ".join(title(n) for n in names) + " | Multimodal | "
-             + " | ".join(f"probe {title(n)}" for n in names) + " |",
-             "| --- " * (2 + 2 * len(names)) + "|"]
+             "| Method | " + " | ".join(title(n) for n in names) + " | Multimodal (final output) | Fusion head | "
+             "Final output chosen | " + " | ".join(f"probe {title(n)}" for n in names) + " |",
+             "| --- " * (4 + 2 * len(names)) + "|"]
     for method, runs in reports.items():
         rows = [row_of(method, r) for r in runs]
         cols = {k: [r[k] for r in rows] for k in rows[0]}
+        chosen = [r["final_output"]["chosen"] for r in runs]
         summary["methods"][method] = {k: dict(zip(("mean", "std"), mean_std(v))) | {"values": v}
-                                      for k, v in cols.items()}
+                                      for k, v in cols.items()} | {"chosen": chosen}
         tag = "" if is_detached(method) else " (probe)"
+        picks = ", ".join(f"{c} x{chosen.count(c)}" if chosen.count(c) > 1 else c for c in dict.fromkeys(chosen))
         lines.append(f"| {method}{tag} | " + " | ".join(fmt(cols[n]) for n in names) + f" | {fmt(cols['multi'])} | "
-                     + " | ".join(fmt(cols[f"probe_{n}"]) for n in names) + " |")
+                     f"{fmt(cols['fusion'])} | {picks} | " + " | ".join(fmt(cols[f"probe_{n}"]) for n in names) + " |")
     ablation = [a for a in ABLATION if a[5] in reports]
     if len(ablation) > 1:
         lines += ["", "## Ablation (DI-MML Table 3 layout; multimodal test accuracy, %)", "",
@@ -148,7 +153,8 @@ def tables(reports: dict[str, list[dict]], seeds: int) -> tuple[str, dict]:
                   "| --- " * (6 + len(names)) + "|"]
         for name, ts, s, d, lw, method, output in ablation:
             runs = reports[method]
-            multi = [r["metrics"][output]["accuracy"] for r in runs if r["metrics"].get(output)]
+            multi = [r["final_output"]["candidates"][output]["accuracy"] for r in runs
+                     if output in (r["final_output"].get("candidates") or {})]
             if not multi:
                 continue
             uni = {n: [row_of(method, r)[n] for r in runs] for n in names}

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 from dimml.datasets import DatasetSpec, load_dataset
 from dimml.modalities import DEFAULT_MODALITIES, PreprocessConfig, preprocess_for
@@ -16,7 +15,7 @@ from dimml.presets import get_preset
 from training.logs import LOGGERS
 
 # Fields that may change between a run and its resumption (how, not what, is computed).
-VOLATILE = ("device", "workers", "decode_workers", "compile", "cache_dir", "eval_batch_size", "output", "logger",
+VOLATILE = ("device", "workers", "decode_workers", "compile", "cache_dir", "eval_batch_size", "final_output", "logger",
             "strict")
 
 
@@ -46,9 +45,9 @@ class TrainConfig:
     # model / inference
     fusion: str = "concat"
     lw_temperature: float | None = None   # None: fitted on the validation split
-    # final output: auto (weighting methods: chosen on validation; others: the fusion head) or forced:
+    # final output: auto (chosen on validation, ties to the weighting; the ablations: the fusion head) or forced:
     # fusion | <modality> | paper-lw (Eq. 8-9 at lw_temperature) | fitted (training.evaluate)
-    output: str | None = None             # None: the preset's, else auto
+    final_output: str | None = None       # None: the preset's, else auto
     # execution
     augment: bool = True                  # random resized crop + flip of image kinds (training only)
     amp: str = "auto"                     # auto (bf16 on CUDA) | bf16 | off
@@ -86,12 +85,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         names = self.preprocess_config().names   # unknown modalities, kinds or fields fail here
         d, defaults = preset.schedule, preset.defaults
-        output = self.output if self.output is not None else defaults.get("output", AUTO)
-        if output not in output_choices(names):
-            raise ValueError(f"output must be one of {output_choices(names)}, got {output!r}")
+        final = self.final_output if self.final_output is not None else defaults.get("final_output", AUTO)
+        if final not in output_choices(names):
+            raise ValueError(f"final_output must be one of {output_choices(names)}, got {final!r}")
         # absolute data path: `evaluate --run RUN` and resumption work from any directory
         c = dataclasses.replace(self, data=os.path.abspath(self.data), hparams=dict(self.hparams),
-                                preprocess=dict(self.preprocess), output=output)
+                                preprocess=dict(self.preprocess), final_output=final)
         if c.split_file:
             c.split_file = ",".join(os.path.abspath(p.strip()) for p in c.split_file.split(",") if p.strip())
         c.lw_temperature = defaults.get("lw_temperature") if c.lw_temperature is None else c.lw_temperature

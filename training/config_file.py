@@ -78,6 +78,10 @@ def check_value(name: str, value: Any, annotation) -> Any:
     raise ValueError(f"{name} must be {names}, got {value!r}")
 
 
+# TrainConfig fields renamed since runs were first written: old name -> new (old config.json files load)
+RENAMED = {"output": "final_output"}
+
+
 def config_values(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """A file's mapping -> TrainConfig keyword arguments, each key and value checked."""
     from training.config import TrainConfig
@@ -87,6 +91,7 @@ def config_values(data: dict[str, Any], source: str = "config") -> dict[str, Any
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     out: dict[str, Any] = {}
     for key, value in data.items():
+        key = RENAMED.get(key, key)
         f = fields.get(key)
         if f is None:
             close = [n for n in fields if n.replace("_", "") == str(key).replace("_", "").replace("-", "")]

@@ -1,17 +1,22 @@
-"""Evaluation of a trained MultiModel: metrics per output, the final output rule, linear probes, report.json.
+"""Evaluation of a trained MultiModel: metrics per output, the final output, linear probes, report.json.
 
-On the test split: accuracy, macro-F1 and ECE (dimml.metrics) of the fusion head ("fused"), of
-each modality's head, and of the method's final output. Methods whose final output is a
-weighting (`Method.weighting`: dimml) answer with the rule chosen on the validation split by
-dimml.weighting.select_output among the candidates fusion head, each unimodal head, the paper's
-weighting (Eq. 8-9, T fixed by lw_temperature or fitted) and the fitted prior weighting; the
-report's "output" lists every candidate's test metrics and cross-validation scores, the choice
-and why (a validation split under MIN_VAL_PER_CLASS clips per class falls back to the fusion
-head, with a warning). `output` forces a rule instead ("paper-lw" with a fixed lw_temperature
-is exactly the paper). Other methods answer with their fusion head. Report metrics are keyed
-"fused", "weighted" (the final output of weighting methods), each modality's name, and "probe"
-({modality: linear-probe accuracy of the frozen encoder, fitted on train features}: the
-modality-competition measure).
+One vocabulary (dimml.prediction): the fusion head is "fusion", the final output (what answers) is
+"final". On the test split: accuracy, macro-F1 and ECE (dimml.metrics) of the fusion head, of each
+modality's head and of the final output. The final output is chosen on the validation split by
+dimml.weighting.select_output among the paper's weighting (Eq. 8-9, T fixed by lw_temperature or
+fitted), the fitted prior weighting, the fusion head and each unimodal head (the method's own
+heads, the fusion head's slices or linear probes: `unimodal_heads`), ties going to the weighting;
+a validation split under MIN_VAL_PER_CLASS clips per class answers with the paper's weighting, with
+a warning. Methods that do not choose (`Method.chooses_output` False: the Table 3 ablations)
+answer with their fusion head; `final_output` forces a rule ("paper-lw" with a fixed
+lw_temperature is exactly the paper).
+
+report.json: "metrics" {"final", "fusion", <modality>..., "probe": {modality: linear-probe accuracy
+of the frozen encoder, fitted on train features: the modality-competition measure}} and
+"final_output" {"chosen", "rule" (the OutputRule), "reason", "fallback", "forced", "candidates"
+(every rule's test metrics and cross-validation scores), "lw_temperature", ...}. Reports written
+before this vocabulary ("fused", "weighted", "primary", "output", "output_rule") are read through
+training.run.upgrade_report.
 """
 from __future__ import annotations
 
@@ -26,17 +31,18 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from dimml import metrics as M
+from dimml.prediction import FINAL
 from dimml.weighting import (MIN_VAL_PER_CLASS, OutputRule, fit_prior_weighting, fit_temperature, select_output,
                              softmax)
-from training.models import FUSION_KEY, MultiModel
+from training.models import FUSION, MultiModel
 
-AUTO = "auto"                                 # choose the final output on validation (weighting methods)
-WEIGHTINGS = ("paper-lw", "fitted")           # output rules besides the heads (FUSION_KEY, each modality)
+AUTO = "auto"                                 # choose the final output on validation
+WEIGHTINGS = ("paper-lw", "fitted")           # output rules besides the heads (FUSION, each modality)
 
 
 def output_choices(names: Iterable[str]) -> tuple[str, ...]:
-    """Values of TrainConfig.output for a run with these modalities."""
-    return (AUTO, FUSION_KEY, *names, *WEIGHTINGS)
+    """Values of TrainConfig.final_output for a run with these modalities."""
+    return (AUTO, FUSION, *names, *WEIGHTINGS)
 
 
 @dataclass
@@ -62,7 +68,7 @@ def collect(model: MultiModel, loader: Iterable, device: torch.device, amp_dtype
     """
     model.eval()
     feats: dict[str, list] = {n: [] for n in model.names}
-    logits: dict[str, list] = {n: [] for n in (*model.names, FUSION_KEY)}
+    logits: dict[str, list] = {n: [] for n in (*model.names, FUSION)}
     labels = []
     for inputs, label in tqdm(loader, desc=desc, leave=False, disable=desc is None, unit="batch"):
         inputs = {n: inputs[n].to(device, non_blocking=True) for n in model.names}
@@ -145,35 +151,37 @@ def paper_temperature(val_logits: Mapping[str, np.ndarray], val_labels: np.ndarr
     return 1.0, "default"
 
 
-def choose_output(val_logits: Mapping[str, np.ndarray], val_labels: np.ndarray, *, weighting: bool,
-                  output: str = AUTO, lw_temperature: float | None = None,
+def choose_output(val_logits: Mapping[str, np.ndarray], val_labels: np.ndarray, *, chooses: bool,
+                  final_output: str = AUTO, lw_temperature: float | None = None,
                   log: Callable[[str], None] | None = None) -> tuple[OutputRule, dict[str, Any], dict[str, OutputRule]]:
-    """The final output rule from validation logits {modality..., "fusion": [N, K]}.
+    """The final output from validation logits {modality..., "fusion": [N, K]}.
 
-    Returns (rule, selection facts for the report, every candidate rule by name). `output`:
-    "auto" (weighting methods: select_output; others: the fusion head) or a candidate's name
+    Returns (rule, selection facts for the report, every candidate rule by name). `final_output`:
+    "auto" (select_output when the method chooses, else the fusion head) or a candidate's name
     (forced). A "branch" rule carries the paper's T, used when its branch is missing at serving.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    names = [n for n in val_logits if n != FUSION_KEY]
-    if output not in output_choices(names):
-        raise ValueError(f"output must be one of {output_choices(names)}, got {output!r}")
+    names = [n for n in val_logits if n != FUSION]
+    if final_output not in output_choices(names):
+        raise ValueError(f"final_output must be one of {output_choices(names)}, got {final_output!r}")
     labels = np.asarray(val_labels, dtype=np.int64)
     t, t_source = paper_temperature(val_logits, labels, lw_temperature)
-    rules: dict[str, OutputRule] = {n: OutputRule.head(n, t) for n in (FUSION_KEY, *names)}
-    rules["paper-lw"] = OutputRule.paper(t)
+    rules: dict[str, OutputRule] = {"paper-lw": OutputRule.paper(t)}
     if len(np.unique(labels)) >= 2:   # something to fit (on a tiny split only reported, never chosen by auto)
         rules["fitted"] = fit_prior_weighting(val_logits, labels)
-    facts: dict[str, Any] = {"lw_temperature": t, "lw_temperature_source": t_source, "forced": output != AUTO}
-    if output != AUTO:
-        if output not in rules:
-            raise ValueError(f"output {output!r} cannot be fitted: the validation split has "
+    rules.update({n: OutputRule.head(n, t) for n in (FUSION, *names)})
+    facts: dict[str, Any] = {"lw_temperature": t, "lw_temperature_source": t_source, "forced": final_output != AUTO}
+    if final_output != AUTO:
+        if final_output not in rules:
+            raise ValueError(f"final output {final_output!r} cannot be fitted: the validation split has "
                              f"{len(labels)} clip(s) of {len(np.unique(labels))} class(es)")
-        rule = rules[output]
-        facts.update(chosen=output, fallback=False, reason=f"forced by the configuration (output={output})")
-    elif not weighting:
-        rule = rules[FUSION_KEY]
-        facts.update(chosen=FUSION_KEY, fallback=False, reason="the method's final output is its fusion head")
+        reason = f"forced by the configuration (final_output={final_output})"
+        rule = rules[final_output].because(reason)
+        facts.update(chosen=final_output, fallback=False, reason=reason)
+    elif not chooses:
+        reason = "the method's final output is its fusion head (an ablation without the weighting)"
+        rule = rules[FUSION].because(reason)
+        facts.update(chosen=FUSION, fallback=False, reason=reason)
     else:
         rule, sel = select_output(val_logits, labels, temperature=lw_temperature)
         facts.update(chosen=sel["chosen"], fallback=sel["fallback"], reason=sel["reason"])
@@ -181,11 +189,11 @@ def choose_output(val_logits: Mapping[str, np.ndarray], val_labels: np.ndarray, 
             facts["folds"] = sel["folds"]
         facts["cv"] = sel["candidates"]
         if rule.rule == "branch":
-            rule = rules[rule.name]
+            rule = rules[rule.name].because(sel["reason"])   # with the paper's T, for a missing modality
         rules[sel["chosen"]] = rule
         if sel["fallback"]:
             log(f"warning: {sel['reason']} (min {MIN_VAL_PER_CLASS} per class; add validation clips, "
-                "or force a rule with --output)")
+                "or force a rule with --final-output)")
     facts["rule"] = rule.to_dict()
     log(f"final output: {facts['chosen']} ({facts['reason']})")
     return rule, facts, rules
@@ -195,9 +203,9 @@ def choose_output(val_logits: Mapping[str, np.ndarray], val_labels: np.ndarray, 
 # the report
 
 def evaluate(model: MultiModel, loaders: dict[str, Iterable], *, method: str, num_classes: int,
-             classes: list[str], weighting: bool, lw_temperature: float | None, device: torch.device,
+             classes: list[str], chooses: bool, lw_temperature: float | None, device: torch.device,
              amp_dtype: torch.dtype | None = None, unimodal_heads: str = "trained",
-             sizes: dict[str, int] | None = None, progress: bool = True, output: str = AUTO,
+             sizes: dict[str, int] | None = None, progress: bool = True, final_output: str = AUTO,
              log: Callable[[str], None] | None = None) -> dict:
     """Score a model on loaders {"train", "val", "test"}; returns the report dict (see module doc).
 
@@ -207,10 +215,10 @@ def evaluate(model: MultiModel, loaders: dict[str, Iterable], *, method: str, nu
             for split, loader in loaders.items()}
     eval_split = "test" if outs["test"].labels.numel() else "val"
     test, k = outs[eval_split], num_classes
-    order = (*model.names, FUSION_KEY)
+    order = (*model.names, FUSION)
     val_z, test_z = ({n: z[n] for n in order} for z in (_np(outs["val"].logits), _np(test.logits)))
     y = test.labels.numpy()
-    rule, facts, rules = choose_output(val_z, outs["val"].labels.numpy(), weighting=weighting, output=output,
+    rule, facts, rules = choose_output(val_z, outs["val"].labels.numpy(), chooses=chooses, final_output=final_output,
                                        lw_temperature=lw_temperature, log=log)
     candidates = {}
     for name, r in rules.items():
@@ -223,19 +231,13 @@ def evaluate(model: MultiModel, loaders: dict[str, Iterable], *, method: str, nu
         candidates[name] = row
     facts["candidates"] = candidates
     final = rule.apply(test_z)[0]
-    metrics = {"fused": branch_metrics(test_z[FUSION_KEY], y, k), **{n: branch_metrics(test_z[n], y, k) for n in model.names}}
-    weighted = weighting or facts["forced"]
-    if weighted:
-        metrics["weighted"] = branch_metrics(final, y, k)
+    metrics = {FINAL: branch_metrics(final, y, k), FUSION: branch_metrics(test_z[FUSION], y, k),
+               **{n: branch_metrics(test_z[n], y, k) for n in model.names}}
     metrics["probe"] = {n: probe_accuracy(outs["train"], test, n, k) for n in model.names}
     return {
         "method": method,
-        "primary": "weighted" if weighted else "fused",
         "metrics": metrics,
-        "output": facts,
-        "output_rule": rule.to_dict(),
-        "lw_temperature": facts["lw_temperature"] if weighted else None,
-        "lw_temperature_source": facts["lw_temperature_source"] if weighted else None,
+        "final_output": facts,
         "unimodal_heads": unimodal_heads,
         "eval_split": eval_split,
         "sizes": sizes or {s: int(o.labels.numel()) for s, o in outs.items()},
@@ -244,23 +246,27 @@ def evaluate(model: MultiModel, loaders: dict[str, Iterable], *, method: str, nu
     }
 
 
+def confusion_title(report: dict) -> str:
+    """The confusion plot's title: which final output it shows, on which split."""
+    return f"{report['method']}: final output {report['final_output']['chosen']}, {report['eval_split']} split"
+
+
 def format_table(report: dict) -> str:
-    """The report as a small text table: the heads, the final output, every candidate, the probes."""
+    """The report as a small text table: the final output, the heads, every candidate, the probes."""
     m = report["metrics"]
-    out = report.get("output") or {}
+    out = report["final_output"]
     modalities = list(m["probe"])
-    head = f"method {report['method']}  (final output: {out.get('chosen', report['primary'])}"
-    t = report.get("lw_temperature")
-    head += f", paper T_lw={t:.3g} from {report['lw_temperature_source']})" if t is not None else ")"
+    head = f"method {report['method']}  (final output: {out['chosen']}"
+    t = out.get("lw_temperature")
+    head += f"; paper T_lw={t:.3g} from {out['lw_temperature_source']})" if t is not None else ")"
     width = max(12, *(len(n) + 2 for n in modalities))
     lines = [head, f"{report['eval_split']} split, n={report['sizes'].get(report['eval_split'])}",
              f"{'output':<{width}}{'accuracy':>10}{'macro_f1':>10}{'ece':>8}"]
-    for name in ("fused", "weighted", *modalities):
-        if name in m:
-            r = m[name]
-            note = "  (probe head)" if name in modalities and report["unimodal_heads"] == "probe" else ""
-            note = "  (final output)" if name == "weighted" else note
-            lines.append(f"{name:<{width}}{r['accuracy']:>10.4f}{r['macro_f1']:>10.4f}{r['ece']:>8.4f}{note}")
+    for name in (FINAL, FUSION, *modalities):
+        r = m[name]
+        note = "  (probe head)" if name in modalities and report["unimodal_heads"] == "probe" else ""
+        note = f"  ({out['chosen']})" if name == FINAL else note
+        lines.append(f"{name:<{width}}{r['accuracy']:>10.4f}{r['macro_f1']:>10.4f}{r['ece']:>8.4f}{note}")
     p = m["probe"]
     lines.append(f"{'probe':<{width}}" + "  ".join(f"{n} {p[n]:.4f}" for n in modalities)
                  + "  (linear probe accuracy)")
@@ -273,6 +279,5 @@ def format_table(report: dict) -> str:
             temp = f"  {r['temperature']:.3g}" if "temperature" in r else ""
             mark = "  <- chosen" if name == out.get("chosen") else ""
             lines.append(f"  {name:<{width}}{r['accuracy']:>10.4f}{r['macro_f1']:>10.4f}{r['ece']:>8.4f}{cv}{temp}{mark}")
-    if out:
-        lines.append(("WARNING: " if out.get("fallback") else "") + f"chose {out['chosen']}: {out['reason']}")
+    lines.append(("WARNING: " if out.get("fallback") else "") + f"chose {out['chosen']}: {out['reason']}")
     return "\n".join(lines)

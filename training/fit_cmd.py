@@ -40,9 +40,10 @@ HELP = {
     "stage2_step": "fusion-stage decay step (default: half of --stage2-epochs)",
     "fusion": "fusion head: concat | sum | film | gated",
     "lw_temperature": "certainty-weighting temperature T_lw (default: fitted on the validation split)",
-    "output": "final output: auto (dimml: chosen on validation among the fusion head, each unimodal head, "
-              "paper-lw and fitted; other methods: the fusion head) or forced: fusion | MODALITY | paper-lw "
-              "(the paper's Eq. 8-9; with --lw-temperature fixed, exactly the paper) | fitted",
+    "final_output": "the final output (what answers): auto (chosen on validation among the paper's weighting "
+                    "paper-lw, the fitted weighting, the fusion head and each unimodal head, ties to the weighting; "
+                    "the ablations dimml-duc, dimml-sclf, mmclf: their fusion head) or forced: paper-lw (the paper's "
+                    "Eq. 8-9; with --lw-temperature fixed, exactly the paper) | fitted | fusion | MODALITY",
     "augment": "random resized crop + horizontal flip of training images (kinds that allow it)",
     "amp": "auto (bf16 autocast on CUDA) | bf16 | off",
     "compile": "torch.compile the trained modules: auto (on CUDA) | on | off",
@@ -94,6 +95,8 @@ def add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = 
             helptext += f" [default: {f.default}]"
         if t is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        elif f.name == "final_output":   # --output: its name before the vocabulary had one name
+            p.add_argument(flag, "--output", dest=f.name, type=t, default=None, help=helptext)
         elif f.name in LIST_FLAGS:   # repeatable: the values add up (joined with commas)
             p.add_argument(flag, dest=f.name, action="append", default=None, help=helptext)
         else:
@@ -148,8 +151,8 @@ def register(subparsers) -> None:
     e.add_argument("--cache-dir", default=None)
     e.add_argument("--lw-temperature", type=float, default=None,
                    help="certainty-weighting temperature (default: the run's setting, else fitted on val)")
-    e.add_argument("--output", default=None,
-                   help="final output rule: auto | fusion | MODALITY | paper-lw | fitted (default: the run's setting)")
+    e.add_argument("--final-output", "--output", dest="final_output", default=None,
+                   help="the final output: auto | paper-lw | fitted | fusion | MODALITY (default: the run's setting)")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--workers", type=int, default=None)
     e.set_defaults(func=run_evaluate)
@@ -179,16 +182,17 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate, format_table
+    from dimml.fileio import atomic_write_json
+    from training.config_file import RENAMED
+    from training.evaluate import confusion_title, evaluate, format_table
     from training.methods import get_method
     from training.plots import plot_confusion
-    from dimml.fileio import atomic_write_json
     from training.run import REPORT, load_run
     from training.trainer import TrainConfig, make_loader, pick_amp, pick_device, prepare_data
     try:
         run = load_run(args.run)
         known = {f.name for f in dataclasses.fields(TrainConfig)}
-        train = {k: v for k, v in run.config["train"].items() if k in known}
+        train = {RENAMED.get(k, k): v for k, v in run.config["train"].items() if RENAMED.get(k, k) in known}
         train.update(out=str(args.run), data=args.data or train["data"],
                      cache_dir=args.cache_dir or train.get("cache_dir"))
         cfg = TrainConfig(**train)
@@ -199,17 +203,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
         workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
         loaders = {s: make_loader(data, s, args.batch_size, workers, device.type == "cuda") for s in data.rows}
         lw = args.lw_temperature if args.lw_temperature is not None else run.config.get("lw_temperature")
-        weighting = run.config.get("inference", "weighted" if get_method(run.method).weighting else "fused")
         report = evaluate(run.model.to(device), loaders, method=run.method, num_classes=len(run.classes),
-                          classes=run.classes, weighting=weighting == "weighted", lw_temperature=lw,
+                          classes=run.classes, chooses=get_method(run.method).chooses_output, lw_temperature=lw,
                           device=device, amp_dtype=pick_amp(cfg.amp, device),
                           unimodal_heads=run.config.get("unimodal_heads", "trained"), sizes=data.sizes,
-                          output=args.output or cfg.output or "auto")
+                          final_output=args.final_output or cfg.final_output or "auto")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     atomic_write_json(Path(args.run) / REPORT, report)
     plot_confusion(report["confusion"], run.classes, Path(args.run) / "confusion.png",
-                   title=f"{run.method}: {report['primary']} output, {report['eval_split']} split")
+                   title=confusion_title(report))
     print(format_table(report))
     return 0

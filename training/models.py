@@ -20,10 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dimml.modalities import ModalitySpec, PreprocessConfig
+from dimml.prediction import FUSION
 from dimml.presets import get_preset
 
 FUSIONS = ("concat", "sum", "film", "gated")
-FUSION_KEY = "fusion"   # the fusion head's name among the model's modules (a reserved modality name)
 
 
 @dataclass
@@ -295,8 +295,8 @@ class MultiModel:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if FUSION_KEY in self.branches:
-            raise ValueError(f"{FUSION_KEY!r} is the fusion head's name, not a modality's")
+        if FUSION in self.branches:
+            raise ValueError(f"{FUSION!r} is the fusion head's name, not a modality's")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -304,7 +304,7 @@ class MultiModel:
 
     def modules(self) -> dict[str, nn.Module]:
         """{modality: branch, ..., "fusion": head}: the keys of model.pt."""
-        return {**self.branches, FUSION_KEY: self.fusion}
+        return {**self.branches, FUSION: self.fusion}
 
     def eval(self) -> "MultiModel":
         for m in self.modules().values():
@@ -322,7 +322,7 @@ class MultiModel:
         feats, logits = {}, {}
         for name, branch in self.branches.items():
             feats[name], logits[name] = branch(inputs[name])
-        logits[FUSION_KEY] = self.fusion(*(feats[n] for n in self.names))
+        logits[FUSION] = self.fusion(*(feats[n] for n in self.names))
         return feats, logits
 
 
@@ -348,6 +348,6 @@ def build_model(cfg: ModelConfig, preprocess: PreprocessConfig | None = None) ->
     return MultiModel(branches, fusion_head(cfg))
 
 
-__all__ = ["ModelConfig", "FUSIONS", "FUSION_KEY", "FUSION_HEADS", "Branch", "FusionHead",
+__all__ = ["ModelConfig", "FUSIONS", "FUSION", "FUSION_HEADS", "Branch", "FusionHead",
            "ConcatFusion", "SumFusion", "FiLMFusion", "GatedFusion", "SpectrogramEncoder", "StackEncoder",
            "MultiModel", "build_model_config", "build_model", "build_encoder", "fusion_head", "check_fusion"]

@@ -5,6 +5,7 @@ import io
 from pathlib import Path
 
 from dimml.fileio import atomic_write_bytes
+from dimml.prediction import FUSION
 
 FUSED_COLOUR = "tab:green"   # the fusion head's curves; modalities take the other colours in order
 
@@ -27,7 +28,7 @@ def _colours(keys: list[str]) -> dict[str, str]:
     names = dict.fromkeys(k.split("_acc_")[-1] if "_acc_" in k else k[5:] for k in keys
                           if k.startswith(("loss_", "train_acc_", "val_acc_")))
     others = iter(f"tab:{c}" for c in ("blue", "orange", "red", "purple", "brown", "pink", "olive", "cyan", "gray"))
-    return {n: FUSED_COLOUR if n in ("fusion", "fused") else next(others, None) for n in names}
+    return {n: FUSED_COLOUR if n in (FUSION, "fused") else next(others, None) for n in names}   # ("fused": older runs)
 
 
 def plot_curves(history: list[dict], path: Path) -> None:

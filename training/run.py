@@ -4,7 +4,8 @@ RUN/
   config.json   resolved configuration (method, preset, preprocess with the modality specs, model, classes,
                 hyper-parameters)
   model.pt      final weights of the exported modules {<modality>: branch, ..., "fusion": head}
-  report.json   test metrics, every candidate output and the chosen output rule (written by evaluation)
+  report.json   test metrics, every candidate output and the final output chosen (written by evaluation;
+                older reports are read in today's vocabulary by upgrade_report)
 Runs written before modalities were declared (a flat audio+visual preprocess dict, a model config
 without modalities, fusion parameters named for audio/visual) load as audio+visual.
 """
@@ -19,8 +20,9 @@ import torch
 
 from dimml.config import PreprocessConfig
 from dimml.fileio import atomic_path, atomic_write_json
+from dimml.prediction import FINAL
 from dimml.weighting import OutputRule
-from training.models import FUSION_HEADS, FUSION_KEY, ModelConfig, MultiModel, build_model
+from training.models import FUSION_HEADS, FUSION, ModelConfig, MultiModel, build_model
 
 CONFIG, WEIGHTS, REPORT = "config.json", "model.pt", "report.json"
 
@@ -49,18 +51,41 @@ class Run:
 
     @property
     def lw_temperature(self) -> float:
-        """Certainty-weighting temperature: the fitted one from the report, else the configured."""
-        if self.report and self.report.get("lw_temperature") is not None:
-            return float(self.report["lw_temperature"])
-        return float(self.config.get("lw_temperature") or 1.0)
+        """Certainty-weighting temperature: the report's (fitted or configured), else the configured."""
+        t = (self.report or {}).get("final_output", {}).get("lw_temperature")
+        return float(t if t is not None else self.config.get("lw_temperature") or 1.0)
 
     @property
-    def output_rule(self) -> OutputRule:
-        """The final output chosen at evaluation (report "output_rule"); older reports: by "primary"."""
-        if self.report and self.report.get("output_rule"):
-            return OutputRule.from_dict(self.report["output_rule"])
-        return OutputRule.legacy((self.report or {}).get("primary", self.config.get("inference", "weighted")),
-                                 self.lw_temperature)
+    def final_output(self) -> OutputRule:
+        """The final output chosen at evaluation; a run without a report: the paper's weighting."""
+        if self.report:
+            return OutputRule.from_dict(self.report["final_output"]["rule"])
+        return OutputRule.paper(self.lw_temperature)
+
+
+def upgrade_report(report: dict[str, Any], config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A report in today's vocabulary: older ones keyed the fusion head "fused", the final output
+    "weighted" (when it was not the fusion head), and kept the choice in "primary" / "output" /
+    "output_rule" (or, the oldest, only "primary" or the config's "inference")."""
+    if "final_output" in report:
+        return report
+    r = dict(report)
+    metrics = dict(r.get("metrics") or {})
+    if "fused" in metrics:
+        metrics[FUSION] = metrics.pop("fused")
+    weighted = metrics.pop("weighted", None)
+    primary = r.pop("primary", (config or {}).get("inference", "weighted"))
+    t = r.pop("lw_temperature", None)
+    facts = dict(r.pop("output", None) or {})
+    rule = r.pop("output_rule", None) or OutputRule.legacy(primary, float(t or (config or {}).get("lw_temperature")
+                                                                             or 1.0)).to_dict()
+    metrics[FINAL] = weighted if weighted is not None else metrics.get(FUSION)
+    facts.setdefault("chosen", rule["name"])
+    facts.setdefault("reason", "")
+    facts.update(rule=rule, lw_temperature=facts.get("lw_temperature", t),
+                 lw_temperature_source=facts.get("lw_temperature_source", r.pop("lw_temperature_source", None)))
+    r.pop("lw_temperature_source", None)
+    return {**r, "metrics": metrics, "final_output": facts}
 
 
 def save_run_model(run_dir: Path, config: dict[str, Any], model: MultiModel) -> None:
@@ -105,8 +130,14 @@ def load_run(run_dir: str | Path) -> Run:
         raise ValueError(f"{run_dir / WEIGHTS}: no weights for {sorted(missing)} (it holds {sorted(state)})")
     for key, module in model.modules().items():
         weights = state[key]
-        if legacy and key == FUSION_KEY:
+        if legacy and key == FUSION:
             weights = legacy_fusion_state(model_cfg.fusion, weights)
         module.load_state_dict(weights)
-    report = json.loads((run_dir / REPORT).read_text()) if (run_dir / REPORT).is_file() else None
+    report = read_report(run_dir, config)
     return Run(run_dir, config, model.eval(), model_cfg, preprocess, list(config["classes"]), report)
+
+
+def read_report(run_dir: str | Path, config: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """RUN/report.json in today's vocabulary (upgrade_report), or None when the run has none yet."""
+    path = Path(run_dir) / REPORT
+    return upgrade_report(json.loads(path.read_text()), config) if path.is_file() else None

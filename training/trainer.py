@@ -44,10 +44,10 @@ from training.augment import augment_frames
 from training.config import VOLATILE, TrainConfig
 from training.logs import LOGGER, Scalars, attach, detach, open_scalars
 from training.cache import CachedDataset, DecodedCache, build_cache, default_cache_dir
-from training.evaluate import autocast, collect, evaluate, format_table
+from training.evaluate import autocast, collect, confusion_title, evaluate, format_table
 from training.methods import Batch, Method, get_method
 from training.models import build_model, build_model_config
-from training.run import CONFIG, REPORT, WEIGHTS, atomic_torch_save, run_config_fields, save_run_model
+from training.run import CONFIG, REPORT, WEIGHTS, atomic_torch_save, read_report, run_config_fields, save_run_model
 
 CHECKPOINT, METRICS, LOG = "checkpoint.pt", "metrics.csv", "train.log"
 RUN_FILES = (CHECKPOINT, METRICS, LOG, CONFIG, WEIGHTS, REPORT, "curves.png", "confusion.png")
@@ -234,7 +234,7 @@ class Trainer:
         if self.main:
             self.scalars = open_scalars(cfg.logger, self.out, fresh=state == "fresh")
         if state == "finished":
-            return json.loads((self.out / REPORT).read_text()) if self.main else None
+            return read_report(self.out) if self.main else None
 
         preprocess = cfg.preprocess_config()
         self.data = prepare_data(cfg, preprocess, rank=self.rank, world=self.world, progress=self.progress)
@@ -256,7 +256,6 @@ class Trainer:
 
         self.config = {
             "method": cfg.method, "description": method_cls.description,
-            "inference": "weighted" if method_cls.weighting else "fused",
             "lw_temperature": cfg.lw_temperature, "unimodal_heads": self.method.unimodal_heads,
             "train": dataclasses.asdict(cfg), "hparams": dataclasses.asdict(hp),
             "data": {"root": str(self.data.spec.root), "layout": self.data.spec.layout,
@@ -465,15 +464,15 @@ class Trainer:
         method_cls = get_method(self.cfg.method)
         loaders = {s: self.eval_loader(s) for s in SPLITS}
         report = evaluate(model, loaders, method=self.cfg.method, num_classes=self.num_classes,
-                          classes=self.data.spec.classes, weighting=method_cls.weighting,
+                          classes=self.data.spec.classes, chooses=method_cls.chooses_output,
                           lw_temperature=self.cfg.lw_temperature, device=self.device, amp_dtype=self.amp_dtype,
                           unimodal_heads=self.method.unimodal_heads, sizes=self.data.sizes,
-                          progress=self.progress, output=self.cfg.output, log=self.log)
+                          progress=self.progress, final_output=self.cfg.final_output, log=self.log)
         atomic_write_json(self.out / REPORT, report)
         print(format_table(report), flush=True)
         plot_curves(self.history, self.out / "curves.png")
         plot_confusion(report["confusion"], self.data.spec.classes, self.out / "confusion.png",
-                       title=f"{self.cfg.method}: {report['primary']} output, {report['eval_split']} split")
+                       title=confusion_title(report))
         (self.out / CHECKPOINT).unlink(missing_ok=True)   # last: the run is complete
         self.log(f"finished: {self.out / REPORT}")
         return report

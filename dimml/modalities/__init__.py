@@ -33,7 +33,8 @@ import numpy as np
 
 VIDEO_FIELD = "video"          # the upload field / manifest column (`path`) of the video file
 # Names a modality may not take: modules, manifest columns, report keys and output-rule names.
-RESERVED = ("fusion", "video", "label", "split", "path", "fused", "weighted", "probe", "fitted")
+# ("fused" and "weighted": the fusion head and the final output in reports before dimml 0.2)
+RESERVED = ("fusion", "final", "video", "label", "split", "path", "fused", "weighted", "probe", "fitted")
 # Built-in modality names and the kind each stands for (any other name needs `name:kind`).
 BUILTIN_NAMES = {"audio": "audio", "visual": "frames", "flow": "flow"}
 DEFAULT_MODALITIES = "audio,visual"

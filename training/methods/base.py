@@ -38,7 +38,7 @@ from typing import Any, Callable, ClassVar, Protocol
 import torch
 import torch.nn as nn
 
-from training.models import FUSION_KEY, FUSIONS, ConcatFusion, FusionHead, MultiModel, SumFusion
+from training.models import FUSION, FUSIONS, ConcatFusion, FusionHead, MultiModel, SumFusion
 
 
 @dataclass
@@ -98,7 +98,9 @@ class Method:
     stages: ClassVar[tuple[str, ...]] = ()
     hparams_cls: ClassVar[type[HParams]] = NoHParams
     defaults: ClassVar[dict[str, Any]] = {}       # hyper-parameter defaults of this variant
-    weighting: ClassVar[bool] = False             # final output = certainty-aware weighting (Eq. 8-9)
+    # the final output is chosen on validation (the weighting unless another rule is better; every
+    # method whose unimodal heads exist: own, slices of the fusion head, or probes); False: its fusion head
+    chooses_output: ClassVar[bool] = True
     fusions: ClassVar[tuple[str, ...]] = FUSIONS  # fusion heads the method can export
     min_modalities: ClassVar[int] = 2             # the fewest modalities the method makes sense for
     teachers_from: ClassVar[str | None] = None    # the method whose finished run is --set teachers=RUN (compare)
@@ -164,7 +166,7 @@ class Method:
 
     def outputs(self, stage: str) -> tuple[str, ...]:
         """Outputs meaningful after this stage (tracked as train/val accuracy)."""
-        return (*self.names, FUSION_KEY)
+        return (*self.names, FUSION)
 
     # ----- training
 
@@ -332,20 +334,20 @@ class SliceHeads(Method):
         self.unimodal_heads = "fusion" if fusion_slices(model.fusion) is not None else "probe"
 
     def trainable(self, stage: str) -> dict[str, nn.Module]:
-        return {**self.encoders(), FUSION_KEY: self.model.fusion}
+        return {**self.encoders(), FUSION: self.model.fusion}
 
     def outputs(self, stage: str) -> tuple[str, ...]:
-        return (*self.names, FUSION_KEY) if self.unimodal_heads == "fusion" else (FUSION_KEY,)
+        return (*self.names, FUSION) if self.unimodal_heads == "fusion" else (FUSION,)
 
     def forward(self, batch: Batch, nets: dict[str, Callable]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Every encoder's features (model order) and the fused logits."""
         h = [nets[f"{n}_encoder"](batch.inputs[n]) for n in self.names]
-        return h, nets[FUSION_KEY](*h)
+        return h, nets[FUSION](*h)
 
     def slice_outputs(self, h: list[torch.Tensor], z: torch.Tensor) -> dict[str, torch.Tensor]:
         """The step's logits for train accuracy: the fused output, plus the slices where there are some."""
         sl = slice_logits(self.model.fusion, h)
-        return {**(dict(zip(self.names, sl)) if sl is not None else {}), FUSION_KEY: z}
+        return {**(dict(zip(self.names, sl)) if sl is not None else {}), FUSION: z}
 
     def on_epoch_end(self, stage: str, epoch: int, ctx: Context) -> None:
         heads_from_fusion(self.model)

@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 from training.methods.base import (Batch, HParams, Method, StepResult, ce, fit_probe_heads, register, set_linear,
                                    zero_modality_head)
-from training.models import FUSION_KEY
+from training.models import FUSION
 
 
 @dataclass
@@ -40,12 +40,12 @@ class DGL(Method):
         self.unimodal_heads = "fusion"
 
     def trainable(self, stage: str) -> dict[str, nn.Module]:
-        return {**self.encoders(), FUSION_KEY: self.model.fusion}
+        return {**self.encoders(), FUSION: self.model.fusion}
 
     def step(self, stage: str, batch: Batch, nets) -> StepResult:
         y = batch.label
         h = [nets[f"{n}_encoder"](batch.inputs[n]) for n in self.names]
-        z_f = nets[FUSION_KEY](*(x.detach() for x in h))
+        z_f = nets[FUSION](*(x.detach() for x in h))
         # unimodal passes through the same head, its parameters cut from the graph: row block i
         # holds modality i's features and zeros elsewhere (one call for all M passes)
         fusion = self.model.fusion
@@ -54,8 +54,8 @@ class DGL(Method):
         cols = [torch.cat([h[j] if i == j else zeros[j] for i in range(len(h))]) for j in range(len(h))]
         z_u = functional_call(fusion, frozen, tuple(cols)).split(y.shape[0])
         a = self.hp.alpha
-        return StepResult({"fused": ce(z_f, y), **{n: a * ce(z, y) for n, z in zip(self.names, z_u)}},
-                          {**dict(zip(self.names, z_u)), FUSION_KEY: z_f})
+        return StepResult({FUSION: ce(z_f, y), **{n: a * ce(z, y) for n, z in zip(self.names, z_u)}},
+                          {**dict(zip(self.names, z_u)), FUSION: z_f})
 
     def finalize(self, ctx):
         dim = self.branch(self.names[0]).head.in_features

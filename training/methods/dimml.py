@@ -11,7 +11,7 @@ once, as the paper).
 Stage "fusion": encoders frozen (eval, no grad), the fusion head trained with CE.
 Inference: the output chosen on validation (training.evaluate / dimml.weighting.select_output)
 among the fusion head, each unimodal head, the certainty-aware weighting of the M unimodal
-logits and the fusion logits (Eq. 8-9) and a fitted weighting; `--output paper-lw` with a fixed
+logits and the fusion logits (Eq. 8-9) and a fitted weighting; `--final-output paper-lw` with a fixed
 `--lw-temperature` forces exactly the paper's Eq. 8-9.
 DUC distance (training.losses): the released code's unnormalised dot product at T = 50 by
 default; the paper's plain Euclidean and squared Euclidean are options.
@@ -19,7 +19,7 @@ default; the paper's plain Euclidean and squared Euclidean are options.
 Ablations (paper Table 3), same code with other defaults:
     mmclf       two-stage only (TS = "MM Clf"): lambda_s = lambda_D = 0, fused output
     dimml-sclf  TS + S-Clf: lambda_D = 0, fused output
-    dimml-duc   TS + S-Clf + DUC, fused output (no logit weighting)
+    dimml-duc   TS + S-Clf + DUC, the fusion head answers (no logit weighting)
     dimml       TS + S-Clf + DUC + LW
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch.nn as nn
 from training.losses import (DUC_DEFAULT_DISTANCE, DUC_DISTANCES, DUC_TEMPERATURE, duc_loss, separate_dimensions,
                              transfer_dimensions)
 from training.methods.base import Batch, Context, HParams, Method, StepResult, ce, register
-from training.models import FUSION_KEY
+from training.models import FUSION
 
 # The paper separates dimensions after 20 of 150 epochs; other run lengths keep the proportion.
 WARMUP_FRACTION = 20 / 150
@@ -63,7 +63,6 @@ class DIMML(Method):
     name = "dimml"
     stages = ("encoders", "fusion")
     hparams_cls = DIMMLConfig
-    weighting = True
     description = "DI-MML: detached encoders + S-Clf + DUC, frozen-encoder fusion, certainty-aware weighting"
 
     def __init__(self, model, hp: DIMMLConfig, num_classes: int):
@@ -79,10 +78,10 @@ class DIMML(Method):
     def trainable(self, stage: str) -> dict[str, nn.Module]:
         if stage == "encoders":
             return {**{n: self.branch(n) for n in self.names}, **self.extras}
-        return {FUSION_KEY: self.model.fusion}
+        return {FUSION: self.model.fusion}
 
     def outputs(self, stage: str) -> tuple[str, ...]:
-        return self.names if stage == "encoders" else (*self.names, FUSION_KEY)
+        return self.names if stage == "encoders" else (*self.names, FUSION)
 
     def on_epoch_start(self, stage: str, epoch: int, ctx: Context) -> None:
         hp = self.hp
@@ -110,8 +109,8 @@ class DIMML(Method):
             with torch.no_grad():
                 for n in self.names:
                     h[n], z[n] = nets[n](batch.inputs[n])
-            z_f = nets[FUSION_KEY](*(h[n] for n in self.names))
-            return StepResult({"fused": ce(z_f, y)}, {**z, FUSION_KEY: z_f})
+            z_f = nets[FUSION](*(h[n] for n in self.names))
+            return StepResult({FUSION: ce(z_f, y)}, {**z, FUSION: z_f})
 
         hp = self.hp
         h, z = {}, {}
@@ -146,21 +145,21 @@ class DIMML(Method):
 @register
 class DIMMLNoLW(DIMML):
     name = "dimml-duc"
-    weighting = False
-    description = "DI-MML ablation TS + S-Clf + DUC: fused output, no logit weighting"
+    chooses_output = False   # a Table 3 ablation: the fusion head answers
+    description = "DI-MML ablation TS + S-Clf + DUC: the fusion head answers, no logit weighting"
 
 
 @register
 class DIMMLSClf(DIMML):
     name = "dimml-sclf"
-    weighting = False
+    chooses_output = False   # a Table 3 ablation: the fusion head answers
     defaults = {"lambda_d": 0.0}
-    description = "DI-MML ablation TS + S-Clf: no DUC, fused output"
+    description = "DI-MML ablation TS + S-Clf: no DUC, the fusion head answers"
 
 
 @register
 class MMClf(DIMML):
     name = "mmclf"
-    weighting = False
+    chooses_output = False   # a Table 3 ablation: the fusion head answers
     defaults = {"lambda_s": 0.0, "lambda_d": 0.0}
     description = "two-stage only (MM Clf): independent encoders, then a fusion head on frozen features"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from training.methods.base import Batch, Method, StepResult, ce, fit_probe_heads, register
-from training.models import FUSION_KEY
+from training.models import FUSION
 
 
 @register
@@ -23,14 +23,14 @@ class Joint(Method):
         self.unimodal_heads = "probe"
 
     def trainable(self, stage: str) -> dict[str, nn.Module]:
-        return {**self.encoders(), FUSION_KEY: self.model.fusion}
+        return {**self.encoders(), FUSION: self.model.fusion}
 
     def outputs(self, stage: str) -> tuple[str, ...]:
-        return (FUSION_KEY,)
+        return (FUSION,)
 
     def step(self, stage: str, batch: Batch, nets) -> StepResult:
-        z = nets[FUSION_KEY](*(nets[f"{n}_encoder"](batch.inputs[n]) for n in self.names))
-        return StepResult({"fused": ce(z, batch.label)}, {FUSION_KEY: z})
+        z = nets[FUSION](*(nets[f"{n}_encoder"](batch.inputs[n]) for n in self.names))
+        return StepResult({FUSION: ce(z, batch.label)}, {FUSION: z})
 
     def finalize(self, ctx):
         fit_probe_heads(self.model, ctx)

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from training.losses import mlb_coefficients
 from training.methods.base import Batch, HParams, Method, StepResult, ce, register, true_class_probs
-from training.models import FUSION_KEY
+from training.models import FUSION
 
 
 @dataclass
@@ -40,7 +40,7 @@ class MLB(Method):
         self._ctx = None
 
     def trainable(self, stage: str) -> dict[str, nn.Module]:
-        return {**{n: self.branch(n) for n in self.names}, FUSION_KEY: self.model.fusion}
+        return {**{n: self.branch(n) for n in self.names}, FUSION: self.model.fusion}
 
     def param_groups(self, stage: str) -> list[dict]:
         """One group per encoder (named after its modality: the ones lr_scales scales), per head, and the fusion."""
@@ -50,7 +50,7 @@ class MLB(Method):
             # "<name>.head": a dot never occurs in a modality name, so groups cannot collide
             groups += [{"name": n, "params": list(branch.encoder.parameters())},
                        {"name": f"{n}.head", "params": list(branch.head.parameters())}]
-        return groups + [{"name": FUSION_KEY, "params": list(self.model.fusion.parameters())}]
+        return groups + [{"name": FUSION, "params": list(self.model.fusion.parameters())}]
 
     def on_epoch_start(self, stage: str, epoch: int, ctx) -> None:
         self._ctx = ctx   # for the all-reduce of the scores in step
@@ -60,15 +60,15 @@ class MLB(Method):
         h, z = {}, {}
         for n in self.names:
             h[n], z[n] = nets[n](batch.inputs[n])
-        z_f = nets[FUSION_KEY](*(h[n] for n in self.names))
+        z_f = nets[FUSION](*(h[n] for n in self.names))
         # s_i summed over the batch (and over ranks): the ratio r_i only depends on sums
         s = torch.stack([true_class_probs(z[n], y).sum() for n in self.names])
         if self._ctx is not None:
             s = self._ctx.all_reduce_sum(s)
         self._scales = mlb_coefficients({n: s[i:i + 1] for i, n in enumerate(self.names)}, self.hp.alpha,
                                         self.hp.beta_max, mode=self.hp.mode)
-        return StepResult({"fused": ce(z_f, y), **{n: ce(z[n], y) for n in self.names}},
-                          {**z, FUSION_KEY: z_f}, {f"k_{n}": self._scales[n] for n in self.names})
+        return StepResult({FUSION: ce(z_f, y), **{n: ce(z[n], y) for n in self.names}},
+                          {**z, FUSION: z_f}, {f"k_{n}": self._scales[n] for n in self.names})
 
     def lr_scales(self) -> dict[str, float]:
         return dict(self._scales)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from training.methods.base import Batch, Context, HParams, Method, StepResult, ce, register
-from training.models import FUSION_KEY
+from training.models import FUSION
 
 
 @dataclass
@@ -44,12 +44,12 @@ class MSES(Method):
         self.stopped: dict[str, int] = {}    # modality -> the last epoch (1-based) it trained
 
     def trainable(self, stage: str) -> dict[str, nn.Module]:
-        return {**{n: self.branch(n) for n in self.names if n not in self.stopped}, FUSION_KEY: self.model.fusion}
+        return {**{n: self.branch(n) for n in self.names if n not in self.stopped}, FUSION: self.model.fusion}
 
     def param_groups(self, stage: str) -> list[dict]:
         """Every branch and the fusion, stopped or not: the optimiser's groups never change within a run."""
         return [{"name": n, "params": list(self.branch(n).parameters())} for n in self.names] + \
-               [{"name": FUSION_KEY, "params": list(self.model.fusion.parameters())}]
+               [{"name": FUSION, "params": list(self.model.fusion.parameters())}]
 
     def step(self, stage: str, batch: Batch, nets) -> StepResult:
         y = batch.label
@@ -60,8 +60,8 @@ class MSES(Method):
                     h[n], z[n] = nets[n](batch.inputs[n])
             else:
                 h[n], z[n] = nets[n](batch.inputs[n])
-        z_f = nets[FUSION_KEY](*(h[n] for n in self.names))
-        return StepResult({"fused": ce(z_f, y), **{n: ce(z[n], y) for n in self.names}}, {**z, FUSION_KEY: z_f},
+        z_f = nets[FUSION](*(h[n] for n in self.names))
+        return StepResult({FUSION: ce(z_f, y), **{n: ce(z[n], y) for n in self.names}}, {**z, FUSION: z_f},
                           {f"stopped_{n}": float(n in self.stopped) for n in self.names})
 
     def on_validation_end(self, stage: str, epoch: int, acc: dict[str, float], ctx: Context) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from training.methods.base import Batch, Context, HParams, SliceHeads, StepResult, ce, register
-from training.models import FUSION_KEY
+from training.models import FUSION
 
 STRATEGIES = ("dynamic", "keep")
 
@@ -62,11 +62,11 @@ class MSLR(SliceHeads):
             if n in self.hp.lrs:
                 g["lr"] = float(self.hp.lrs[n])
             groups.append(g)
-        return groups + [{"name": FUSION_KEY, "params": list(self.model.fusion.parameters())}]
+        return groups + [{"name": FUSION, "params": list(self.model.fusion.parameters())}]
 
     def step(self, stage: str, batch: Batch, nets) -> StepResult:
         h, z = self.forward(batch, nets)
-        return StepResult({"fused": ce(z, batch.label)}, self.slice_outputs(h, z),
+        return StepResult({FUSION: ce(z, batch.label)}, self.slice_outputs(h, z),
                           {f"lr_scale_{n}": self.scale[n] for n in self.names})
 
     def on_validation_end(self, stage: str, epoch: int, acc: dict[str, float], ctx: Context) -> None:

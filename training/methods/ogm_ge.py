@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from training.methods.base import Batch, Context, HParams, SliceHeads, StepResult, ce, register, slice_logits
-from training.models import ConcatFusion
+from training.models import FUSION, ConcatFusion
 
 PARAM_FILTERS = ("conv", "weights")
 
@@ -101,7 +101,7 @@ class OGMGE(SliceHeads):
             s = self._ctx.all_reduce_sum(s)
         self.k = dict(zip(self.names, ogm_coefficients(s.tolist(), self.hp.alpha)))
         logits = {**dict(zip(self.names, out)), "fusion": z}
-        return StepResult({"fused": ce(z, y)}, logits, {f"k_{n}": self.k[n] for n in self.names})
+        return StepResult({FUSION: ce(z, y)}, logits, {f"k_{n}": self.k[n] for n in self.names})
 
     @torch.no_grad()
     def after_backward(self, stage: str, nets) -> None:

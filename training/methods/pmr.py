@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from training.methods.base import Batch, Context, HParams, SliceHeads, StepResult, ce, register
+from training.models import FUSION
 
 PROTO_BATCHES = ("tenth", "all")
 
@@ -106,7 +107,7 @@ class PMR(SliceHeads):
     def step(self, stage: str, batch: Batch, nets) -> StepResult:
         y = batch.label
         h, z = self.forward(batch, nets)
-        losses = {"fused": ce(z, y)}
+        losses = {FUSION: ce(z, y)}
         logs = {}
         if self.protos is not None and self.hp.start <= self.epoch <= self.hp.end:
             sim = [self.proto_logits(x, n) for x, n in zip(h, self.names)]

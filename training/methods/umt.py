@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from training.methods.base import Batch, HParams, SliceHeads, StepResult, ce, register
+from training.models import FUSION
 
 TEACHER_METHODS = ("unimodal", "preds-avg")
 TEACHER_PREFIX = "teacher."   # frozen module names: "teacher.<modality>" (a dot never occurs in a modality name)
@@ -89,7 +90,7 @@ class UMT(SliceHeads):
     def step(self, stage: str, batch: Batch, nets) -> StepResult:
         y = batch.label
         h, z = self.forward(batch, nets)
-        losses = {"fused": ce(z, y)}
+        losses = {FUSION: ce(z, y)}
         for n, x in zip(self.names, h):
             with torch.no_grad():
                 target = nets[TEACHER_PREFIX + n](batch.inputs[n])

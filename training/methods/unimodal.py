@@ -3,7 +3,7 @@
 Every encoder trains in one loop, each only on its own head's CE: separate parameters and
 losses, so this is exactly M independent unimodal trainings sharing the data order.
 The exported fusion head averages the M heads' logits (set exactly in a concat or sum head),
-so the "fused" output of these runs is Preds-Avg. `unimodal` and `preds-avg` train the same
+so the fusion output of these runs is Preds-Avg. `unimodal` and `preds-avg` train the same
 way; the name says which row of a comparison the run is for.
 """
 from __future__ import annotations
