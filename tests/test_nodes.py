@@ -73,3 +73,70 @@ def test_two_nodes_build_their_caches_train_in_step_and_resume(tmp_path):
     m = re.search(r"weights identical on every rank: sha256 by rank 0=(\w+) 1=(\w+)", log)
     assert m and m.group(1) == m.group(2), log
     assert weights_checksum(load_run(node[0].out).model.modules()) == m.group(1)
+
+
+# ---------------------------------------------------------------------------------------
+# the setup collectives with two processes per node: who builds when, and a failure on one node
+
+def _setup_worker(rank: int, world: int, local_world: int, store: str, events: str) -> None:
+    """One of `world` gloo processes, `local_world` per node: once_per_node twice (the second fails on
+    node 1's builder), then same_on_every_rank with rank 3 disagreeing; outcomes appended to `events`."""
+    import time
+
+    import torch.distributed as dist
+
+    from dimml.datasets import DatasetError
+    from training import distributed as d
+
+    def note(text: str) -> None:
+        with open(events, "a") as f:   # O_APPEND: whole lines from every process
+            f.write(f"{text}\n")
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    ranks = d.Ranks(rank=rank, world=world, local_rank=rank % local_world, local_world=local_world,
+                    node=rank // local_world, nodes=world // local_world)
+    group = d.setup_group(ranks)
+
+    def build() -> int:
+        note(f"start {rank}")
+        time.sleep(0.5 if ranks.node_main else 0.0)   # a slow build: a rank that did not wait would start first
+        note(f"end {rank}")
+        return rank
+
+    note(f"got {rank} {d.once_per_node(build, ranks, group)}")
+
+    def broken() -> None:
+        if ranks.node == 1:
+            raise DatasetError("clip.mp4 cannot be decoded")
+
+    for step, call in (("fail", lambda: d.once_per_node(broken, ranks, group)),
+                       ("check", lambda: d.same_on_every_rank({"rows": "b" if rank == 3 else "a"}, ranks, group, "data"))):
+        try:
+            call()
+            note(f"{step} {rank} none")
+        except ValueError as e:
+            note(f"{step} {rank} {type(e).__name__}: {e}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_each_node_builds_first_and_a_failure_stops_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    events = tmp_path / "events.txt"
+    mp.start_processes(_setup_worker, args=(4, 2, str(tmp_path / "store"), str(events)), nprocs=4,
+                       start_method="spawn")
+    lines = events.read_text().splitlines()
+    order = [line for line in lines if line.startswith(("start", "end"))]
+    # the builders (local rank 0: ranks 0 and 2) finish before any other process starts
+    assert {line.split()[1] for line in order[:4]} == {"0", "2"} and {x.split()[0] for x in order[:4]} == {"start", "end"}
+    assert sorted(order[4:]) == ["end 1", "end 3", "start 1", "start 3"]
+    assert sorted(line for line in lines if line.startswith("got")) == [f"got {r} {r}" for r in range(4)]
+    fail = sorted(line for line in lines if line.startswith("fail"))
+    assert fail[2] == "fail 2 DatasetError: clip.mp4 cannot be decoded"   # the builder that failed: its own error
+    for line in fail[:2] + fail[3:]:   # every other rank, node 0 included, stops with its message
+        assert line.endswith("ValueError: rank 2 could not prepare its node's data: DatasetError: clip.mp4 cannot "
+                             "be decoded"), line
+    check = sorted(line for line in lines if line.startswith("check"))
+    assert len(check) == 4 and all("data: rank 3 has another rows than rank 0 ('b' vs 'a')" in c for c in check), check
