@@ -393,6 +393,7 @@ class Trainer:
             self.log(f"{cfg.method} on {self.data.spec.root} ({self.data.sizes}), preset {cfg.preset}, "
                      f"device {self.device}, {self.world} process(es) on {self.ranks.nodes} node(s), "
                      f"global batch {cfg.batch_size * self.world} ({cfg.batch_size} per process)")
+            self.log(f"decode cache {self.data.cache.directory}")
 
         for si in range(start_stage, len(self.method.stages)):
             self._train_stage(si, fingerprint, start_epoch if si == start_stage else 0,
