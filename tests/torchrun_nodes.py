@@ -73,19 +73,18 @@ def kill(procs: list[subprocess.Popen]) -> None:
 
 
 def wait(procs: list[subprocess.Popen], timeout: float, until=None) -> list[int | None]:
-    """Wait until every agent exited (or `until()` is true); kill them all after `timeout` s or once
-    one fails (a failed node must not leave the other waiting). Returns the exit codes (None: killed)."""
+    """Wait until every agent exited, or `until()` is true (then they go on running); kill them all
+    after `timeout` s or once one fails (a test must not hang on a node). Exit codes, None: running
+    or killed."""
     deadline = time.monotonic() + timeout
     while True:
         codes = [p.poll() for p in procs]
         if all(c is not None for c in codes) or (until is not None and until()):
-            break
+            return codes
         if time.monotonic() > deadline or any(c not in (None, 0) for c in codes):
-            break
+            kill(procs)
+            return codes
         time.sleep(0.05)
-    if any(c is None for c in codes):
-        kill(procs)
-    return codes
 
 
 def logs_text(logs: Path, nodes: int, tail: int = 3000) -> str:
