@@ -5,6 +5,8 @@
         [--modalities audio,visual | visual,flow | front:image,rear:image | ...]
         [--device auto|cpu|cuda] [--epochs N] [--lr X] ... [--set KEY=VALUE ...] [--force]
     torchrun --nproc_per_node 2 -m training fit ...        (DDP; gloo on CPU, NCCL on CUDA)
+    torchrun --nnodes N --nproc_per_node P --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
+        --max_restarts 0 -m training fit ...               (on every node: README, several nodes)
     python -m training evaluate --run RUN [--data DATA]
 
 Every TrainConfig field is a flag (--lr-step-epoch, --stage2-epochs, --no-augment, ...).
@@ -36,7 +38,8 @@ HELP = {
     "epochs": "stage-1 / joint epochs (default: {epochs})",
     "lr": "learning rate (default: {lr})",
     "lr_step_epoch": "decay the learning rate x lr_gamma every this many epochs (default: this fraction of --epochs: {lr_step_fraction})",
-    "batch_size": "batch size per process (default: {batch_size})",
+    "batch_size": "batch size per process; under torchrun the global batch is this x WORLD_SIZE, the learning "
+                  "rate is not scaled (default: {batch_size})",
     "stage2_epochs": "fusion-stage epochs of two-stage methods (default: {stage2_epochs})",
     "stage2_lr": "fusion-stage learning rate (default: --lr)",
     "stage2_step": "fusion-stage decay step (default: half of --stage2-epochs)",
