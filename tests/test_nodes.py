@@ -99,7 +99,6 @@ def _setup_worker(rank: int, world: int, local_world: int, store: str, events: s
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     ranks = d.Ranks(rank=rank, world=world, local_rank=rank % local_world, local_world=local_world,
                     node=rank // local_world, nodes=world // local_world)
-    group = d.setup_group(ranks)
 
     def build() -> int:
         note(f"start {rank}")
@@ -107,20 +106,20 @@ def _setup_worker(rank: int, world: int, local_world: int, store: str, events: s
         note(f"end {rank}")
         return rank
 
-    note(f"got {rank} {d.once_per_node(build, ranks, group)}")
+    note(f"got {rank} {d.once_per_node(build, ranks)}")
 
     def broken() -> None:
         if ranks.node == 1:
             raise DatasetError("clip.mp4 cannot be decoded")
 
-    for step, call in (("fail", lambda: d.once_per_node(broken, ranks, group)),
-                       ("check", lambda: d.same_on_every_rank({"rows": "b" if rank == 3 else "a"}, ranks, group, "data"))):
+    for step, call in (("fail", lambda: d.once_per_node(broken, ranks)),
+                       ("check", lambda: d.same_on_every_rank({"rows": "b" if rank == 3 else "a"}, ranks, "data"))):
         try:
             call()
             note(f"{step} {rank} none")
         except ValueError as e:
             note(f"{step} {rank} {type(e).__name__}: {e}")
-    dist.destroy_process_group()
+    d.stop()
 
 
 @pytest.mark.slow

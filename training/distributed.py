@@ -25,11 +25,13 @@ import torch.distributed as dist
 
 T = TypeVar("T")
 
-# How long the processes of a node wait for its cache to be built (and the nodes for each other).
-# Decoding a large dataset takes hours; the default collective timeouts (10 min NCCL, 30 min gloo)
-# would kill the waiting processes first. A node whose build fails stops everyone at once (its
-# error is gathered), so this limit only matters for a build that hangs.
-CACHE_WAIT = timedelta(hours=12)
+# How long processes wait for one another's long work: a node's cache build (decoding a large
+# dataset takes hours), rank 0's final evaluation. The default collective timeouts (10 min NCCL,
+# 30 min gloo) would kill the waiting processes first. A node whose build fails stops everyone at
+# once (its error is gathered), and a dead process breaks the others' connections, so this limit
+# only matters for work that hangs.
+LONG_WAIT = timedelta(hours=12)
+_wait_group = None   # the gloo group with LONG_WAIT, made once per process group (wait_group)
 
 
 @dataclass(frozen=True)
@@ -71,13 +73,30 @@ def start(device: torch.device) -> None:
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
-def setup_group(ranks: Ranks):
-    """A gloo group with the long CACHE_WAIT timeout for the data setup (None for one process).
+def stop() -> None:
+    """Leave the process group (and forget the wait group made in it)."""
+    global _wait_group
+    _wait_group = None
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wait_group():
+    """A gloo group of every rank with the LONG_WAIT timeout (made on first use, by every rank).
 
     gloo whatever the training backend: it waits on the CPU, and NCCL's watchdog would abort a
     collective that waits for hours.
     """
-    return dist.new_group(backend="gloo", timeout=CACHE_WAIT) if ranks.world > 1 else None
+    global _wait_group
+    if _wait_group is None:
+        _wait_group = dist.new_group(backend="gloo", timeout=LONG_WAIT)
+    return _wait_group
+
+
+def long_barrier(ranks: Ranks) -> None:
+    """Every rank waits for every other, up to LONG_WAIT (e.g. for rank 0's evaluation)."""
+    if ranks.world > 1:
+        dist.barrier(group=wait_group())
 
 
 def _gather(obj: Any, group) -> list[Any]:
@@ -86,7 +105,7 @@ def _gather(obj: Any, group) -> list[Any]:
     return out
 
 
-def once_per_node(fn: Callable[[], T], ranks: Ranks, group) -> T:
+def once_per_node(fn: Callable[[], T], ranks: Ranks) -> T:
     """fn() on each node's local rank 0, then, once every node's has returned, on the node's others.
 
     Used to build the node's decode cache, which the others then open complete. If fn fails
@@ -101,7 +120,7 @@ def once_per_node(fn: Callable[[], T], ranks: Ranks, group) -> T:
             result = fn()
         except Exception as e:   # reported to every rank below, then re-raised here
             error = e
-    failures = _gather(None if error is None else f"{type(error).__name__}: {error}", group)
+    failures = _gather(None if error is None else f"{type(error).__name__}: {error}", wait_group())
     if error is not None:
         raise error
     failed = [(r, msg) for r, msg in enumerate(failures) if msg]
@@ -111,11 +130,11 @@ def once_per_node(fn: Callable[[], T], ranks: Ranks, group) -> T:
     return fn() if not ranks.node_main else result
 
 
-def same_on_every_rank(facts: dict[str, Any], ranks: Ranks, group, what: str) -> None:
+def same_on_every_rank(facts: dict[str, Any], ranks: Ranks, what: str) -> None:
     """Raise ValueError on every rank unless every rank's facts equal rank 0's (naming the first difference)."""
     if ranks.world == 1:
         return
-    every = _gather(facts, group)
+    every = _gather(facts, wait_group())
     for r, theirs in enumerate(every):
         for key, value in every[0].items():
             if theirs.get(key) != value:

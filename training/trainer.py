@@ -11,11 +11,11 @@ already finished (force=True starts over).
 Defaults are the DI-MML paper's for the resnet18 preset (SGD momentum 0.9, weight decay 1e-4,
 batch 16, lr 1e-3 x0.1 after 70 of 150 epochs; fusion stage 20 epochs, x0.1 after 10). The
 tiny preset, for CPU tests and smoke runs, uses fewer epochs and a larger learning rate.
-Multi-GPU / multi-process / several nodes: `torchrun [--nnodes N --rdzv-backend c10d ...]
+Multi-GPU / multi-process / several nodes: `torchrun [--nnodes N --rdzv_backend c10d ...]
 --nproc_per_node P -m training fit ...` (NCCL on CUDA, gloo on CPU; training/distributed.py):
-batch_size is per process (the global batch is batch_size x WORLD_SIZE), each node's local rank
-0 builds its decode cache, global rank 0 alone writes RUN/. Reproducible on the CPU for a fixed seed: the model
-is initialised from the seed and every epoch reseeds data order and augmentation from
+batch_size is per process (the global batch is batch_size x WORLD_SIZE), each node's local
+rank 0 builds its decode cache, global rank 0 alone writes RUN/. Reproducible on the CPU for a
+fixed seed: the model is initialised from the seed and every epoch reseeds data order and augmentation from
 (seed, stage, epoch), so a resumed run equals an uninterrupted one.
 """
 from __future__ import annotations
@@ -197,10 +197,9 @@ def prepare_data(cfg: TrainConfig, preprocess: PreprocessConfig, *, ranks: Ranks
                         skip_bad=cfg.skip_bad, modalities=preprocess, split_id=cfg.split_id,
                         split_files=cfg.split_file.split(",") if cfg.split_file else ())
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(spec.root)
-    group = distributed.setup_group(ranks)
     cache = distributed.once_per_node(
         lambda: build_cache(spec.samples, preprocess, cache_dir, workers=cfg.decode_workers, skip_bad=cfg.skip_bad,
-                            progress=progress and ranks.node_main), ranks, group)
+                            progress=progress and ranks.node_main), ranks)
     rows = {s: cache.subset([x.key for x in spec.split(s)]) for s in SPLITS}
     if len(rows["train"]) == 0:
         raise DatasetError(f"{spec.root}: no training samples")
@@ -215,7 +214,7 @@ def prepare_data(cfg: TrainConfig, preprocess: PreprocessConfig, *, ranks: Ranks
     # DistributedSampler then deals every rank its share of one permutation
     distributed.same_on_every_rank({"classes": spec.classes, "cache entry": cache.directory.name,
                                     **{f"{s} rows": distributed.digest(r) for s, r in rows.items()}},
-                                   ranks, group, f"{spec.root}")
+                                   ranks, f"{spec.root}")
     return RunData(spec, cache, rows, carved)
 
 
@@ -331,14 +330,14 @@ class Trainer:
         self._log_handlers = attach(self.out / LOG) if self.main else []   # detached below, whatever happens
         try:
             report = self._run()
-            if self.world > 1:   # the other ranks wait for rank 0's evaluation: gloo torn down under a live peer aborts
-                dist.barrier()
+            # the other ranks wait for rank 0's evaluation (however long: a group torn down under a live peer aborts)
+            distributed.long_barrier(self.ranks)
             return report
         finally:
             self.scalars.close()
             detach(self._log_handlers)
-            if self.world > 1 and dist.is_initialized():
-                dist.destroy_process_group()
+            if self.world > 1:
+                distributed.stop()
 
     def _run(self) -> dict | None:
         cfg = self.cfg
@@ -435,7 +434,8 @@ class Trainer:
         return ck
 
     def _compare_weights(self) -> None:
-        """Log every rank's parameter checksum after training (rank 0's is the saved model's); warn if they differ."""
+        """Log every rank's parameter checksum after the last stage (model.pt: rank 0's model, as the
+        method finalizes it); warn if they differ."""
         sums = distributed.gather_objects(distributed.weights_checksum(self.model.modules()))
         listed = " ".join(f"{r}={c}" for r, c in enumerate(sums))
         if len(set(sums)) == 1:
