@@ -9,7 +9,9 @@ The decode cache lives on each node's own disk: `once_per_node` lets LOCAL_RANK 
 build it while the node's other processes wait (a cross-node barrier follows, so a failure on
 one node stops every node with its message), and `same_on_every_rank` checks that every node
 then sees the same split, class list and cache rows (the cache is keyed by content, so identical
-files give identical entries). Global rank 0 alone writes the run folder.
+files give identical entries). Both, and the other ranks' wait for rank 0's evaluation, run on
+a gloo group with a long timeout (`wait_group`). Global rank 0 alone writes the run folder; the
+trainer logs every rank's `weights_checksum` after training.
 """
 from __future__ import annotations
 
