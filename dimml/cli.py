@@ -1,6 +1,7 @@
 """`dimml`: one command line for training, export, serving and scoring.
 
     dimml train --data DATA --out RUN [--config run.yaml] [--print-config] [...]   (python -m training fit)
+    dimml cache --data DATA [...]: the decode cache `dimml train [...]` uses      (python -m training cache)
     dimml evaluate | compare | synth | inspect ...                                (python -m training ...)
     dimml export --run RUN --out BUNDLE | verify BUNDLE --data DATA | register     (python -m export ...)
     dimml score INPUT... --out results.csv (--bundle B | --server URL) | predict  (python -m clients ...)
@@ -37,6 +38,8 @@ TRAIN_NEEDS = ("torch", "matplotlib")
 COMMANDS: dict[str, Command] = {
     "train": Command("training.cli", "fit", "train a method into a run folder (flags and/or --config FILE)",
                      TRAIN_NEEDS),
+    "cache": Command("training.cli", "cache", "build the decode cache `dimml train` with the same options uses "
+                                             "(prebuild it per node)", ("torch",), "train"),
     "evaluate": Command("training.cli", "evaluate", "re-evaluate a finished run", TRAIN_NEEDS),
     "compare": Command("training.cli", "compare", "train several methods under one budget and tabulate them",
                        TRAIN_NEEDS),

@@ -249,6 +249,30 @@ def test_leftovers_without_meta_are_never_used(data, tmp_path, monkeypatch):
     assert_matches_fresh(cache, samples, cfg)
 
 
+def test_another_machines_build_is_left_alone(data, tmp_path, monkeypatch):
+    """A cache folder shared by nodes: another host's temp folder is never adopted nor removed
+    (its pid means nothing here); this machine builds its own and is used, and prune keeps it."""
+    setting, root, samples = data
+    if setting != "audio,visual":
+        pytest.skip("the temp folder rules are the same code for every setting")
+    cfg = cfg_of(setting)
+    cache_dir = tmp_path / "cache"
+    name = build(samples, cache_dir, cfg).directory.name
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()                                                # a pid that is gone here
+    theirs = cache_dir / f"{name}.tmp-other-node-7-{proc.pid}"   # progress of a build on host "other-node-7"
+    shutil.copytree(cache_dir / name, theirs)
+    np.save(theirs / "_done.npy", np.ones(5, dtype=bool))
+    shutil.rmtree(cache_dir / name)
+    counter = DecodeCounter(monkeypatch)
+    cache = build(samples, cache_dir, cfg)
+    assert counter.calls == 5 and cache.directory.name == name  # decoded here, not adopted
+    assert theirs.is_dir() and (theirs / "_done.npy").is_file()
+    assert prune(cache_dir, keep=[cache.directory]) == [] and theirs.is_dir()
+    monkeypatch.setattr(cache_mod, "_host", lambda: "other-node-7")   # on that host, its pid is dead: removed
+    assert prune(cache_dir, keep=[cache.directory]) == [theirs]
+
+
 def test_undecodable_file_error_or_skip(data, tmp_path):
     setting, root, samples = data
     cfg = cfg_of(setting)

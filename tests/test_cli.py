@@ -187,6 +187,24 @@ def test_bad_json_missing_file_and_missing_data(tmp_path, capsys):
     assert "--data is required" in one_line_error(capsys, "--out", "o", "--print-config")
 
 
+def test_cache_command_builds_the_entry_train_opens(run, corpus, capsys):
+    out, _ = run
+    used = re.search(r"decode cache (\S+)", (out / "train.log").read_text()).group(1)
+
+    def cache(*args: str) -> str:
+        capsys.readouterr()
+        assert dimml_cli.main(["cache", *args]) == 0
+        return capsys.readouterr().out.split(" (")[0]
+
+    # the same options as `dimml train` (--out and the training-only flags accepted, changing nothing)
+    assert cache("--data", str(corpus), "--out", str(out), "--logger", "tensorboard", *TINY) == used
+    assert cache("--config", str(out / "config.json"), "--no-progress") == used
+    assert cache("--data", str(corpus), "--preset", "tiny", "--no-progress") == used
+    # options that change the decoded arrays give another entry
+    other = cache("--data", str(corpus), *TINY, "--set", "preprocess.visual.num_frames=3")
+    assert other != used and Path(other).parent == Path(used).parent
+
+
 # ---------------------------------------------------------------------------------------
 # logging
 

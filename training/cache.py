@@ -10,9 +10,12 @@ fingerprint, so changed files, a changed config or changed decoding code all giv
 (old ones stay until `prune`). CACHE_VERSION 2 (one array per modality); entries of version 1
 (spectrograms.npy + frames.npy) are never read: they are rebuilt, then pruned like any other.
 
-A build writes into `<entry>.tmp-<pid>` and is renamed into place only when complete, so a
+A build writes into `<entry>.tmp-<host>-<pid>` and is renamed into place only when complete, so a
 half-written entry is never used. An interrupted build leaves its progress (_done.npy) behind;
-the next build of the same entry adopts it (when its process is gone) and decodes only the rest.
+the next build of the same entry on the same machine adopts it (when its process is gone) and
+decodes only the rest. Another machine's temp folders (a cache folder shared by several nodes)
+are never adopted nor removed: nodes building one entry at once each decode it, and the first to
+finish is used (`dimml cache` once before a multi-node run avoids the repeated work).
 Rows whose content is already decoded in another entry of the same config are copied, not decoded,
 so a changed file or a subset of a dataset costs only the new samples.
 Arrays come from `dimml.media.decode_sample`: the one preprocessing code path training and serving share.
@@ -23,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 import warnings
@@ -315,20 +319,41 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _host() -> str:
+    """This machine's name as a temp folder carries it (a cache folder may be shared by several nodes)."""
+    return "".join(c if c.isalnum() or c in "._" else "_" for c in socket.gethostname()) or "host"
+
+
+def _tmp_folder(final: Path) -> Path:
+    """Where this process builds `final`: `<entry>.tmp-<host>-<pid>`."""
+    return final.with_name(f"{final.name}.tmp-{_host()}-{os.getpid()}")
+
+
 def _tmp_pid(tmp: Path) -> int:
+    """The pid of the build a temp folder belongs to; -1 if unreadable."""
     try:
         return int(tmp.name.rsplit("-", 1)[1])
     except ValueError:
         return -1
 
 
+def _build_alive(tmp: Path) -> bool:
+    """Whether a temp folder may belong to a running build: its process lives, or it is another
+    machine's (on a shared cache folder: its pid says nothing here, so it is left alone).
+    Folders named `<entry>.tmp-<pid>` (before the host was recorded) count as this machine's."""
+    host, sep, _ = tmp.name.split(".tmp-", 1)[1].rpartition("-")
+    if sep and host != _host():
+        return True
+    pid = _tmp_pid(tmp)
+    return pid > 0 and _pid_alive(pid)
+
+
 def _adopt_leftover(cache_dir: Path, name: str, mine: Path) -> bool:
     """Take over an interrupted build of this entry (its process gone); remove other dead ones."""
     adopted = False
     for tmp in sorted(cache_dir.glob(f"{name}.tmp-*")):
-        pid = _tmp_pid(tmp)
-        if pid > 0 and _pid_alive(pid):
-            continue   # another process is building this entry right now: leave it alone
+        if _build_alive(tmp):
+            continue   # another process (or machine) may be building this entry right now: leave it alone
         if not adopted and (tmp / f"{DONE}.npy").is_file():
             try:
                 os.rename(tmp, mine)
@@ -476,7 +501,7 @@ def _decode_rows(builder: _Builder, todo: list[int], workers: int, progress: boo
 
 def _build(final: Path, rows: list[_Row], cfg: PreprocessConfig, workers: int, progress: bool) -> None:
     """Build an entry in a temp folder and rename it into place once complete."""
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    tmp = _tmp_folder(final)
     resume = _adopt_leftover(final.parent, final.name, tmp)
     if not resume:
         _check_space(final.parent, sum(int(np.prod(shape)) * dtype.itemsize
@@ -546,8 +571,8 @@ def prune(cache_dir: str | os.PathLike, keep: Iterable[str | os.PathLike] = ()) 
     for p in sorted(cache_dir.iterdir()) if cache_dir.is_dir() else []:
         if not p.is_dir() or p.name in keep_names:
             continue
-        if ".tmp-" in p.name and _tmp_pid(p) > 0 and _pid_alive(_tmp_pid(p)):
-            continue   # a build in progress
+        if ".tmp-" in p.name and _build_alive(p):
+            continue   # a build in progress (or another machine's, which this one cannot tell)
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
     return removed

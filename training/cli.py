@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "training.inspect_cmd",
     "fit": "training.fit_cmd",
     "evaluate": "training.fit_cmd",
+    "cache": "training.cache_cmd",
     "compare": "training.compare",
 }
 

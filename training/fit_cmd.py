@@ -5,6 +5,8 @@
         [--modalities audio,visual | visual,flow | front:image,rear:image | ...]
         [--device auto|cpu|cuda] [--epochs N] [--lr X] ... [--set KEY=VALUE ...] [--force]
     torchrun --nproc_per_node 2 -m training fit ...        (DDP; gloo on CPU, NCCL on CUDA)
+    torchrun --nnodes N --nproc_per_node P --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
+        --max_restarts 0 -m training fit ...               (on every node: README, several nodes)
     python -m training evaluate --run RUN [--data DATA]
 
 Every TrainConfig field is a flag (--lr-step-epoch, --stage2-epochs, --no-augment, ...).
@@ -34,7 +36,8 @@ HELP = {
     "epochs": "stage-1 / joint epochs (default: {epochs})",
     "lr": "learning rate (default: {lr})",
     "lr_step_epoch": "decay the learning rate x lr_gamma every this many epochs (default: this fraction of --epochs: {lr_step_fraction})",
-    "batch_size": "batch size per process (default: {batch_size})",
+    "batch_size": "batch size per process; under torchrun the global batch is this x WORLD_SIZE, the learning "
+                  "rate is not scaled (default: {batch_size})",
     "stage2_epochs": "fusion-stage epochs of two-stage methods (default: {stage2_epochs})",
     "stage2_lr": "fusion-stage learning rate (default: --lr)",
     "stage2_step": "fusion-stage decay step (default: half of --stage2-epochs)",
@@ -126,20 +129,39 @@ def parse_sets(items: list[str]) -> tuple[dict, dict]:
     return hparams, preprocess
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("fit", help="train a method into a run folder",
-                              description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_config_options(p: argparse.ArgumentParser, out_help: str) -> None:
+    """--config, --print-config, --data, --out, one flag per TrainConfig field and --set (fit and cache)."""
     p.add_argument("--config", metavar="FILE", default=None,
                    help="TrainConfig fields from a YAML or JSON file (a RUN/config.json as it is); flags override it")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration (JSON, readable by --config) and exit")
     p.add_argument("--data", default=None, help="dataset folder or manifest CSV (required, here or in --config)")
-    p.add_argument("--out", default=None,
-                   help="run folder (RUN); an interrupted run there resumes (required, here or in --config)")
+    p.add_argument("--out", default=None, help=out_help)
     add_config_flags(p)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="method hyper-parameter (e.g. lambda_d=0.5) or preprocess.MODALITY.PARAM=VALUE; repeatable")
+
+
+def config_from_args(args: argparse.Namespace, required: tuple[str, ...] = ("data", "out")):
+    """The TrainConfig the options of add_config_options give (file < flags < --set); not yet resolved."""
+    from training.config import TrainConfig
+    from training.config_file import config_values, merge, read_file
+    hparams, preprocess = parse_sets(args.sets)
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - set(NOT_FLAGS) | {"data", "out"}
+    from_file = config_values(read_file(args.config), args.config) if args.config else {}
+    values = merge(from_file, config_flags(args, names), hparams, preprocess)
+    for key in required:
+        if not values.get(key):
+            raise ValueError(f"--{key} is required (on the command line or in --config)")
+    values.setdefault("out", "")   # not required (dimml cache): nothing is written there
+    return TrainConfig(**values)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("fit", help="train a method into a run folder",
+                              description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_options(p, "run folder (RUN); an interrupted run there resumes (required, here or in --config)")
     p.add_argument("--force", action="store_true", help="start over, discarding a finished or interrupted run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_fit)
@@ -159,18 +181,10 @@ def register(subparsers) -> None:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from training.trainer import TrainConfig, fit
+    from training.trainer import fit
     try:
-        from training.config_file import config_values, dump, merge, read_file
-        hparams, preprocess = parse_sets(args.sets)
-        names = {f.name for f in dataclasses.fields(TrainConfig)} - set(NOT_FLAGS) | {"data", "out"}
-        from_file = config_values(read_file(args.config), args.config) if args.config else {}
-        flags = config_flags(args, names)
-        values = merge(from_file, flags, hparams, preprocess)
-        for key in ("data", "out"):
-            if not values.get(key):
-                raise ValueError(f"--{key} is required (on the command line or in --config)")
-        cfg = TrainConfig(**values)
+        from training.config_file import dump
+        cfg = config_from_args(args)
         if args.print_config:
             print(dump(dataclasses.asdict(cfg.resolve())))
             return 0

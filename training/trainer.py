@@ -11,9 +11,11 @@ already finished (force=True starts over).
 Defaults are the DI-MML paper's for the resnet18 preset (SGD momentum 0.9, weight decay 1e-4,
 batch 16, lr 1e-3 x0.1 after 70 of 150 epochs; fusion stage 20 epochs, x0.1 after 10). The
 tiny preset, for CPU tests and smoke runs, uses fewer epochs and a larger learning rate.
-Multi-GPU / multi-process: `torchrun --nproc_per_node P -m training fit ...` (NCCL on CUDA,
-gloo on CPU); batch_size is per process. Reproducible on the CPU for a fixed seed: the model
-is initialised from the seed and every epoch reseeds data order and augmentation from
+Multi-GPU / multi-process / several nodes: `torchrun [--nnodes N --rdzv_backend c10d ...]
+--nproc_per_node P -m training fit ...` (NCCL on CUDA, gloo on CPU; training/distributed.py):
+batch_size is per process (the global batch is batch_size x WORLD_SIZE), each node's local
+rank 0 builds its decode cache, global rank 0 alone writes RUN/. Reproducible on the CPU for a
+fixed seed: the model is initialised from the seed and every epoch reseeds data order and augmentation from
 (seed, stage, epoch), so a resumed run equals an uninterrupted one.
 """
 from __future__ import annotations
@@ -23,10 +25,8 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,10 +40,12 @@ from tqdm import tqdm
 from dimml.datasets import SPLITS, DatasetError, DatasetSpec, stratified_split
 from dimml.fileio import atomic_write_bytes, atomic_write_json
 from dimml.modalities import PreprocessConfig
+from training import distributed
 from training.augment import augment_frames
 from training.config import VOLATILE, TrainConfig
 from training.logs import LOGGER, Scalars, attach, detach, open_scalars
 from training.cache import CachedDataset, DecodedCache, build_cache, default_cache_dir
+from training.distributed import Ranks
 from training.evaluate import autocast, collect, confusion_title, evaluate, format_table
 from training.methods import Batch, Method, get_method
 from training.models import build_model, build_model_config
@@ -69,20 +71,18 @@ class RunData:
         return {s: int(len(r)) for s, r in self.rows.items()}
 
 
-def prepare_data(cfg: TrainConfig, preprocess: PreprocessConfig, *, rank: int = 0, world: int = 1,
+def prepare_data(cfg: TrainConfig, preprocess: PreprocessConfig, *, ranks: Ranks = Ranks(),
                  progress: bool = True) -> RunData:
-    """Read the dataset, build (rank 0) or open (others) its cache, and index the splits.
+    """Read the dataset, build its cache (each node's local rank 0; the node's others then open it)
+    and index the splits; under several processes, check every rank sees the same data.
 
     A dataset without a validation split gets one carved from train (val_fraction, or 0.1).
     """
     spec = cfg.load_dataset(preprocess)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(spec.root)
-    if rank > 0:
-        dist.barrier()   # wait for rank 0 to build the cache, then open it
-    cache = build_cache(spec.samples, preprocess, cache_dir, workers=cfg.decode_workers, skip_bad=cfg.skip_bad,
-                        strict=cfg.strict, progress=progress and rank == 0)
-    if rank == 0 and world > 1:
-        dist.barrier()
+    cache = distributed.once_per_node(
+        lambda: build_cache(spec.samples, preprocess, cache_dir, workers=cfg.decode_workers, skip_bad=cfg.skip_bad,
+                            strict=cfg.strict, progress=progress and ranks.node_main), ranks)
     rows = {s: cache.subset([x.key for x in spec.split(s)]) for s in SPLITS}
     if len(rows["train"]) == 0:
         raise DatasetError(f"{spec.root}: no training samples")
@@ -93,6 +93,11 @@ def prepare_data(cfg: TrainConfig, preprocess: PreprocessConfig, *, rank: int = 
                                             seed=cfg.split_seed, val_fraction=cfg.val_fraction or 0.1,
                                             test_fraction=0.0))
         rows["train"], rows["val"] = train[where == "train"], train[where == "val"]
+    # the same cache entry (content, config, decoder) and the same rows per split on every node:
+    # DistributedSampler then deals every rank its share of one permutation
+    distributed.same_on_every_rank({"classes": spec.classes, "cache entry": cache.directory.name,
+                                    **{f"{s} rows": distributed.digest(r) for s, r in rows.items()}},
+                                   ranks, f"{spec.root}")
     return RunData(spec, cache, rows, carved)
 
 
@@ -149,14 +154,12 @@ class Trainer:
     # ----- process group, device, logging
 
     def _setup(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.device = pick_device(self.cfg.device, int(os.environ.get("LOCAL_RANK", "0")) if self.world > 1 else None)
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-            # CPU convolutions return channels_last weight gradients for the frames' layout: harmless
-            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        self.main = self.rank == 0
+        self.ranks = Ranks.from_env()
+        self.world, self.rank = self.ranks.world, self.ranks.rank
+        self.device = pick_device(self.cfg.device, self.ranks.local_rank if self.world > 1 else None)
+        if self.world > 1:
+            distributed.start(self.device)
+        self.main = self.ranks.main
         cuda = self.device.type == "cuda"
         self.amp_dtype = pick_amp(self.cfg.amp, self.device)
         self.compile = self.cfg.compile == "on" or (self.cfg.compile == "auto" and cuda)
@@ -219,14 +222,14 @@ class Trainer:
         self._log_handlers = attach(self.out / LOG) if self.main else []   # detached below, whatever happens
         try:
             report = self._run()
-            if self.world > 1:   # the other ranks wait for rank 0's evaluation: gloo torn down under a live peer aborts
-                dist.barrier()
+            # the other ranks wait for rank 0's evaluation (however long: a group torn down under a live peer aborts)
+            distributed.long_barrier(self.ranks)
             return report
         finally:
             self.scalars.close()
             detach(self._log_handlers)
-            if self.world > 1 and dist.is_initialized():
-                dist.destroy_process_group()
+            if self.world > 1:
+                distributed.stop()
 
     def _run(self) -> dict | None:
         cfg = self.cfg
@@ -237,7 +240,7 @@ class Trainer:
             return read_report(self.out) if self.main else None
 
         preprocess = cfg.preprocess_config()
-        self.data = prepare_data(cfg, preprocess, rank=self.rank, world=self.world, progress=self.progress)
+        self.data = prepare_data(cfg, preprocess, ranks=self.ranks, progress=self.progress)
         classes = self.data.spec.classes
         method_cls = get_method(cfg.method)
         torch.manual_seed(cfg.seed)
@@ -267,10 +270,7 @@ class Trainer:
         start_stage, start_epoch, opt_state = 0, 0, None
         ckpt_path = self.out / CHECKPOINT
         if state == "resume":
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            if ck["config"] != fingerprint:
-                raise ValueError(f"{ckpt_path}: checkpoint of a different configuration; rerun with the "
-                                 f"same options, or pass --force to start over (or choose another --out)")
+            ck = self._read_checkpoint(ckpt_path, fingerprint)
             for name, m in self.method.modules().items():
                 m.load_state_dict(ck["modules"][name])
             self.method.load_state_dict(ck["method"])
@@ -282,12 +282,16 @@ class Trainer:
         if self.main:
             atomic_write_json(self.out / CONFIG, self.config)
             self.log(f"{cfg.method} on {self.data.spec.root} ({self.data.sizes}), preset {cfg.preset}, "
-                     f"device {self.device}, {self.world} process(es)")
+                     f"device {self.device}, {self.world} process(es) on {self.ranks.nodes} node(s), "
+                     f"global batch {cfg.batch_size * self.world} ({cfg.batch_size} per process)")
+            self.log(f"decode cache {self.data.cache.directory}")
             self._log_dataset()
 
         for si in range(start_stage, len(self.method.stages)):
             self._train_stage(si, fingerprint, start_epoch if si == start_stage else 0,
                               opt_state if si == start_stage else None)
+        if self.world > 1:
+            self._compare_weights()
         if not self.main:
             return None
         return self._finish()
@@ -308,6 +312,30 @@ class Trainer:
         for f in (METRICS, LOG):   # leftovers of a run killed before its first checkpoint
             (self.out / f).unlink(missing_ok=True)
         return "fresh"
+
+    def _read_checkpoint(self, path: Path, fingerprint: dict) -> dict:
+        """Rank 0 reads and checks the checkpoint; every rank gets it (RUN is rank 0's: other nodes have none)."""
+        ck = error = None
+        if self.main:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+            if ck["config"] != fingerprint:
+                ck, error = None, (f"{path}: checkpoint of a different configuration; rerun with the same options, "
+                                   f"or pass --force to start over (or choose another --out)")
+        ck, error = self.broadcast((ck, error))
+        if error:
+            raise ValueError(error)
+        return ck
+
+    def _compare_weights(self) -> None:
+        """Log every rank's parameter checksum after the last stage (model.pt: rank 0's model, as the
+        method finalizes it); warn if they differ."""
+        sums = distributed.gather_objects(distributed.weights_checksum(self.model.modules()))
+        listed = " ".join(f"{r}={c}" for r, c in enumerate(sums))
+        if len(set(sums)) == 1:
+            self.log(f"weights identical on every rank: sha256 by rank {listed}")
+        else:
+            self.log(f"weights differ between ranks (the saved model is rank 0's): sha256 by rank {listed}",
+                     logging.WARNING)
 
     @staticmethod
     def _fingerprint(config: dict) -> dict:
