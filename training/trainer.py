@@ -1,6 +1,16 @@
-"""The training loop every method shares: data, optimiser, schedule, AMP, DDP, checkpoints, logs, report.
+"""The training loop every method shares, read top down: a run, its stages, their epochs, each step.
 
     fit(TrainConfig(data=..., out=RUN, method="dimml", preset="tiny"))
+
+Trainer.run -> _run: where the run stands (training/checkpoint.py), its data (training/data.py)
+and modules (_build), resuming (_resume), then each of the method's stages (_train_stage: the
+trainable modules, their optimizer and the train loader), each epoch (_train_epoch: its steps,
+totals over every rank, validation, the log line, one metrics.csv row, then checkpoint.pt) and
+each step (_step: forward, backward, the method's gradient hook, the schedule's learning rates
+from training/schedule.py, the update); then evaluation and report.json (_finish). The method's
+hooks run where a reader expects them: on_epoch_start before the first step, after_backward
+between backward and the update, lr_scales per step, on_epoch_end after the last step,
+on_validation_end after validation.
 
 RUN/ holds config.json (resolved configuration, written first), checkpoint.pt (after every
 epoch, atomically; removed once the run is complete), metrics.csv (one row per epoch),
@@ -8,22 +18,20 @@ train.log, and at the end model.pt, report.json, curves.png and confusion.png. R
 same command again resumes from checkpoint.pt (e.g. after a SIGKILL), or says the run is
 already finished (force=True starts over).
 
-Defaults are the DI-MML paper's for the resnet18 preset (SGD momentum 0.9, weight decay 1e-4,
-batch 16, lr 1e-3 x0.1 after 70 of 150 epochs; fusion stage 20 epochs, x0.1 after 10). The
-tiny preset, for CPU tests and smoke runs, uses fewer epochs and a larger learning rate.
-Multi-GPU / multi-process / several nodes: `torchrun [--nnodes N --rdzv_backend c10d ...]
---nproc_per_node P -m training fit ...` (NCCL on CUDA, gloo on CPU; training/distributed.py):
-batch_size is per process (the global batch is batch_size x WORLD_SIZE), each node's local
-rank 0 builds its decode cache, global rank 0 alone writes RUN/. Reproducible on the CPU for a
-fixed seed: the model is initialised from the seed and every epoch reseeds data order and augmentation from
-(seed, stage, epoch), so a resumed run equals an uninterrupted one.
+Defaults come from the preset (dimml/presets.py; resnet18: the DI-MML paper's SGD momentum 0.9,
+weight decay 1e-4, batch 16, lr 1e-3 x0.1 after 70 of 150 epochs, fusion stage 20 epochs x0.1
+after 10). Multi-GPU / multi-process / several nodes: `torchrun [--nnodes N --rdzv_backend c10d
+...] --nproc_per_node P -m training fit ...` (NCCL on CUDA, gloo on CPU; training/distributed.py):
+batch_size is per process (the global batch is batch_size x WORLD_SIZE), each node's local rank
+0 builds its decode cache, global rank 0 alone writes RUN/. Reproducible on the CPU for a fixed
+seed: the model is initialised from the seed and every epoch reseeds data order and
+augmentation from (seed, stage, epoch), so a resumed run equals an uninterrupted one.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
 import io
-import json
 import logging
 import sys
 import time
@@ -31,82 +39,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from dimml.datasets import SPLITS, DatasetError, DatasetSpec, stratified_split
+from dimml.datasets import SPLITS
 from dimml.fileio import atomic_write_bytes, atomic_write_json
 from dimml.modalities import PreprocessConfig
-from training import distributed
+from training import checkpoint, distributed
 from training.augment import augment_frames
-from training.config import VOLATILE, TrainConfig
-from training.logs import LOGGER, Scalars, attach, detach, open_scalars
-from training.cache import CachedDataset, DecodedCache, build_cache, default_cache_dir
+from training.cache import CachedDataset
+from training.checkpoint import CHECKPOINT, LOG, METRICS, RUN_FILES  # noqa: F401 (RUN_FILES: the run's files)
+from training.config import TrainConfig
+from training.data import RunData, make_loader, prepare_data  # noqa: F401 (RunData: re-exported)
 from training.distributed import Ranks
 from training.evaluate import autocast, collect, confusion_title, evaluate, format_table
-from training.methods import Batch, Method, get_method
+from training.logs import LOGGER, Scalars, attach, detach, open_scalars
+from training.methods import Batch, Method, StepResult, get_method
 from training.models import build_model, build_model_config
-from training.run import CONFIG, REPORT, WEIGHTS, atomic_torch_save, read_report, run_config_fields, save_run_model
-
-CHECKPOINT, METRICS, LOG = "checkpoint.pt", "metrics.csv", "train.log"
-RUN_FILES = (CHECKPOINT, METRICS, LOG, CONFIG, WEIGHTS, REPORT, "curves.png", "confusion.png")
-
-# ---------------------------------------------------------------------------------------
-# data
-
-@dataclass
-class RunData:
-    """A dataset, its decoded cache and the cache rows of each split."""
-
-    spec: DatasetSpec
-    cache: DecodedCache
-    rows: dict[str, np.ndarray]
-    val_carved: bool
-
-    @property
-    def sizes(self) -> dict[str, int]:
-        return {s: int(len(r)) for s, r in self.rows.items()}
-
-
-def prepare_data(cfg: TrainConfig, preprocess: PreprocessConfig, *, ranks: Ranks = Ranks(),
-                 progress: bool = True) -> RunData:
-    """Read the dataset, build its cache (each node's local rank 0; the node's others then open it)
-    and index the splits; under several processes, check every rank sees the same data.
-
-    A dataset without a validation split gets one carved from train (val_fraction, or 0.1).
-    """
-    spec = cfg.load_dataset(preprocess)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(spec.root)
-    cache = distributed.once_per_node(
-        lambda: build_cache(spec.samples, preprocess, cache_dir, workers=cfg.decode_workers, skip_bad=cfg.skip_bad,
-                            strict=cfg.strict, progress=progress and ranks.node_main), ranks)
-    rows = {s: cache.subset([x.key for x in spec.split(s)]) for s in SPLITS}
-    if len(rows["train"]) == 0:
-        raise DatasetError(f"{spec.root}: no training samples")
-    carved = len(rows["val"]) == 0
-    if carved:   # the one class-stratified split, train rows only (keys: the rows, zero-padded so they sort)
-        train = rows["train"]
-        where = np.asarray(stratified_split([f"{r:012d}" for r in train], np.asarray(cache.labels[train]).tolist(),
-                                            seed=cfg.split_seed, val_fraction=cfg.val_fraction or 0.1,
-                                            test_fraction=0.0))
-        rows["train"], rows["val"] = train[where == "train"], train[where == "val"]
-    # the same cache entry (content, config, decoder) and the same rows per split on every node:
-    # DistributedSampler then deals every rank its share of one permutation
-    distributed.same_on_every_rank({"classes": spec.classes, "cache entry": cache.directory.name,
-                                    **{f"{s} rows": distributed.digest(r) for s, r in rows.items()}},
-                                   ranks, f"{spec.root}")
-    return RunData(spec, cache, rows, carved)
-
-
-def make_loader(data: RunData, split: str, batch_size: int, workers: int, pin: bool,
-                sampler: DistributedSampler | None = None) -> DataLoader:
-    """Batches of ({modality: [B, *shape]}, label [B]) from the cache."""
-    ds = CachedDataset(data.cache, data.rows[split])
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=workers,
-                      pin_memory=pin, persistent_workers=workers > 0, drop_last=False)
+from training.run import CONFIG, REPORT, read_report, run_config_fields, save_run_model
+from training.schedule import StageSchedule, set_learning_rates, stage_schedule
 
 
 # ---------------------------------------------------------------------------------------
@@ -137,6 +90,49 @@ def augmented_names(preprocess: PreprocessConfig, augment: bool) -> tuple[str, .
 
 def epoch_seed(seed: int, stage_index: int, epoch: int) -> int:
     return (seed * 1_000_003 + stage_index * 10_007 + epoch) % (2 ** 63)
+
+
+@dataclass
+class Stage:
+    """One stage of a method while it trains: its schedule and the objects its epochs share."""
+
+    index: int
+    name: str
+    schedule: StageSchedule
+    nets: dict[str, torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    sampler: DistributedSampler
+    loader: DataLoader
+
+
+class EpochTotals:
+    """Sums over an epoch's batches on the device (no sync per step): losses and logs weighted by
+    batch size, correct predictions per output, the sample count; `means` reduces across ranks."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def _add(self, key: str, v) -> None:
+        v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+        self.sums[key] = self.sums.get(key, 0) + v.to(self.device)
+
+    def add(self, res: StepResult, label: torch.Tensor) -> None:
+        b = label.shape[0]
+        for k, v in res.losses.items():
+            self._add(f"loss_{k}", v * b)
+        for k, v in res.logs.items():
+            self._add(k, v * b)
+        for k, z in res.logits.items():
+            self._add(f"train_acc_{k}", (z.argmax(1) == label).sum())
+        self._add("n", b)
+
+    def means(self, all_reduce_sum) -> dict[str, float]:
+        """Per-sample means over every rank's batches."""
+        keys = sorted(self.sums)
+        totals = dict(zip(keys, all_reduce_sum(torch.stack([self.sums[k] for k in keys])).tolist())) if keys else {}
+        n = totals.pop("n", 0) or 1
+        return {k: v / n for k, v in totals.items()}
 
 
 class Trainer:
@@ -232,13 +228,25 @@ class Trainer:
                 distributed.stop()
 
     def _run(self) -> dict | None:
-        cfg = self.cfg
-        state = self.broadcast(self._start_state() if self.main else None)
+        """Top down: where the run stands, its data and modules, resuming, every stage, the end."""
+        state = self.broadcast(checkpoint.start_state(self.out, self.force) if self.main else None)
         if self.main:
-            self.scalars = open_scalars(cfg.logger, self.out, fresh=state == "fresh")
+            self.scalars = open_scalars(self.cfg.logger, self.out, fresh=state == "fresh")
         if state == "finished":
             return read_report(self.out) if self.main else None
+        self._build()
+        start_stage, start_epoch, opt_state = self._resume() if state == "resume" else (0, 0, None)
+        if self.main:
+            self._announce()
+        for si in range(start_stage, len(self.method.stages)):
+            self._train_stage(si, start_epoch if si == start_stage else 0, opt_state if si == start_stage else None)
+        if self.world > 1:
+            self._compare_weights()
+        return self._finish() if self.main else None
 
+    def _build(self) -> None:
+        """The data and its cache, the model and the method on the device, the run's config.json contents."""
+        cfg = self.cfg
         preprocess = cfg.preprocess_config()
         self.data = prepare_data(cfg, preprocess, ranks=self.ranks, progress=self.progress)
         classes = self.data.spec.classes
@@ -256,7 +264,6 @@ class Trainer:
         for m in self.method.frozen.values():   # method-owned, never trained (e.g. UMT's teachers)
             m.requires_grad_(False)
             m.eval()
-
         self.config = {
             "method": cfg.method, "description": method_cls.description,
             "lw_temperature": cfg.lw_temperature, "unimodal_heads": self.method.unimodal_heads,
@@ -266,65 +273,32 @@ class Trainer:
                      "sources": self.data.spec.summary()["sources"], "notes": self.data.spec.notes},
             **run_config_fields(preprocess, model_cfg, classes),
         }
-        fingerprint = self._fingerprint(self.config)
-        start_stage, start_epoch, opt_state = 0, 0, None
-        ckpt_path = self.out / CHECKPOINT
-        if state == "resume":
-            ck = self._read_checkpoint(ckpt_path, fingerprint)
-            for name, m in self.method.modules().items():
-                m.load_state_dict(ck["modules"][name])
-            self.method.load_state_dict(ck["method"])
-            self.history = list(ck["history"])
-            start_stage, start_epoch, opt_state = ck["stage_index"], ck["epoch"], ck["optimizer"]
-            stages = self.method.stages
-            where = stages[start_stage] if start_stage < len(stages) else "evaluation"
-            self.log(f"resumed at epoch {start_epoch} of stage {where!r} from {ckpt_path}")
-        if self.main:
-            atomic_write_json(self.out / CONFIG, self.config)
-            self.log(f"{cfg.method} on {self.data.spec.root} ({self.data.sizes}), preset {cfg.preset}, "
-                     f"device {self.device}, {self.world} process(es) on {self.ranks.nodes} node(s), "
-                     f"global batch {cfg.batch_size * self.world} ({cfg.batch_size} per process)")
-            self.log(f"decode cache {self.data.cache.directory}")
-            self._log_dataset()
+        self.fingerprint = checkpoint.fingerprint(self.config)
 
-        for si in range(start_stage, len(self.method.stages)):
-            self._train_stage(si, fingerprint, start_epoch if si == start_stage else 0,
-                              opt_state if si == start_stage else None)
-        if self.world > 1:
-            self._compare_weights()
-        if not self.main:
-            return None
-        return self._finish()
-
-    def _start_state(self) -> str:
-        """"finished", "resume" or "fresh" (rank 0; cleans up for a fresh or forced start)."""
-        done = all((self.out / f).is_file() for f in (WEIGHTS, REPORT)) and not (self.out / CHECKPOINT).exists()
-        if self.force:
-            for f in RUN_FILES:
-                (self.out / f).unlink(missing_ok=True)
-            return "fresh"
-        if done:
-            tqdm.write(f"{self.out}: already finished (report.json and model.pt exist); pass --force to retrain",
-                       file=sys.stderr)
-            return "finished"
-        if (self.out / CHECKPOINT).is_file():
-            return "resume"
-        for f in (METRICS, LOG):   # leftovers of a run killed before its first checkpoint
-            (self.out / f).unlink(missing_ok=True)
-        return "fresh"
-
-    def _read_checkpoint(self, path: Path, fingerprint: dict) -> dict:
-        """Rank 0 reads and checks the checkpoint; every rank gets it (RUN is rank 0's: other nodes have none)."""
-        ck = error = None
-        if self.main:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-            if ck["config"] != fingerprint:
-                ck, error = None, (f"{path}: checkpoint of a different configuration; rerun with the same options, "
-                                   f"or pass --force to start over (or choose another --out)")
-        ck, error = self.broadcast((ck, error))
-        if error:
+    def _resume(self) -> tuple[int, int, dict | None]:
+        """Load checkpoint.pt into the modules and the method; (stage index, epoch, optimizer state) to go on from."""
+        path = self.out / CHECKPOINT
+        ck, error = self.broadcast(checkpoint.load(path, self.fingerprint) if self.main else (None, None))
+        if error:   # rank 0 reads it (RUN is rank 0's: other nodes have none), every rank gets it
             raise ValueError(error)
-        return ck
+        for name, m in self.method.modules().items():
+            m.load_state_dict(ck["modules"][name])
+        self.method.load_state_dict(ck["method"])
+        self.history = list(ck["history"])
+        stages = self.method.stages
+        where = stages[ck["stage_index"]] if ck["stage_index"] < len(stages) else "evaluation"
+        self.log(f"resumed at epoch {ck['epoch']} of stage {where!r} from {path}")
+        return ck["stage_index"], ck["epoch"], ck["optimizer"]
+
+    def _announce(self) -> None:
+        """config.json, then what runs where on what data (rank 0)."""
+        cfg = self.cfg
+        atomic_write_json(self.out / CONFIG, self.config)
+        self.log(f"{cfg.method} on {self.data.spec.root} ({self.data.sizes}), preset {cfg.preset}, "
+                 f"device {self.device}, {self.world} process(es) on {self.ranks.nodes} node(s), "
+                 f"global batch {cfg.batch_size * self.world} ({cfg.batch_size} per process)")
+        self.log(f"decode cache {self.data.cache.directory}")
+        self._log_dataset()
 
     def _compare_weights(self) -> None:
         """Log every rank's parameter checksum after the last stage (model.pt: rank 0's model, as the
@@ -337,20 +311,42 @@ class Trainer:
             self.log(f"weights differ between ranks (the saved model is rank 0's): sha256 by rank {listed}",
                      logging.WARNING)
 
-    @staticmethod
-    def _fingerprint(config: dict) -> dict:
-        """The part of the config a checkpoint must match to be resumed."""
-        fp = {k: v for k, v in config.items() if k not in ("unimodal_heads",)}
-        fp["train"] = {k: v for k, v in config["train"].items() if k not in VOLATILE}
-        # the dataset's description (sources, notes) follows from its files: a checkpoint matches without it
-        fp["data"] = {k: v for k, v in config["data"].items() if k not in ("sources", "notes")}
-        return json.loads(json.dumps(fp))
+    # ----- stages, epochs, steps: a stage sets up its nets and optimizer and runs its epochs; an
+    # epoch runs its steps, then reduces, validates and logs; a step is forward, backward, update
 
-    # ----- stages and epochs
+    def _train_stage(self, si: int, start_epoch: int, opt_state: dict | None) -> None:
+        stage = self._begin_stage(si, opt_state)
+        for epoch in range(start_epoch, stage.schedule.epochs):
+            self.history.append(self._train_epoch(stage, epoch))
+            if self.main:
+                checkpoint.save(self.out, config_fingerprint=self.fingerprint, stage_index=si, epoch=epoch,
+                                last=epoch + 1 == stage.schedule.epochs, optimizer=stage.optimizer,
+                                modules=self.method.modules(), method_state=self.method.state_dict(),
+                                history=self.history)
+                self._write_metrics()
+        if stage.schedule.epochs == 0:
+            self.log(f"stage {stage.name!r}: 0 epochs, skipped")
 
-    def _schedule(self, stage: str) -> tuple[int, float, int]:
-        c = self.cfg
-        return (c.stage2_epochs, c.stage2_lr, c.stage2_step) if stage == "fusion" else (c.epochs, c.lr, c.lr_step_epoch)
+    def _begin_stage(self, si: int, opt_state: dict | None) -> "Stage":
+        """Which modules train (the others frozen), their nets, the optimizer, the sampler and loader."""
+        name = self.method.stages[si]
+        schedule = stage_schedule(self.cfg, name)
+        for m in self.method.modules().values():
+            m.requires_grad_(False)
+        for m in self.method.trainable(name).values():
+            m.requires_grad_(True)
+        groups = self.method.param_groups(name)
+        for g in groups:   # a group's own initial rate (MSLR), else the stage's; both follow the schedule
+            g["base_lr"] = g.get("lr", schedule.base_lr)
+        optimizer = torch.optim.SGD(groups, lr=schedule.base_lr, momentum=self.cfg.momentum,
+                                    weight_decay=self.cfg.weight_decay)
+        if opt_state is not None:
+            optimizer.load_state_dict(opt_state)
+        sampler = DistributedSampler(CachedDataset(self.data.cache, self.data.rows["train"]),
+                                     num_replicas=self.world, rank=self.rank, shuffle=True, seed=self.cfg.seed)
+        loader = make_loader(self.data, "train", self.cfg.batch_size, self.workers, self.device.type == "cuda",
+                             sampler)
+        return Stage(si, name, schedule, self.method.nets(name, self._wrap), optimizer, sampler, loader)
 
     def _wrap(self, module: torch.nn.Module):
         """A trainable module as `step` calls it: DDP-wrapped across processes, compiled where enabled."""
@@ -360,116 +356,77 @@ class Trainer:
             net = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return torch.compile(net) if self.compile else net
 
-    def _train_stage(self, si: int, fingerprint: dict, start_epoch: int, opt_state: dict | None) -> None:
-        stage = self.method.stages[si]
-        n_epochs, base_lr, step_every = self._schedule(stage)
-        trainable = self.method.trainable(stage)
-        for m in self.method.modules().values():
-            m.requires_grad_(False)
-        for m in trainable.values():
-            m.requires_grad_(True)
-        nets = self.method.nets(stage, self._wrap)
-        groups = self.method.param_groups(stage)
-        for g in groups:   # a group's own initial rate (MSLR), else the stage's; both follow the schedule
-            g["base_lr"] = g.get("lr", base_lr)
-        optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=self.cfg.momentum,
-                                    weight_decay=self.cfg.weight_decay)
-        if opt_state is not None:
-            optimizer.load_state_dict(opt_state)
-        sampler = DistributedSampler(CachedDataset(self.data.cache, self.data.rows["train"]),
-                                     num_replicas=self.world, rank=self.rank, shuffle=True, seed=self.cfg.seed)
-        loader = make_loader(self.data, "train", self.cfg.batch_size, self.workers,
-                             self.device.type == "cuda", sampler)
-        for epoch in range(start_epoch, n_epochs):
-            lr = base_lr * self.cfg.lr_gamma ** (epoch // step_every)
-            row = self._train_epoch(si, stage, epoch, n_epochs, lr, nets, optimizer, sampler, loader)
-            self.history.append(row)
-            last = epoch + 1 == n_epochs
-            if self.main:
-                ck = {"version": 1, "config": fingerprint, "stage_index": si + 1 if last else si,
-                      "epoch": 0 if last else epoch + 1, "optimizer": None if last else optimizer.state_dict(),
-                      "modules": {n: m.state_dict() for n, m in self.method.modules().items()},
-                      "method": self.method.state_dict(), "history": self.history,
-                      "rng": {"torch": torch.get_rng_state()}}
-                atomic_torch_save(self.out / CHECKPOINT, ck)
-                self._write_metrics()
-        if n_epochs == 0 and self.main:
-            self.log(f"stage {stage!r}: 0 epochs, skipped")
-
-    def _train_epoch(self, si, stage, epoch, n_epochs, lr, nets, optimizer, sampler, loader) -> dict:
+    def _train_epoch(self, stage: "Stage", epoch: int) -> dict:
+        """One epoch: its steps, then the totals over every rank, validation and the log line; one metrics row."""
         t0 = time.time()
-        seed = epoch_seed(self.cfg.seed, si, epoch)
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        sampler.set_epoch(si * 100_000 + epoch)
-        self.method.on_epoch_start(stage, epoch, self)
-        for m in self.method.modules().values():
-            m.eval()
-        for m in self.method.trainable(stage).values():
-            m.train()
-        for m in self.method.frozen.values():
-            m.eval()
-        stage_lr = self._schedule(stage)[1]
-        decay = lr / stage_lr if stage_lr else 0.0
-
-        sums: dict[str, torch.Tensor] = {}
-        def add(key: str, v) -> None:
-            v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
-            sums[key] = sums.get(key, 0) + v.to(self.device)
-
-        bar = tqdm(loader, desc=f"{stage} {epoch + 1}/{n_epochs}", leave=False, unit="batch", file=sys.stderr,
-                   disable=not (self.main and self.progress))
-        seen = 0
-        step0 = len(self.history) * len(loader)   # TensorBoard step: training batches so far, all stages
-        for bi, (inputs, label) in enumerate(bar):
-            inputs = {n: inputs[n].to(self.device, non_blocking=True) for n in self.model.names}
-            label = label.to(self.device, non_blocking=True)
-            for n in self.augmented:   # in model order: one generator, a fixed sequence of draws
-                inputs[n] = augment_frames(inputs[n], generator=gen)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(self.device, self.amp_dtype):
-                res = self.method.step(stage, Batch(inputs, label), nets)
-            sum(res.losses.values()).backward()
-            self.method.after_backward(stage, nets)
-            scales = self.method.lr_scales()
-            for g in optimizer.param_groups:
-                g["lr"] = g.get("base_lr", stage_lr) * decay * scales.get(g["name"], 1.0)
-            optimizer.step()
+        augment = self._begin_epoch(stage, epoch)
+        totals = EpochTotals(self.device)
+        batches = tqdm(stage.loader, desc=f"{stage.name} {epoch + 1}/{stage.schedule.epochs}", leave=False,
+                       unit="batch", file=sys.stderr, disable=not (self.main and self.progress))
+        step0 = len(self.history) * len(stage.loader)   # TensorBoard step: training batches so far, all stages
+        for bi, (inputs, label) in enumerate(batches):
+            batch = self._to_device(inputs, label, augment)
+            res = self._step(stage, epoch, batch)
+            totals.add(res, batch.label)
             if self.main and self.scalars.enabled:   # per-step values cost a device sync: only when logged
-                self.scalars.write(step0 + bi, {"lr": lr, **{f"step/loss_{k}": v for k, v in res.losses.items()}})
-            b = label.shape[0]
-            seen += b
-            for k, v in res.losses.items():
-                add(f"loss_{k}", v * b)
-            for k, v in res.logs.items():
-                add(k, v * b)
-            for k, z in res.logits.items():
-                add(f"train_acc_{k}", (z.argmax(1) == label).sum())
-            add("n", b)
+                self.scalars.write(step0 + bi, {"lr": stage.schedule.lr(epoch),
+                                                **{f"step/loss_{k}": v for k, v in res.losses.items()}})
+        row: dict[str, Any] = {"stage": stage.name, "epoch": epoch + 1, "lr": stage.schedule.lr(epoch),
+                               **totals.means(self.all_reduce_sum)}
+        self.method.on_epoch_end(stage.name, epoch, self)
+        row.update(self._validate(stage.name, epoch))
+        row["time_s"] = round(time.time() - t0, 3)
+        self._log_epoch(stage, epoch, row, step0 + len(stage.loader))
+        return row
 
-        keys = sorted(sums)
-        totals = self.all_reduce_sum(torch.stack([sums[k] for k in keys])) if keys else torch.zeros(0)
-        totals = dict(zip(keys, totals.tolist()))
-        n = totals.pop("n", 0) or 1
-        row: dict[str, Any] = {"stage": stage, "epoch": epoch + 1, "lr": lr}
-        row.update({k: v / n for k, v in totals.items()})
-        self.method.on_epoch_end(stage, epoch, self)
+    def _begin_epoch(self, stage: "Stage", epoch: int) -> torch.Generator:
+        """Seed the epoch from (seed, stage, epoch) (a resumed run equals an uninterrupted one), put the
+        modules in their modes, run the method's hook; returns the augmentation's generator."""
+        seed = epoch_seed(self.cfg.seed, stage.index, epoch)
+        torch.manual_seed(seed)
+        stage.sampler.set_epoch(stage.index * 100_000 + epoch)
+        self.method.on_epoch_start(stage.name, epoch, self)
+        for m in (*self.method.modules().values(), *self.method.frozen.values()):
+            m.eval()
+        for m in self.method.trainable(stage.name).values():
+            m.train()
+        return torch.Generator().manual_seed(seed)
+
+    def _to_device(self, inputs: dict[str, torch.Tensor], label: torch.Tensor, augment: torch.Generator) -> Batch:
+        inputs = {n: inputs[n].to(self.device, non_blocking=True) for n in self.model.names}
+        for n in self.augmented:   # in model order: one generator, a fixed sequence of draws
+            inputs[n] = augment_frames(inputs[n], generator=augment)
+        return Batch(inputs, label.to(self.device, non_blocking=True))
+
+    def _step(self, stage: "Stage", epoch: int, batch: Batch) -> StepResult:
+        """Forward, backward, the method's gradient hook (OGM-GE), this step's learning rates, the update."""
+        stage.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.amp_dtype):
+            res = self.method.step(stage.name, batch, stage.nets)
+        sum(res.losses.values()).backward()
+        self.method.after_backward(stage.name, stage.nets)
+        set_learning_rates(stage.optimizer, stage.schedule.factor(epoch), self.method.lr_scales())
+        stage.optimizer.step()
+        return res
+
+    def _validate(self, stage: str, epoch: int) -> dict[str, float]:
+        """Validation accuracy of the stage's outputs (rank 0), given to every rank's method hook (MSLR, MSES)."""
         acc: dict[str, float] = {}
         if self.main and len(self.data.rows["val"]):
             o = collect(self.model, self.eval_loader("val"), self.device, self.amp_dtype)
-            for k in self.method.outputs(stage):
-                acc[k] = row[f"val_acc_{k}"] = float((o.logits[k].argmax(1) == o.labels).double().mean())
-        # every rank gets rank 0's accuracies: methods that act on them (MSLR, MSES) stay in step
-        self.method.on_validation_end(stage, epoch, self.broadcast(acc), self)
-        row["time_s"] = round(time.time() - t0, 3)
-        if self.main:
-            self.scalars.write(step0 + len(loader), {f"epoch/{k}": v for k, v in row.items()
-                                                     if k not in ("stage", "epoch") and isinstance(v, (int, float))})
-        if self.main:
-            shown = {k: v for k, v in row.items() if k.startswith(("loss_", "train_acc_", "val_acc_"))}
-            self.log(f"{stage} epoch {epoch + 1}/{n_epochs} lr {lr:.3g} "
-                     + " ".join(f"{k} {v:.4f}" for k, v in shown.items()) + f" ({row['time_s']:.1f}s)")
-        return row
+            acc = {k: float((o.logits[k].argmax(1) == o.labels).double().mean()) for k in self.method.outputs(stage)}
+        acc = self.broadcast(acc)
+        self.method.on_validation_end(stage, epoch, acc, self)
+        return {f"val_acc_{k}": v for k, v in acc.items()}
+
+    def _log_epoch(self, stage: "Stage", epoch: int, row: dict, step: int) -> None:
+        if not self.main:
+            return
+        self.scalars.write(step, {f"epoch/{k}": v for k, v in row.items()
+                                  if k not in ("stage", "epoch") and isinstance(v, (int, float))})
+        shown = {k: v for k, v in row.items() if k.startswith(("loss_", "train_acc_", "val_acc_"))}
+        self.log(f"{stage.name} epoch {epoch + 1}/{stage.schedule.epochs} lr {row['lr']:.3g} "
+                 + " ".join(f"{k} {v:.4f}" for k, v in shown.items()) + f" ({row['time_s']:.1f}s)")
 
     def _write_metrics(self) -> None:
         first = ["stage", "epoch", "lr"]
