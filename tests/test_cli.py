@@ -226,7 +226,7 @@ def test_tensorboard_has_per_step_and_per_epoch_scalars(run):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     metrics = list(csv.DictReader(open(out / "metrics.csv")))
-    assert {"lr", "step/loss_audio", "step/loss_visual", "epoch/val_acc_audio", "epoch/loss_fused"} <= tags
+    assert {"lr", "step/loss_audio", "step/loss_visual", "epoch/val_acc_audio", "epoch/loss_fusion"} <= tags
     epochs = [e.step for e in events.Scalars("epoch/lr")]
     assert len(epochs) == len(metrics) == 3 and epochs == sorted(epochs)      # 2 encoder + 1 fusion epochs
     steps = [e.step for e in events.Scalars("step/loss_audio")]
