@@ -1,11 +1,17 @@
 """Shared test constants and fixtures (tests/ is on sys.path: `from conftest import SETTINGS`)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 from dimml.modalities import preprocess_for
+
+# One torch thread per process (set before any test imports torch; subprocesses inherit it): the
+# tests run several processes at once (servers, DDP ranks, CLI runs) on two cores, where two
+# threads each made training up to 3x slower idle-ish and 24x slower under load (BENCHMARKS.md).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The four experiment settings every layer's tests are parametrised over (DI-MML's Table 2 + DGL's three).
 SETTINGS = ("audio,visual", "visual,flow", "front:image,rear:image", "audio,visual,flow")

@@ -172,12 +172,15 @@ def test_old_runs_load_as_audio_visual(fusion, tmp_path):
         torch.testing.assert_close(got[k], want[k])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(REGISTRY))
 def test_every_method_beats_chance(runs, method):
-    settings = "base" if method in ("dimml", "joint") else "short"   # those two are shared
+    # the full 12 + 4 epochs for every method: on 6 + 3 (as before) OGM-GE's fusion head, whose
+    # audio encoder it slows down, ended between 0.42 and 0.92 over seeds (once at chance); on 12 + 4
+    # every method ends at 0.96 to 1.0 (seeds 0 to 2, training/methods/ at this commit)
     teachers = get_method(method).teachers_from   # UMT: the unimodal run of the same settings
-    extra = {"hparams": {"teachers": str(runs(teachers, settings)[0])}} if teachers else {}
-    out, report = runs(method, settings, **extra)
+    extra = {"hparams": {"teachers": str(runs(teachers)[0])}} if teachers else {}
+    out, report = runs(method, **extra)
     n = report["sizes"]["test"]
     assert n == 6 * K
     assert final(report)["accuracy"] >= 2 / K, report["metrics"]   # chance is 1/K
