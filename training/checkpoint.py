@@ -41,7 +41,7 @@ def start_state(out: Path, force: bool) -> str:
 
 def fingerprint(config: dict) -> dict:
     """The part of a run's config.json a checkpoint must match to be resumed."""
-    fp = {k: v for k, v in config.items() if k not in ("unimodal_heads",)}
+    fp = {k: v for k, v in config.items() if k not in ("unimodal_heads", "method_record")}
     fp["train"] = {k: v for k, v in config["train"].items() if k not in VOLATILE}
     # the dataset's description (sources, notes) follows from its files: a checkpoint matches without it
     fp["data"] = {k: v for k, v in config["data"].items() if k not in ("sources", "notes")}

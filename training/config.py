@@ -108,7 +108,9 @@ class TrainConfig:
             raise ValueError(f"method {c.method!r} supports fusion {method.fusions}, not {c.fusion!r}")
         method.check_modalities(len(names))
         check_fusion(c.fusion, len(names))
-        method.make_hparams(c.hparams, c.epochs)   # unknown or invalid hyper-parameters fail here, early
+        # the preset's defaults for this method, under what the user set (--set); then checked, early
+        c.hparams = {**preset.method_hparams.get(c.method, {}), **c.hparams}
+        method.make_hparams(c.hparams, c.epochs)
         return c
 
     def preprocess_config(self) -> PreprocessConfig:

@@ -37,11 +37,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from dimml.datasets import SPLITS
@@ -203,6 +203,25 @@ class Trainer:
         o = collect(self.model, self.eval_loader(split), self.device, self.amp_dtype)
         return o.features, o.labels
 
+    def batches(self, split: str, seed: int | None = None) -> Iterator[Batch]:
+        """A split's batches on the device: shuffled by `seed` and augmented (training-like), or in
+        order without augmentation (seed None)."""
+        if seed is None:
+            loader, augment = self.eval_loader(split), None
+        else:
+            order = RandomSampler(CachedDataset(self.data.cache, self.data.rows[split]),
+                                  generator=torch.Generator().manual_seed(seed))
+            loader = make_loader(self.data, split, self.cfg.batch_size, self.workers, self.device.type == "cuda",
+                                 order)
+            augment = torch.Generator().manual_seed(seed)
+        for inputs, label in loader:
+            yield self._to_device(inputs, label, augment)
+
+    @property
+    def optimizer_settings(self) -> dict[str, float]:
+        """The stage-1 optimiser's lr, momentum and weight decay (a method's own search trains with them)."""
+        return {"lr": self.cfg.lr, "momentum": self.cfg.momentum, "weight_decay": self.cfg.weight_decay}
+
     def eval_loader(self, split: str) -> DataLoader:
         """Sequential, unaugmented batches of a split (made once per split)."""
         if split not in self._eval_loaders:
@@ -235,7 +254,11 @@ class Trainer:
         if state == "finished":
             return read_report(self.out) if self.main else None
         self._build()
-        start_stage, start_epoch, opt_state = self._resume() if state == "resume" else (0, 0, None)
+        if state == "resume":
+            start_stage, start_epoch, opt_state = self._resume()
+        else:
+            start_stage, start_epoch, opt_state = 0, 0, None
+            self.method.prepare(self)   # e.g. MSLR's search for each encoder's initial rate
         if self.main:
             self._announce()
         for si in range(start_stage, len(self.method.stages)):
@@ -293,6 +316,8 @@ class Trainer:
     def _announce(self) -> None:
         """config.json, then what runs where on what data (rank 0)."""
         cfg = self.cfg
+        # what the method decided before training (MSLR: the initial rates it searched), beside the config
+        self.config["method_record"] = self.method.record()
         atomic_write_json(self.out / CONFIG, self.config)
         self.log(f"{cfg.method} on {self.data.spec.root} ({self.data.sizes}), preset {cfg.preset}, "
                  f"device {self.device}, {self.world} process(es) on {self.ranks.nodes} node(s), "
@@ -392,9 +417,10 @@ class Trainer:
             m.train()
         return torch.Generator().manual_seed(seed)
 
-    def _to_device(self, inputs: dict[str, torch.Tensor], label: torch.Tensor, augment: torch.Generator) -> Batch:
+    def _to_device(self, inputs: dict[str, torch.Tensor], label: torch.Tensor,
+                   augment: torch.Generator | None) -> Batch:
         inputs = {n: inputs[n].to(self.device, non_blocking=True) for n in self.model.names}
-        for n in self.augmented:   # in model order: one generator, a fixed sequence of draws
+        for n in self.augmented if augment is not None else ():   # in model order: one generator, fixed draws
             inputs[n] = augment_frames(inputs[n], generator=augment)
         return Batch(inputs, label.to(self.device, non_blocking=True))
 

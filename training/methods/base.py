@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Iterator, Protocol
 
 import torch
 import torch.nn as nn
@@ -77,6 +77,12 @@ class Context(Protocol):
     def log(self, msg: str) -> None:
         """A line for the user and RUN/train.log (rank 0 only)."""
 
+    main: bool                                   # rank 0
+    optimizer_settings: dict[str, float]         # the stage-1 lr, momentum, weight_decay
+
+    def batches(self, split: str, seed: int | None = None) -> Iterator[Batch]:
+        """A split's batches on the device: shuffled by seed and augmented, or in order (seed None)."""
+
 
 @dataclass
 class HParams:
@@ -89,6 +95,15 @@ class HParams:
 @dataclass
 class NoHParams(HParams):
     pass
+
+
+def window_epoch(value: float, epochs: int) -> int:
+    """A modulation window's bound as a 0-based epoch: given as an epoch (0, or >= 1), or as a
+    fraction of the run (0 < value < 1: round(value x epochs)), so short runs keep the reference's
+    proportions (OGM-GE modulates epochs 0-50 of its 100, PMR 0-70)."""
+    if value < 0:
+        raise ValueError(f"a window bound must be >= 0 (an epoch, or a fraction of the run), got {value}")
+    return round(value * epochs) if 0 < value < 1 else int(value)
 
 
 class Method:
@@ -169,6 +184,13 @@ class Method:
         return (*self.names, FUSION)
 
     # ----- training
+
+    def prepare(self, ctx: Context) -> None:
+        """Once before the first stage of a fresh run (not on resume: state_dict carries it)."""
+
+    def record(self) -> dict[str, Any]:
+        """What the method decided for this run, saved in RUN/config.json ("method_record")."""
+        return {}
 
     def on_epoch_start(self, stage: str, epoch: int, ctx: Context) -> None:
         pass

@@ -15,7 +15,11 @@ Modulated parameters: `params=conv` (default, the reference) = the 4-D conv weig
 encoder (no BN, no biases, no heads); `params=weights` = every encoder parameter with more than
 one dimension (BalanceBenchmark). The fusion head's gradients are never touched.
 Defaults: alpha 0.8 (the reference README's CREMA-D value; its argparse has no default and the
-README's generic example uses 0.1), start 0, end 50 (the reference's argparse). Needs the concat
+README's generic example uses 0.1), start 0, end 50 (the reference's argparse, of its 100-epoch
+runs); `start` and `end` may be fractions of the run (0 < x < 1: round(x epochs)), which the short
+presets use (tiny, small: end 0.5, dimml/presets.py) so that the window switches off half way as
+in the reference rather than never; the paper presets keep epoch 50. Every step logs `modulated`
+(1 inside the window, 0 after). Needs the concat
 fusion (the slices); unimodal heads = the slices. The noise comes from a generator seeded from the
 run's per-epoch seed, so every DDP rank draws the same noise (and a resumed run the same as an
 uninterrupted one).
@@ -28,7 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from training.methods.base import Batch, Context, HParams, SliceHeads, StepResult, ce, register, slice_logits
+from training.methods.base import (Batch, Context, HParams, SliceHeads, StepResult, ce, register, slice_logits,
+                                   window_epoch)
 from training.models import FUSION, ConcatFusion
 
 PARAM_FILTERS = ("conv", "weights")
@@ -37,8 +42,8 @@ PARAM_FILTERS = ("conv", "weights")
 @dataclass
 class OGMGEConfig(HParams):
     alpha: float = 0.8
-    start: int = 0          # first modulated epoch (0-based, inclusive)
-    end: int = 50           # last modulated epoch (inclusive)
+    start: float = 0        # first modulated epoch (0-based, inclusive; 0 < x < 1: a fraction of the run)
+    end: float = 50         # last modulated epoch (inclusive; 0 < x < 1: a fraction of the run)
     ge: bool = True         # generalisation enhancement (Gaussian noise); false: plain OGM
     params: str = "conv"    # "conv": 4-D conv weights (the reference); "weights": every >1-D encoder parameter
 
@@ -47,6 +52,7 @@ class OGMGEConfig(HParams):
             raise ValueError(f"ogm-ge params must be one of {PARAM_FILTERS}, got {self.params!r}")
         if self.alpha < 0:
             raise ValueError("ogm-ge alpha must be >= 0")
+        self.start, self.end = window_epoch(self.start, epochs), window_epoch(self.end, epochs)
 
 
 def ogm_coefficients(scores: list[float], alpha: float) -> list[float]:
@@ -100,8 +106,9 @@ class OGMGE(SliceHeads):
         if self._ctx is not None:
             s = self._ctx.all_reduce_sum(s)
         self.k = dict(zip(self.names, ogm_coefficients(s.tolist(), self.hp.alpha)))
-        logits = {**dict(zip(self.names, out)), "fusion": z}
-        return StepResult({FUSION: ce(z, y)}, logits, {f"k_{n}": self.k[n] for n in self.names})
+        logits = {**dict(zip(self.names, out)), FUSION: z}
+        return StepResult({FUSION: ce(z, y)}, logits,
+                          {**{f"k_{n}": self.k[n] for n in self.names}, "modulated": float(self.active())})
 
     @torch.no_grad()
     def after_backward(self, stage: str, nets) -> None:
