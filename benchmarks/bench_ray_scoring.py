@@ -7,8 +7,10 @@ Runs `python -m clients score CORPUS -r --bundle B --out X.csv` as a user does, 
 (--workers W decode threads, one process) and with --engine ray (a local Ray started by the command:
 --actors actors of --cpus-per-actor CPUs, each holding the model), --rounds times each, on the same
 corpus (copies of synth clips, class folders; made as bench_scoring.py makes them). Reported per
-engine: its own files/s (the summary line: from the scorer's start, for Ray its actors' start-up
-included, to the last row), the wall time of the whole command (interpreter, Ray start, model load),
+engine: the steady files/s (rows in --out sampled every --sample-s: from the first row to the
+last, start-up excluded: what a long run gets), its own files/s (the summary line: from the
+scorer's start, for Ray its start and its actors' included, to the last row), the wall time of
+the whole command (interpreter, Ray start, model load),
 and the memory of the command's process tree, sampled every --sample-s s: peak RSS summed over its
 processes and peak USS summed (memory no other process shares: the Ray object store's shared
 pages are counted once in RSS of each process mapping them, not at all in USS). The ratio Ray / local
@@ -37,12 +39,14 @@ MIB = 2**20
 
 
 class TreeMemory:
-    """Peak summed RSS and USS of a process and its descendants, sampled in a thread."""
+    """Peak summed RSS and USS of a process and its descendants, sampled in a thread, and the rows of
+    its --out over time (the steady rate: first row to last, start-up excluded)."""
 
-    def __init__(self, pid: int, every_s: float):
-        self.pid, self.every_s = pid, every_s
+    def __init__(self, pid: int, every_s: float, out: Path):
+        self.pid, self.every_s, self.out = pid, every_s, out
         self.peak_rss = self.peak_uss = 0.0
         self.peak_procs = 0
+        self.rows: list[tuple[float, int]] = []   # (time, rows in --out)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -64,7 +68,18 @@ class TreeMemory:
                     pass
             self.peak_rss, self.peak_uss = max(self.peak_rss, rss / MIB), max(self.peak_uss, uss / MIB)
             self.peak_procs = max(self.peak_procs, len(procs))
+            try:
+                self.rows.append((time.perf_counter(), max(0, self.out.read_bytes().count(b"\n") - 1)))
+            except OSError:
+                pass
             self._stop.wait(self.every_s)
+
+    def steady_rate(self) -> float:
+        """Rows per second from the first sample with a row to the last sample's (start-up excluded)."""
+        seen = [(t, n) for t, n in self.rows if n > 0]
+        if len(seen) < 2 or seen[-1][0] == seen[0][0]:
+            return float("nan")
+        return (seen[-1][1] - seen[0][1]) / (seen[-1][0] - seen[0][0])
 
     def __enter__(self) -> "TreeMemory":
         self._thread.start()
@@ -82,13 +97,14 @@ def score(corpus: Path, bundle: Path, out: Path, extra: list[str], sample_s: flo
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "RAY_ADDRESS": ""})   # a Ray of its own, as a user's first run
-    with TreeMemory(proc.pid, sample_s) as mem:
+    with TreeMemory(proc.pid, sample_s, out) as mem:
         stdout, stderr = proc.communicate(timeout=3600)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{stderr[-3000:]}")
     m = SUMMARY.search(stdout)
-    return {"files_per_s": float(m.group(3)), "files": int(m.group(1)), "wall_s": round(wall, 1),
+    return {"files_per_s": float(m.group(3)), "steady_files_per_s": round(mem.steady_rate(), 1),
+            "files": int(m.group(1)), "wall_s": round(wall, 1),
             "peak_rss_mib": round(mem.peak_rss), "peak_uss_mib": round(mem.peak_uss), "processes": mem.peak_procs,
             "failed": int(re.search(r"(\d+) failed", stdout).group(1))}
 
@@ -140,26 +156,29 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    med = {name: {k: statistics.median(x[k] for x in rs) for k in ("files_per_s", "wall_s", "peak_rss_mib",
-                                                                    "peak_uss_mib")} for name, rs in runs.items()}
+    keys = ("files_per_s", "steady_files_per_s", "wall_s", "peak_rss_mib", "peak_uss_mib")
+    med = {name: {k: statistics.median(x[k] for x in rs) for k in keys} for name, rs in runs.items()}
     ratio = med["ray"]["files_per_s"] / med["local"]["files_per_s"]
+    steady = med["ray"]["steady_files_per_s"] / med["local"]["steady_files_per_s"]
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
               "files": args.files, "rounds": args.rounds, "engines": engines, "runs": runs, "median": med,
-              "ray_over_local_files_per_s": round(ratio, 3), "rows_identical": same,
+              "ray_over_local_files_per_s": round(ratio, 3), "ray_over_local_steady": round(steady, 3),
+              "rows_identical": same,
               "load_avg": [round(x, 1) for x in loads]}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     print(f"\n## Ray vs local scoring ({result['date']}): {args.files} files, {args.rounds} round(s) each\n")
     print(f"machine: {result['machine']}; load average at each run's start: {result['load_avg']}")
     print(f"local: {' '.join(engines['local'])}; ray: {' '.join(engines['ray'])}\n")
-    print("| engine | files/s (each round) | wall s incl. start-up | peak RSS MiB (tree) | peak USS MiB (tree) |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| engine | steady files/s (each round) | files/s from the scorer's start | wall s incl. start-up "
+          "| peak RSS MiB (tree) | peak USS MiB (tree) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, rs in runs.items():
-        each = ", ".join(format(x["files_per_s"], ".1f") for x in rs)
+        each = ", ".join(format(x["steady_files_per_s"], ".1f") for x in rs)
         m = med[name]
-        print(f"| {name} | {m['files_per_s']:.1f} ({each}) | {m['wall_s']:.1f} | {m['peak_rss_mib']:.0f} "
-              f"| {m['peak_uss_mib']:.0f} |")
-    print(f"\nray / local files/s: {ratio:.2f}; rows identical: {same}")
+        print(f"| {name} | {m['steady_files_per_s']:.1f} ({each}) | {m['files_per_s']:.1f} | {m['wall_s']:.1f} "
+              f"| {m['peak_rss_mib']:.0f} | {m['peak_uss_mib']:.0f} |")
+    print(f"\nray / local: steady {steady:.2f}, from the scorer's start {ratio:.2f}; rows identical: {same}")
     return 0
 
 
