@@ -34,7 +34,7 @@ from pydantic import Field
 from dimml.media import Clip, MediaError, MediaInfo
 from dimml.modalities import VIDEO_FIELD, PreprocessConfig
 from dimml.predict import decode_files
-from serving import bentoml_fixes
+from serving import allocator, bentoml_fixes
 from serving.openapi import OpenAPIErrors
 from serving.schemas import Answer, BatchItem, ItemError
 from serving.settings import Settings
@@ -160,6 +160,8 @@ class DIMMLInference:
         from dimml.engines import open_engine
         from dimml.predict import Predictor
 
+        allocator.configure(SETTINGS.malloc_arenas, SETTINGS.malloc_trim_s)   # before the engine's threads
+
         if SETTINGS.bundle:
             source = SETTINGS.bundle
         elif MODEL is not None:
@@ -224,6 +226,7 @@ class DIMML:
     inference = bentoml.depends(DIMMLInference)
 
     def __init__(self) -> None:
+        allocator.configure(SETTINGS.malloc_arenas, SETTINGS.malloc_trim_s)   # before the decode threads
         self._meta: dict[str, Any] | None = None
         self._cfg: PreprocessConfig | None = None
         self._decode_limiter = anyio.CapacityLimiter(SETTINGS.decode_threads)

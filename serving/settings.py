@@ -29,6 +29,8 @@ class Settings:
     max_concurrency: int = 128        # DIMML_MAX_CONCURRENCY: requests in progress at once (all API workers);
                                       # BentoML refuses more at once (429) instead of queueing them
     retry_after_s: int = 1            # DIMML_RETRY_AFTER_S: the Retry-After of a 503 (model restarting or overloaded)
+    malloc_arenas: int = 2            # DIMML_MALLOC_ARENAS: glibc malloc arenas per worker (0: glibc's 8 per core)
+    malloc_trim_s: float = 10.0       # DIMML_MALLOC_TRIM_S: seconds between malloc_trim calls (0: never)
 
     @property
     def backend_order(self) -> list[str]:
@@ -97,6 +99,8 @@ class Settings:
                      "inference_workers", "max_concurrency", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DIMML_{name.upper()} must be >= 1, got {getattr(self, name)}")
+        if self.malloc_arenas < 0 or self.malloc_trim_s < 0:
+            raise ValueError("DIMML_MALLOC_ARENAS and DIMML_MALLOC_TRIM_S must be >= 0")
         if self.max_upload_mb <= 0:
             raise ValueError(f"DIMML_MAX_UPLOAD_MB must be > 0, got {self.max_upload_mb}")
         if self.max_duration_s < 0:
