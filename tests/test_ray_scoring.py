@@ -164,13 +164,17 @@ def test_driver_killed_then_resumed_scores_every_file_once(ray_session, corpus, 
     out = tmp_path / "out" / "r.csv"
     args = ["score", str(tmp_path / "data"), "-r", "--bundle", str(bundle), "--engine", "ray", "--out", str(out),
             "--shard-rows", "7", "--batch-size", "2", "--no-progress"]
-    proc = subprocess.Popen([sys.executable, "-m", "clients", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "RAY_ADDRESS": ""})
+    # RAY_ADDRESS="": a Ray of its own, not the module's; its agents give up on the dead GCS after 10 s
+    # (Ray's default: 60 s), so the check that they go does not hold the test up for a minute
+    log = tmp_path / "driver.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "clients", *args], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "RAY_ADDRESS": "", "RAY_gcs_rpc_server_reconnect_timeout_s": "10"})
     ray_procs: list = []
     try:
         deadline = time.monotonic() + 180
         while sum(p.read_bytes().count(b"\n") - 1 for p in shard_paths(out)) < 5:   # minus each shard's header
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
             assert time.monotonic() < deadline, "no rows written in 180 s"
             time.sleep(0.05)
         ray_procs = psutil.Process(proc.pid).children(recursive=True)
@@ -191,7 +195,7 @@ def test_driver_killed_then_resumed_scores_every_file_once(ray_session, corpus, 
         assert sorted(os.listdir(out.parent)) == [p.name for p in shard_paths(out)]   # shards only
     finally:
         # the killed driver's Ray goes with it: gcs and raylet at once (fate sharing), Ray's agents once
-        # they find the raylet gone (about a minute: their last report to the dead GCS times out)
+        # they find the raylet gone and their last report to the dead GCS times out
         _, alive = psutil.wait_procs(ray_procs, timeout=120)
         alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         for p in alive:   # never leave them running
