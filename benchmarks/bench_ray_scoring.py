@@ -75,11 +75,14 @@ class TreeMemory:
             self._stop.wait(self.every_s)
 
     def steady_rate(self) -> float:
-        """Rows per second from the first sample with a row to the last sample's (start-up excluded)."""
+        """Rows per second from the first sample with a row to the first with them all (start-up and
+        shut-down excluded)."""
         seen = [(t, n) for t, n in self.rows if n > 0]
-        if len(seen) < 2 or seen[-1][0] == seen[0][0]:
+        if len(seen) < 2:
             return float("nan")
-        return (seen[-1][1] - seen[0][1]) / (seen[-1][0] - seen[0][0])
+        last = max(n for _, n in seen)
+        t_end = min(t for t, n in seen if n == last)
+        return (last - seen[0][1]) / (t_end - seen[0][0]) if t_end > seen[0][0] else float("nan")
 
     def __enter__(self) -> "TreeMemory":
         self._thread.start()
@@ -94,6 +97,7 @@ def score(corpus: Path, bundle: Path, out: Path, extra: list[str], sample_s: flo
     """One `python -m clients score` run: its files/s, wall time, peak memory."""
     cmd = [sys.executable, "-m", "clients", "score", str(corpus), "-r", "--bundle", str(bundle), "--out", str(out),
            "--overwrite", "--no-progress", *extra]
+    out.unlink(missing_ok=True)   # the rows counted are this run's
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "RAY_ADDRESS": ""})   # a Ray of its own, as a user's first run

@@ -18,7 +18,12 @@ and at the first, the middle (DIMML_MEMPROBE_DIFF_AT seconds, default 600) and e
 dump the top allocation sites that grew since the first snapshot (tracemalloc, 12 frames),
 to DIR/<pid>-top.txt, with live counts of per-request objects (WATCH) and who holds the oldest
 Request. DIMML_MEMPROBE_COLLECT=1 also runs gc.collect() at each sample and records what it
-freed (cyclic garbage waiting for a full collection is not a leak). RSS growing with `traced` flat says native memory; with `malloc_free`
+freed (cyclic garbage waiting for a full collection is not a leak). DIMML_MEMPROBE_OBJECTS=0 leaves
+out the per-type counts and the loop's timers (they walk gc.get_objects(), and doing that from
+another thread can hand out a tuple that the serving thread is still building: CPython then fails
+its resize with "SystemError: Objects/tupleobject.c: bad argument to internal function"; once,
+that error stopped BentoML's batching controller, and the model answered only 503 until restarted:
+a diagnostic run, not a production one). RSS growing with `traced` flat says native memory; with `malloc_free`
 growing, the allocator keeps freed memory (fragmentation), with `malloc_in_use` growing,
 something native is kept.
 """
@@ -160,7 +165,7 @@ def oldest_holders(name: str = "Request") -> str:
     return f"who holds a live {name} ({len(found)} alive):\n" + referrers(found[0])
 
 
-def _run(out: Path, every_s: float, diff_at_s: float, collect: bool) -> None:
+def _run(out: Path, every_s: float, diff_at_s: float, collect: bool, objects: bool) -> None:
     pid = os.getpid()
     t0 = time.monotonic()
     first = tracemalloc.take_snapshot()
@@ -170,8 +175,9 @@ def _run(out: Path, every_s: float, diff_at_s: float, collect: bool) -> None:
             traced, peak = tracemalloc.get_traced_memory()
             rec = {"t": round(time.monotonic() - t0, 1), "pid": pid, "rss": rss_bytes(), "traced": traced,
                    "traced_peak": peak, **mallinfo(), "arenas": arena_count(),
-                   "threads": threading.active_count(), "gc_objects": len(gc.get_objects()), **live_counts(),
-                   "timers": timer_census()}
+                   "threads": threading.active_count()}
+            if objects:
+                rec.update(gc_objects=len(gc.get_objects()), **live_counts(), timers=timer_census())
             if collect:   # what a full collection frees: cyclic garbage, not a leak
                 rec["gc_freed"] = gc.collect()
                 rec["traced_after_gc"] = tracemalloc.get_traced_memory()[0]
@@ -184,8 +190,9 @@ def _run(out: Path, every_s: float, diff_at_s: float, collect: bool) -> None:
                 with open(out / f"{pid}-top.txt", "a") as top:
                     top.write(f"=== t={elapsed:.0f} s, traced {traced / 2**20:.1f} MiB, rss {rec['rss'] / 2**20:.1f} MiB\n")
                     top.write(_top(first, snap) + "\n")
-                    for name in ("Request", "RequestResponseCycle"):
-                        top.write(oldest_holders(name) + "\n")
+                    if objects:
+                        for name in ("Request", "RequestResponseCycle"):
+                            top.write(oldest_holders(name) + "\n")
                 diffed = True
                 diff_at_s = elapsed   # then at every doubling
             time.sleep(every_s)
@@ -200,7 +207,8 @@ def start() -> None:
     tracemalloc.start(FRAMES)
     threading.Thread(target=_run, args=(out, float(os.environ.get("DIMML_MEMPROBE_S", "30")),
                                         float(os.environ.get("DIMML_MEMPROBE_DIFF_AT", "600")),
-                                        os.environ.get("DIMML_MEMPROBE_COLLECT", "") == "1"),
+                                        os.environ.get("DIMML_MEMPROBE_COLLECT", "") == "1",
+                                        os.environ.get("DIMML_MEMPROBE_OBJECTS", "1") != "0"),
                      daemon=True, name="memprobe").start()
 
 
