@@ -1,6 +1,6 @@
 """`python -m clients` / `dimml-score`: score media files with a bundle or a server.
 
-    dimml-score score INPUT [INPUT ...] --out results.csv|results.jsonl (--server URL | --bundle BUNDLE)
+    dimml-score score INPUT [INPUT ...] --out results.csv|results.jsonl (--server URL | --bundle BUNDLE [--engine ray])
     dimml-score predict [FIELD=]FILE [FIELD=FILE ...] (--server URL | --bundle BUNDLE)
 `dimml-score INPUT ...` (no command) means `score`.
 """
@@ -22,6 +22,7 @@ COMMANDS = ("score", "predict")
 EXIT_FAILED_FILES = 1   # with --fail-on-error: some file could not be scored
 EXIT_USAGE = 2          # bad arguments, INPUT, --out, bundle or server at start
 EXIT_SERVER_LOST = 3    # the server stopped answering mid-run (rows so far are kept)
+RAY_SHARD_ROWS = 100_000   # --engine ray writes --out as shards of this many rows unless --shard-rows says
 
 SCORE_EPILOG = f"""\
 samples: what a sample is follows the model's source fields (bundle manifest / server /metadata):
@@ -29,6 +30,9 @@ samples: what a sample is follows the model's source fields (bundle manifest / s
   files, e.g. CREMA-D's audio); a model of own files only (e.g. front:image,rear:image) scores
   the samples of a dataset layout naming them (manifest.csv with <name>_path columns, ModelNet40
   renders). A manifest .csv (label, `path` for the video and/or `<name>_path` columns) scores its rows.
+engines: --bundle scores in this process; --bundle --engine ray on Ray Data actors (a local Ray, or the
+  cluster at --address / RAY_ADDRESS; the files and the bundle must be readable by every node), writing
+  the same rows, as shards of --shard-rows rows; --server sends the files to a running `dimml serve`.
 output: one row per sample: path, label, confidence, prob_<class>..., weight_<branch>... (the
   model's modalities, then fusion), modalities_used ('+'-joined in CSV), error (empty when scored;
   else "<cause>: <message>"). Rows are appended as results arrive; an interrupted run leaves a valid file.
@@ -64,6 +68,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="local mode: the GPU index the GPU backends use (default %(default)s)")
     p.add_argument("--timeout", type=_at_least(float, 0, strict=True), default=120.0, help="remote mode: seconds per request")
     p.add_argument("--retries", type=_at_least(int, 0), default=3, help="remote mode: retries on 429/503/connection errors")
+    p.add_argument("--max-wait", type=_at_least(float, 0), default=120.0,
+                   help="remote mode: seconds to keep retrying a server that answers 503 with Retry-After "
+                        "(its model restarting), past --retries (default %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,8 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="keep the rows of an existing --out; score the rest")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--shard-rows", type=_at_least(int, 0), default=None,
+                   help="write --out as shards of this many rows (results.csv -> results.00000.csv, ...); "
+                        f"0: one file (default: 0, or {RAY_SHARD_ROWS} with --engine ray)")
     p.add_argument("--fail-on-error", action="store_true", help=f"exit {EXIT_FAILED_FILES} when any file failed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("Ray (--engine ray, pip install 'dimml[ray]')")
+    g.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="with --bundle: score in this process (local, the default) or on Ray Data actors (ray)")
+    g.add_argument("--address", default=None,
+                   help="the Ray cluster to join (default: $RAY_ADDRESS, else a local Ray started for the run)")
+    g.add_argument("--actors", type=_at_least(int, 0), default=0,
+                   help="actors, each holding the model once (default: as many as the cluster's CPUs / GPUs hold)")
+    g.add_argument("--cpus-per-actor", type=_at_least(float, 0, strict=True), default=1.0,
+                   help="CPUs each actor reserves; it decodes with as many threads (default %(default)s)")
+    g.add_argument("--gpus-per-actor", type=_at_least(float, 0), default=0.0,
+                   help="GPUs each actor reserves; 0 runs the CPU backends (default %(default)s)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("predict", help="classify one sample and print the result as JSON")
@@ -103,12 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_score(args: argparse.Namespace) -> int:
     from clients.score import ScoreOptions, Stop, format_summary, graceful_stop, run_score
 
+    ray = None
+    if args.engine == "ray":
+        from clients.ray_scoring import RayOptions
+
+        ray = RayOptions(address=args.address, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
+                         gpus_per_actor=args.gpus_per_actor)
+    shard_rows = args.shard_rows if args.shard_rows is not None else (RAY_SHARD_ROWS if ray else 0)
     opts = ScoreOptions(inputs=args.inputs, out=args.out, server=args.server, bundle=args.bundle,
                         workers=args.workers, recursive=args.recursive,
                         exts=None if args.ext is None else parse_exts(args.ext),
                         resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size,
                         backend=args.backend, device_id=args.device_id, timeout=args.timeout,
-                        retries=args.retries, progress=not args.no_progress)
+                        retries=args.retries, max_wait_s=args.max_wait, progress=not args.no_progress,
+                        engine=args.engine,
+                        shard_rows=shard_rows, ray=ray)
     with graceful_stop(Stop()) as stop:
         summary = run_score(opts, stop)
     print(format_summary(summary, args.out), flush=True)
@@ -141,7 +171,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.server:
         from clients.http import Client, RetryPolicy
 
-        with Client(args.server, timeout=args.timeout, retry=RetryPolicy(retries=args.retries)) as c:
+        with Client(args.server, timeout=args.timeout,
+                    retry=RetryPolicy(retries=args.retries, max_wait_s=args.max_wait)) as c:
             answer = c.predict(files).to_dict()
     else:
         from dimml.predict import Predictor
@@ -162,7 +193,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     """
     errors: list[type[BaseException]] = [InputError, OutputError, ClientError, FileNotFoundError]
     for module, name in (("dimml.bundle", "BundleError"), ("dimml.media", "MediaError"),
-                         ("dimml.engines", "EngineError")):
+                         ("dimml.engines", "EngineError"), ("dimml.extras", "MissingExtra")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)

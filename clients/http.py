@@ -10,8 +10,10 @@
     async with AsyncClient(url) as c:
         p = await c.predict(data)
 
-429, 503 and connection failures are retried with exponential backoff (honouring Retry-After);
-any other non-2xx answer raises ServerError carrying the status and the server's message.
+429, 503 and connection failures are retried with exponential backoff (honouring Retry-After; a
+429/503 with Retry-After, e.g. while the server's model process restarts, is retried for up to
+RetryPolicy.max_wait_s whatever the retry count); any other non-2xx answer raises ServerError
+carrying the status and the server's message.
 """
 from __future__ import annotations
 
@@ -79,10 +81,14 @@ class RetryPolicy:
     backoff_s: float = 0.5
     max_backoff_s: float = 10.0
     statuses: frozenset[int] = frozenset({429, 503})
+    # A 429/503 that carries Retry-After is the server saying when to come back (dimml's server sends it
+    # while its model process restarts, ~12 s): such answers are retried past `retries`, as long as the
+    # waits add up to at most this many seconds.
+    max_wait_s: float = 120.0
 
     def __post_init__(self):
-        if self.retries < 0 or self.backoff_s < 0 or self.max_backoff_s < 0:
-            raise ValueError(f"retries and backoff times must be >= 0, got {self}")
+        if self.retries < 0 or self.backoff_s < 0 or self.max_backoff_s < 0 or self.max_wait_s < 0:
+            raise ValueError(f"retries, backoff and wait times must be >= 0, got {self}")
 
     def delay(self, retry: int, retry_after: str | None = None) -> float:
         """Seconds to wait before retry number `retry`; a server's Retry-After wins (capped)."""
@@ -91,6 +97,17 @@ class RetryPolicy:
             return min(hinted, self.max_backoff_s)
         base = min(self.backoff_s * 2 ** retry, self.max_backoff_s)
         return base * random.uniform(0.5, 1.0)   # jitter: parallel clients do not retry in lockstep
+
+    def after_answer(self, retry: int, waited_s: float, status: int, retry_after: str | None) -> float | None:
+        """Seconds to wait before retrying an answer with this status, or None: give up (raise it)."""
+        if status not in self.statuses:
+            return None
+        delay = self.delay(retry, retry_after)
+        if retry < self.retries:
+            return delay
+        if _parse_retry_after(retry_after) is not None and waited_s + delay <= self.max_wait_s:
+            return delay   # the server said when to come back: keep coming back, within max_wait_s
+        return None
 
 
 def _parse_retry_after(value: str | None) -> float | None:
@@ -185,10 +202,6 @@ def _prediction(obj: Any, endpoint: str) -> Prediction:
         raise ServerError(200, str(e), endpoint, obj) from None
 
 
-def _retryable(response: httpx.Response, policy: RetryPolicy) -> bool:
-    return response.status_code in policy.statuses
-
-
 def source_fields(files: Source | Mapping[str, Source]) -> dict[str, Source]:
     """Files by upload field; a lone source is the video (the field of every video-reading model)."""
     if isinstance(files, Mapping):
@@ -241,23 +254,23 @@ class Client(_Base):
 
     def request(self, method: str, endpoint: str, **kw) -> httpx.Response:
         """Send with retries on RetryPolicy.statuses and connection failures; raise ServerError on non-2xx."""
-        for attempt in range(self.retry.retries + 1):
-            last = attempt == self.retry.retries
+        attempt, waited = 0, 0.0
+        while True:
             try:
                 r = self._http.request(method, endpoint, **kw)
             except RETRY_EXCEPTIONS as e:
-                if last:
+                if attempt >= self.retry.retries:
                     raise ServerUnreachable(self.url + endpoint, attempt + 1, e) from e
-                time.sleep(self.retry.delay(attempt))
-                continue
+                delay = self.retry.delay(attempt)
             except httpx.TimeoutException:
                 raise RequestTimeout(self.url + endpoint, self.timeout) from None
-            if _retryable(r, self.retry) and not last:
-                time.sleep(self.retry.delay(attempt, r.headers.get("retry-after")))
-                continue
-            _raise_for(r, endpoint)
-            return r
-        raise AssertionError("unreachable")
+            else:
+                delay = self.retry.after_answer(attempt, waited, r.status_code, r.headers.get("retry-after"))
+                if delay is None:
+                    _raise_for(r, endpoint)
+                    return r
+            time.sleep(delay)
+            attempt, waited = attempt + 1, waited + delay
 
     def predict(self, files: Source | Mapping[str, Source], *,
                 filenames: Mapping[str, str] | None = None) -> Prediction:
@@ -319,23 +332,23 @@ class AsyncClient(_Base):
 
     async def request(self, method: str, endpoint: str, **kw) -> httpx.Response:
         """As Client.request."""
-        for attempt in range(self.retry.retries + 1):
-            last = attempt == self.retry.retries
+        attempt, waited = 0, 0.0
+        while True:
             try:
                 r = await self._http.request(method, endpoint, **kw)
             except RETRY_EXCEPTIONS as e:
-                if last:
+                if attempt >= self.retry.retries:
                     raise ServerUnreachable(self.url + endpoint, attempt + 1, e) from e
-                await asyncio.sleep(self.retry.delay(attempt))
-                continue
+                delay = self.retry.delay(attempt)
             except httpx.TimeoutException:
                 raise RequestTimeout(self.url + endpoint, self.timeout) from None
-            if _retryable(r, self.retry) and not last:
-                await asyncio.sleep(self.retry.delay(attempt, r.headers.get("retry-after")))
-                continue
-            _raise_for(r, endpoint)
-            return r
-        raise AssertionError("unreachable")
+            else:
+                delay = self.retry.after_answer(attempt, waited, r.status_code, r.headers.get("retry-after"))
+                if delay is None:
+                    _raise_for(r, endpoint)
+                    return r
+            await asyncio.sleep(delay)
+            attempt, waited = attempt + 1, waited + delay
 
     async def predict(self, files: Source | Mapping[str, Source], *,
                       filenames: Mapping[str, str] | None = None) -> Prediction:

@@ -6,6 +6,10 @@ finished row. Reopening with resume=True
 reads the rows already there (their paths are then skipped), cuts off a last row that a
 hard kill left half-written, and appends; a path is never written twice. The file is
 locked while open, so two runs cannot append to the same file.
+
+Sharded (`--shard-rows N`, the default of `--engine ray`): --out `results.csv` names the family
+`results.00000.csv`, `results.00001.csv`, ... of at most N rows each; a run appends to new shards,
+resume reads them all (ShardedWriter), read_results("results.csv") reads them in order.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import io
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,6 +30,7 @@ except ImportError:   # pragma: no cover - not POSIX: no lock
 from clients.result import Prediction
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+SHARD_DIGITS = 5   # results.00000.csv: the index of a shard of a sharded --out
 DIGITS = 6   # probabilities and weights are written rounded to this many decimals
 
 
@@ -61,6 +67,14 @@ def error_row(key: str, message: str, classes: Sequence[str], branches: Sequence
     row: dict[str, Any] = {c: None for c in columns_for(classes, branches)}
     row.update(path=key, label="", modalities_used=[], error=" ".join(str(message).split()) or "error", warning="")
     return row
+
+
+def result_row(key: str, pred: Prediction | None, error: str | None, classes: Sequence[str],
+               branches: Sequence[str]) -> dict[str, Any]:
+    """The row of a scorer's result (a prediction, or the error that stopped it): every engine's rows come
+    from here (local, remote, and on Ray workers)."""
+    return (prediction_row(key, pred, classes, branches) if pred is not None
+            else error_row(key, error or "error", classes, branches))
 
 
 # ---------------------------------------------------------------------------------------
@@ -147,11 +161,32 @@ def _parse_existing(data: bytes, fmt: str, columns: list[str], where: Path
     return rows, end, True
 
 
-def check_target(path: Path, *, resume: bool, overwrite: bool) -> str:
-    """The format of --out ("csv" | "jsonl"); OutputError if it cannot be written as asked."""
+def shard_paths(path: str | os.PathLike) -> list[Path]:
+    """The shards of a sharded --out, in order: results.csv -> results.00000.csv, results.00001.csv, ..."""
+    path = Path(path)
+    pattern = re.compile(re.escape(path.stem) + r"\.(\d{%d,})" % SHARD_DIGITS + re.escape(path.suffix) + "$")
+    if not path.parent.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in path.parent.iterdir() if (m := pattern.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def shard_path(path: Path, index: int) -> Path:
+    return path.with_name(f"{path.stem}.{index:0{SHARD_DIGITS}d}{path.suffix}")
+
+
+def check_target(path: Path, *, resume: bool, overwrite: bool, shard_rows: int = 0) -> str:
+    """The format of --out ("csv" | "jsonl"); OutputError if it cannot be written as asked.
+    With shard_rows, --out names a family of shards (shard_paths) and those are checked."""
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise OutputError(f"{path}: --out must end in .csv or .jsonl")
+    if shard_rows:
+        shards = shard_paths(path)
+        if shards and not (resume or overwrite):
+            raise OutputError(f"{path}: its shards exist ({shards[0].name}, ...): pass --resume to continue "
+                              "them or --overwrite to replace them")
+        return fmt
     if path.exists() and not (resume or overwrite):
         raise OutputError(f"{path} exists: pass --resume to continue it or --overwrite to replace it")
     if path.exists() and not path.is_file():
@@ -235,9 +270,85 @@ class ResultWriter:
         self.close()
 
 
+class ShardedWriter:
+    """ResultWriter's interface over a family of shards of at most `shard_rows` rows each
+    (results.csv -> results.00000.csv, ...): resume reads every shard (each cut as ResultWriter
+    cuts a file) and appends new rows to new shards; a path is never written twice across them."""
+
+    def __init__(self, path: str | os.PathLike, classes: Sequence[str], branches: Sequence[str], *,
+                 shard_rows: int, resume: bool = False, overwrite: bool = False):
+        if shard_rows < 1:
+            raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+        self.path = Path(path)
+        self.fmt = check_target(self.path, resume=resume, overwrite=overwrite, shard_rows=shard_rows)
+        self.classes, self.branches, self.shard_rows = list(classes), list(branches), shard_rows
+        shards = shard_paths(self.path)
+        if overwrite and not resume:
+            for p in shards:
+                p.unlink()
+            shards = []
+        self.existing: list[dict[str, Any]] = []
+        for p in shards:
+            with ResultWriter(p, classes, branches, resume=True) as w:
+                self.existing += w.existing
+        self.done: set[str] = set()
+        for r in self.existing:
+            if r["path"] in self.done:
+                raise OutputError(f"{self.path}: {r['path']!r} has rows in two shards; remove one")
+            self.done.add(r["path"])
+        self.shards = shards
+        self._next = int(re.search(r"\.(\d+)\.[^.]+$", shards[-1].name).group(1)) + 1 if shards else 0
+        self._current: ResultWriter | None = None
+        self.written = 0
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Append one row to the current shard, starting the next one when it is full."""
+        key = row["path"]
+        if key in self.done:
+            raise OutputError(f"{self.path}: {key!r} already has a row")
+        if self._current is None or self._current.written >= self.shard_rows:
+            self._rotate()
+        self._current.write(row)
+        self.done.add(key)
+        self.written += 1
+
+    def _rotate(self) -> None:
+        if self._current is not None:
+            self._current.close()
+        path = shard_path(self.path, self._next)
+        self._current = ResultWriter(path, self.classes, self.branches)
+        self.shards.append(path)
+        self._next += 1
+
+    def flush(self) -> None:
+        if self._current is not None:
+            self._current.flush()
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.close()
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_writer(path: str | os.PathLike, classes: Sequence[str], branches: Sequence[str], *, resume: bool = False,
+                overwrite: bool = False, shard_rows: int = 0) -> ResultWriter | ShardedWriter:
+    """The writer of --out: one file, or shards of `shard_rows` rows when that is > 0."""
+    if shard_rows:
+        return ShardedWriter(path, classes, branches, shard_rows=shard_rows, resume=resume, overwrite=overwrite)
+    return ResultWriter(path, classes, branches, resume=resume, overwrite=overwrite)
+
+
 def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every complete row of a results file (typed values), e.g. to compare two runs."""
+    """Every complete row of a results file (typed values), e.g. to compare two runs; for a sharded
+    --out (no file of that name, shards beside it), the rows of every shard in order."""
     path = Path(path)
+    if not path.exists() and (shards := shard_paths(path)):
+        return [row for p in shards for row in read_results(p)]
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise OutputError(f"{path}: not a .csv or .jsonl results file")
@@ -254,5 +365,5 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["ResultWriter", "OutputError", "columns_for", "prediction_row", "error_row", "read_results",
-           "check_target", "FORMATS"]
+__all__ = ["ResultWriter", "ShardedWriter", "OutputError", "columns_for", "prediction_row", "error_row",
+           "result_row", "open_writer", "read_results", "shard_paths", "check_target", "FORMATS"]

@@ -9,6 +9,9 @@ yield (job, prediction, error) as results arrive:
                 decoded clips are batched into the Predictor.
   RemoteScorer  sends concurrent /predict requests (files by field) to a server (which batches
                 on its side).
+  RayScorer     (clients/ray_scoring.py) runs LocalScorer's batch code on a pool of Ray actors,
+                streaming the results back here.
+Every result becomes its row through clients.output.result_row, here, whatever the engine.
 `run_score` feeds them the files not yet in the output, writes rows as they come, and stops
 cleanly on Ctrl-C / SIGTERM (`graceful_stop`): no new work, finished rows flushed.
 """
@@ -24,12 +27,15 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from clients.http import Client, ClientError, RequestTimeout, RetryPolicy, ServerError, ServerUnreachable
 from clients.inputs import InputError, Job, find_jobs
-from clients.output import ResultWriter, check_target, error_row, prediction_row
+from clients.output import check_target, open_writer, result_row
 from clients.result import Prediction, branch_names
+
+if TYPE_CHECKING:
+    from clients.ray_scoring import RayOptions, RayScorer
 
 Result = tuple[Job, "Prediction | None", "str | None"]   # (job, prediction, error message)
 POLL_S = 0.1   # how often waits wake up to notice a stop request
@@ -108,14 +114,25 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def decode_error(e: Exception) -> str:
+    """The error cell of a sample whose files could not be decoded: the media's cause, else the exception."""
+    from dimml.media import MediaError
+
+    if isinstance(e, MediaError):
+        return f"{e.cause}: {_one_line(e)}"
+    return f"decode: {type(e).__name__}: {_one_line(e)}"   # a decoder bug must not end the run either
+
+
 class LocalScorer:
     """In-process scoring with a bundle: threaded decoding, batched inference."""
 
     def __init__(self, bundle: str | os.PathLike, *, workers: int = 0, batch_size: int = 32,
-                 backend: str | Sequence[str] = "auto", device_id: int = 0):
+                 backend: str | Sequence[str] = "auto", device_id: int | str = 0, threads: int | None = None):
+        """device_id: a GPU index, or "cpu" (CPU backends only); threads: the engine's intra-op threads
+        (default: the backend's own choice)."""
         from dimml.predict import Predictor   # heavy (onnxruntime / torch): only when scoring locally
 
-        self.predictor = Predictor(bundle, max_batch=batch_size, prefer=backend, device=device_id)
+        self.predictor = Predictor(bundle, max_batch=batch_size, prefer=backend, device=device_id, threads=threads)
         self.classes: list[str] = list(self.predictor.classes)
         self.preprocess = self.predictor.preprocess
         self.branches = branch_names(self.predictor.names)
@@ -123,6 +140,7 @@ class LocalScorer:
         self.batch_size = batch_size
         self.description = (f"bundle {self.predictor.bundle.name}:{self.predictor.bundle.version} "
                             f"on {self.predictor.backend}")
+        self._pool: ThreadPoolExecutor | None = None   # score_batch's decode threads
 
     def _decode(self, job: Job):
         return self.predictor.decode(job.files, names=job.names)
@@ -147,18 +165,13 @@ class LocalScorer:
 
     def results(self, jobs: Iterable[Job], stop: Stop) -> Iterator[Result]:
         """(job, prediction, error) for every job, in completion order, until done or stopped."""
-        from dimml.media import MediaError
-
         ready: list[tuple[Job, Any]] = []
 
         def handle(job: Job, f: Future) -> Iterator[Result]:
             try:
                 ready.append((job, f.result()))
-            except MediaError as e:
-                yield job, None, f"{e.cause}: {_one_line(e)}"
-                return
-            except Exception as e:   # a decoder bug must not end the run either
-                yield job, None, f"decode: {type(e).__name__}: {_one_line(e)}"
+            except Exception as e:
+                yield job, None, decode_error(e)
                 return
             if len(ready) >= self.batch_size:
                 batch = ready[:]
@@ -172,15 +185,35 @@ class LocalScorer:
         if ready:
             yield from self._predict(ready)
 
+    def score_batch(self, jobs: Sequence[Job]) -> list[Result]:
+        """One result per job, in order: the batch decoded in `workers` threads, then answered together
+        (what a Ray worker runs on each batch; see clients/ray_scoring.py)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
+        futures = [self._pool.submit(self._decode, j) for j in jobs]
+        out: dict[str, Result] = {}
+        ready: list[tuple[Job, Any]] = []
+        for job, f in zip(jobs, futures):
+            try:
+                ready.append((job, f.result()))
+            except Exception as e:
+                out[job.key] = (job, None, decode_error(e))
+        for result in self._predict(ready) if ready else ():
+            out[result[0].key] = result
+        return [out[j.key] for j in jobs]
+
     def close(self) -> None:
-        pass
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 class RemoteScorer:
     """Scoring through a server: concurrent /predict requests."""
 
-    def __init__(self, url: str, *, workers: int = 0, timeout: float = 120.0, retries: int = 3):
-        self.client = Client(url, timeout=timeout, retry=RetryPolicy(retries=retries))
+    def __init__(self, url: str, *, workers: int = 0, timeout: float = 120.0, retries: int = 3,
+                 max_wait_s: float = 120.0):
+        self.client = Client(url, timeout=timeout, retry=RetryPolicy(retries=retries, max_wait_s=max_wait_s))
         try:
             meta = self.client.metadata()
         except BaseException:
@@ -253,7 +286,11 @@ class ScoreOptions:
     device_id: int = 0               # local mode: GPU index of the GPU backends
     timeout: float = 120.0
     retries: int = 3
+    max_wait_s: float = 120.0        # remote: how long to keep retrying 503s that carry Retry-After
     progress: bool = True
+    engine: str = "local"            # with --bundle: "local" (this process) or "ray" (Ray Data)
+    shard_rows: int = 0              # > 0: --out is written as shards of this many rows (clients/output.py)
+    ray: "RayOptions | None" = None  # engine "ray": the cluster and the actors (clients/ray_scoring.py)
 
 
 @dataclass
@@ -280,16 +317,29 @@ class Summary:
         return self.interrupted is None and self.server_lost is None
 
 
-def make_scorer(opts: ScoreOptions) -> LocalScorer | RemoteScorer:
+ENGINES = ("local", "ray")
+
+
+def make_scorer(opts: ScoreOptions) -> "LocalScorer | RemoteScorer | RayScorer":
     if bool(opts.server) == bool(opts.bundle):
         raise ValueError("give exactly one of --server URL or --bundle BUNDLE")
+    if opts.engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {opts.engine!r}")
+    if opts.engine == "ray":
+        if opts.server:
+            raise InputError("--engine ray scores with a bundle on Ray workers: give --bundle, not --server")
+        from clients.ray_scoring import RayOptions, RayScorer
+
+        return RayScorer(opts.bundle, opts.ray or RayOptions(), batch_size=opts.batch_size, backend=opts.backend)
     if opts.server:
-        return RemoteScorer(opts.server, workers=opts.workers, timeout=opts.timeout, retries=opts.retries)
+        return RemoteScorer(opts.server, workers=opts.workers, timeout=opts.timeout, retries=opts.retries,
+                            max_wait_s=opts.max_wait_s)
     return LocalScorer(opts.bundle, workers=opts.workers, batch_size=opts.batch_size, backend=opts.backend,
                        device_id=opts.device_id)
 
 
-def run_score(opts: ScoreOptions, stop: Stop | None = None, scorer: LocalScorer | RemoteScorer | None = None) -> Summary:
+def run_score(opts: ScoreOptions, stop: Stop | None = None,
+              scorer: "LocalScorer | RemoteScorer | RayScorer | None" = None) -> Summary:
     """Score every sample of opts.inputs not yet in opts.out, appending rows; returns the tally."""
     from tqdm import tqdm
 
@@ -297,7 +347,7 @@ def run_score(opts: ScoreOptions, stop: Stop | None = None, scorer: LocalScorer 
     for raw in opts.inputs:   # before loading a model
         if not Path(raw).expanduser().exists():
             raise InputError(f"{raw}: no such file or folder")
-    check_target(Path(opts.out), resume=opts.resume, overwrite=opts.overwrite)
+    check_target(Path(opts.out), resume=opts.resume, overwrite=opts.overwrite, shard_rows=opts.shard_rows)
     own = scorer is None
     scorer = scorer or make_scorer(opts)
     t0 = time.monotonic()
@@ -306,8 +356,8 @@ def run_score(opts: ScoreOptions, stop: Stop | None = None, scorer: LocalScorer 
         # what a sample is follows the model's source fields
         jobs = find_jobs(opts.inputs, scorer.preprocess, recursive=opts.recursive, exts=opts.exts)
         summary = Summary(found=len(jobs), description=scorer.description, classes=list(scorer.classes))
-        with ResultWriter(opts.out, scorer.classes, scorer.branches, resume=opts.resume,
-                          overwrite=opts.overwrite) as writer:
+        with open_writer(opts.out, scorer.classes, scorer.branches, resume=opts.resume,
+                         overwrite=opts.overwrite, shard_rows=opts.shard_rows) as writer:
             rows.update((r["path"], (r.get("label") or "", r.get("error") or "")) for r in writer.existing)
             todo = [j for j in jobs if j.key not in writer.done]
             summary.skipped = len(jobs) - len(todo)
@@ -315,8 +365,7 @@ def run_score(opts: ScoreOptions, stop: Stop | None = None, scorer: LocalScorer 
                        dynamic_ncols=True)
             try:
                 for job, pred, err in scorer.results(todo, stop):
-                    row = (prediction_row(job.key, pred, scorer.classes, scorer.branches) if pred
-                           else error_row(job.key, err, scorer.classes, scorer.branches))
+                    row = result_row(job.key, pred, err, scorer.classes, scorer.branches)
                     writer.write(row)
                     rows[job.key] = (row["label"] or "", row["error"] or "")
                     summary.scored += 1
@@ -332,6 +381,7 @@ def run_score(opts: ScoreOptions, stop: Stop | None = None, scorer: LocalScorer 
         if own:
             scorer.close()
     summary.elapsed_s = time.monotonic() - t0
+    summary.description = scorer.description   # as it ended (a Ray scorer names its actors once started)
     if stop.is_set() and summary.server_lost is None and summary.skipped + summary.scored < summary.found:
         summary.interrupted = stop.signal or 0   # 0: stopped by the caller, not by a signal
     _tally(summary, rows, {j.key: j.truth for j in jobs if j.truth})

@@ -18,7 +18,7 @@ EXTRA_OF: dict[str, str] = {
     "torch": "train", "matplotlib": "train", "yaml": "train",
     "onnx": "export", "onnxscript": "export",
     "onnxruntime": "cpu",          # or gpu: see install_hint
-    "bentoml": "serve", "httpx": "client",
+    "bentoml": "serve", "httpx": "client", "ray": "ray",
     "tensorboard": "tensorboard", "tensorrt": "tensorrt",
 }
 

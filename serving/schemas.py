@@ -19,6 +19,9 @@ ERROR_STATUSES: dict[int, str] = {
     415: "Unsupported media type: the request is not multipart/form-data (`unsupported_media_type`).",
     422: "Unprocessable media: the file cannot be decoded into the model's inputs (`empty`, `not_media`, "
          "`undecodable`, `no_audio`, `no_video`, `too_long`, `too_large`).",
+    503: "Unavailable, retry after the Retry-After header's seconds: the model process is restarting, or "
+         "the model cannot take the clip within DIMML_MAX_LATENCY_MS (`unavailable`). Nothing was answered: "
+         "sending the request again is safe.",
 }
 
 

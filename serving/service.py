@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import inspect
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -32,13 +34,16 @@ from pydantic import Field
 from dimml.media import Clip, MediaError, MediaInfo
 from dimml.modalities import VIDEO_FIELD, PreprocessConfig
 from dimml.predict import decode_files
+from serving import allocator, bentoml_fixes
 from serving.openapi import OpenAPIErrors
 from serving.schemas import Answer, BatchItem, ItemError
 from serving.settings import Settings
+from serving.upstream import Upstream, sibling_workers
 from serving.uploads import Rejected, Upload, UploadGuard, collect
 
 logger = logging.getLogger("bentoml.dimml")   # under "bentoml": shown by its log config
 SETTINGS = Settings.from_env()
+bentoml_fixes.apply()   # requests no longer outlive their timeout in memory (serving/bentoml_fixes.py)
 
 READY_PROBE_TIMEOUT_S = 3.0
 BATCH_FIELD = "videos"   # /predict_batch's repeated file field (bundles with a video field)
@@ -96,6 +101,13 @@ if HAS_VIDEO:
     UPLOAD_ROUTES["/predict_batch"] = {BATCH_FIELD: SETTINGS.max_batch_videos}
 
 
+def visible_gpus() -> int:
+    """GPUs this process may use: CUDA_VISIBLE_DEVICES's (BentoML sets it to the service's GPUs), else 0
+    when it is unset (the GPU backends then see every GPU and DIMML_DEVICE_ID picks one)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return len([d for d in visible.split(",") if d.strip()]) if visible else 0
+
+
 def with_upload_fields(func):
     """Give `func(self, ctx, **uploads)` the signature `(self, *, <field>: Path | None = None, ...,
     ctx: bentoml.Context)`, so that BentoML's input schema names the bundle's fields."""
@@ -130,9 +142,11 @@ def _refuse(ctx: bentoml.Context, e: Rejected):
 
 # BentoML 1.4 recycles the entry service's connection to this one every 100 calls by default,
 # failing the calls in flight (HTTP 500 under load): keep one long-lived connection instead.
-# A GPU is asked for when the settings want GPU backends only (serving.settings.Settings.gpus).
+# GPUs are asked for when the settings want GPU backends only (serving.settings.Settings.gpus: one per
+# worker; each worker picks its own, Settings.worker_device).
 # Its access log is off: every line would be the entry service's own call (logged there).
-@bentoml.service(workers=1, traffic={"timeout": 120}, logging={"access": {"enabled": False}},
+@bentoml.service(workers=SETTINGS.inference_workers, traffic={"timeout": 120},
+                 logging={"access": {"enabled": False}},
                  runner_connection={"max_requests": 1_000_000_000, "max_age": 1e9},
                  **({"resources": {"gpu": SETTINGS.gpus}} if SETTINGS.gpus else {}))
 class DIMMLInference:
@@ -151,6 +165,8 @@ class DIMMLInference:
         from dimml.engines import open_engine
         from dimml.predict import Predictor
 
+        allocator.configure(SETTINGS.malloc_arenas, SETTINGS.malloc_trim_s)   # before the engine's threads
+
         if SETTINGS.bundle:
             source = SETTINGS.bundle
         elif MODEL is not None:
@@ -160,12 +176,14 @@ class DIMMLInference:
                                "model store (give a bundle folder or tag, or register one with "
                                "python -m export bundle ... --register NAME)")
         self.bundle = load_bundle(source)
-        self.engine = open_engine(self.bundle, prefer=SETTINGS.backend_order, device_id=SETTINGS.device_id)
+        self.device_id = SETTINGS.worker_device(bentoml.server_context.worker_index or 1, visible_gpus())
+        self.engine = open_engine(self.bundle, prefer=SETTINGS.backend_order, device_id=self.device_id)
         self.predictor = Predictor(self.bundle, engine=self.engine, max_batch=SETTINGS.max_batch_size)
         self.backend: str = self.engine.backend
         self._warm_up()
-        logger.info("loaded bundle %s:%s from %s on backend %s", self.bundle.name,
-                    self.bundle.version, source, self.backend)
+        logger.info("loaded bundle %s:%s from %s on backend %s%s", self.bundle.name, self.bundle.version, source,
+                    self.backend, "" if self.backend.endswith("-cpu") else
+                    f" (GPU {self.device_id} of CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'all')})")
 
     def _warm_up(self) -> None:
         """One full-model call at start-up, so a broken engine fails here and not on a request."""
@@ -203,21 +221,27 @@ class DIMMLInference:
                              "max_latency_ms": SETTINGS.max_latency_ms}}
 
 
-@bentoml.service(workers=SETTINGS.api_workers, traffic={"timeout": 300})
+# max_concurrency: BentoML refuses requests beyond it at once (429) rather than queueing them without
+# bound (each queued request holds its upload); the model's own overload and restarts are 503s (Upstream).
+@bentoml.service(workers=SETTINGS.api_workers,
+                 traffic={"timeout": 300, "max_concurrency": SETTINGS.max_concurrency})
 class DIMML:
     """HTTP entry: multipart uploads in, one prediction per sample out."""
 
     inference = bentoml.depends(DIMMLInference)
 
     def __init__(self) -> None:
+        allocator.configure(SETTINGS.malloc_arenas, SETTINGS.malloc_trim_s)   # before the decode threads
         self._meta: dict[str, Any] | None = None
         self._cfg: PreprocessConfig | None = None
         self._decode_limiter = anyio.CapacityLimiter(SETTINGS.decode_threads)
+        self.upstream = Upstream(lambda: self.inference.to_async.metadata(), SETTINGS.retry_after_s,
+                                 workers=functools.partial(sibling_workers, DIMMLInference.name))
 
     async def _metadata(self) -> dict[str, Any]:
         """The inference service's metadata, fetched once (it fixes how uploads are decoded)."""
         if self._meta is None:
-            meta = await self.inference.to_async.metadata()
+            meta = await self.upstream.call(self.inference.to_async.metadata)
             cfg = PreprocessConfig.from_dict(meta["preprocess"])
             if cfg.fields != CFG.fields or cfg.names != CFG.names:
                 # the API's fields were built at import from DIMML_BUNDLE; the model must match them
@@ -230,7 +254,10 @@ class DIMML:
 
     async def __is_ready__(self) -> bool:
         """Ready once the inference service has loaded the model and answered (bounded wait:
-        a probe must not hang on a dependency that is still starting or keeps failing)."""
+        a probe must not hang on a dependency that is still starting or keeps failing), and not
+        while it is restarting (Upstream: its calls fail until it is back)."""
+        if not self.upstream.up:
+            return False
         try:
             await asyncio.wait_for(self._metadata(), timeout=READY_PROBE_TIMEOUT_S)
         except Exception as e:
@@ -260,7 +287,8 @@ class DIMML:
             raise Rejected(422, str(e), e.cause) from None
 
     async def _infer(self, clips: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return await self.inference.to_async.infer(clips)
+        """The model's answers; Rejected(503) with Retry-After when it is restarting or overloaded."""
+        return await self.upstream.call(self.inference.to_async.infer, clips)
 
     @bentoml.api
     @with_upload_fields
@@ -271,6 +299,7 @@ class DIMML:
         A refused request gets a 4xx JSON body {"error", "cause"} (400, 413, 415, 422).
         """
         try:
+            self.upstream.check()
             given = {f: p for f, p in uploads.items() if p is not None}
             if not given:
                 raise Rejected(400, f"no file: give at least one of the fields {', '.join(FIELDS)}",
@@ -288,6 +317,7 @@ class DIMML:
             be decoded its error {"error", "cause", "status"} (the others are still answered).
             A request refused as a whole (no file, too many, too large, not multipart) gets a 4xx."""
             try:
+                self.upstream.check()
                 if not videos:   # (too many are refused by the guard while uploading)
                     raise Rejected(400, f"field {BATCH_FIELD!r} holds no file", "bad_request")
                 ups = collect(ctx.request.scope, BATCH_FIELD, videos)
@@ -298,19 +328,27 @@ class DIMML:
             for d in decoded:   # anything but a refused file is a server fault: a 500 as before
                 if isinstance(d, BaseException) and not isinstance(d, Rejected):
                     raise d
+                if isinstance(d, Rejected) and d.status == 503:   # the model is away: the whole request
+                    return _refuse(ctx, d)
             good = [d for d in decoded if not isinstance(d, Rejected)]
-            answers = iter(await self._infer(good) if good else [])
+            try:
+                answers = iter(await self._infer(good) if good else [])
+            except Rejected as e:
+                return _refuse(ctx, e)
             return [ItemError(error=d.message, cause=d.cause, status=d.status) if isinstance(d, Rejected)
                     else answer_of(d, next(answers)) for d in decoded]
 
     @bentoml.api
-    async def metadata(self) -> dict[str, Any]:
+    async def metadata(self, ctx: bentoml.Context) -> dict[str, Any]:
         """Model, backend, classes, modalities, upload fields, preprocessing and the service's limits."""
-        meta = dict(await self._metadata())
+        try:
+            meta = dict(await self._metadata())
+        except Rejected as e:
+            return _refuse(ctx, e)
         meta["limits"] = {"max_upload_bytes": SETTINGS.max_upload_bytes,
                           "max_batch_videos": SETTINGS.max_batch_videos if HAS_VIDEO else None,
                           "max_duration_s": self._cfg.max_duration_s if self._cfg else None,
-                          "decode_threads": SETTINGS.decode_threads}
+                          "decode_threads": SETTINGS.decode_threads, "max_concurrency": SETTINGS.max_concurrency}
         meta["endpoints"] = sorted(UPLOAD_ROUTES)
         return meta
 

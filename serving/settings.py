@@ -15,8 +15,9 @@ class Settings:
     bundle: str = ""                  # DIMML_BUNDLE: bundle directory or BentoML model-store tag (overrides DIMML_MODEL)
     model: str = "dimml-model:latest"  # DIMML_MODEL: the model-store tag the service declares (`bentoml build` packs it)
     device_id: int = 0                # DIMML_DEVICE_ID: the GPU the GPU backends use
-    gpu: int = -1                     # DIMML_GPU: GPUs the inference service asks BentoML for; -1 = 1 when
-                                      # DIMML_BACKEND names GPU backends only, else 0
+    gpu: int = -1                     # DIMML_GPU: GPUs the inference service asks BentoML for; -1 = one per
+                                      # inference worker when DIMML_BACKEND names GPU backends only, else 0
+    inference_workers: int = 1        # DIMML_INFERENCE_WORKERS: model processes (each its own GPU, when GPUs)
     backend: str = "auto"             # DIMML_BACKEND: a backend, a family, or a comma-separated order
     max_batch_size: int = 32          # DIMML_MAX_BATCH_SIZE: clips per inference batch
     max_latency_ms: int = 10_000      # DIMML_MAX_LATENCY_MS: longest a clip may queue for a batch (then 503)
@@ -25,6 +26,11 @@ class Settings:
     max_duration_s: float = 0.0       # DIMML_MAX_DURATION_S: media length limit; 0 = the bundle's own
     decode_threads: int = 4           # DIMML_DECODE_THREADS: concurrent decodes per API worker
     api_workers: int = 1              # DIMML_API_WORKERS: processes that accept uploads and decode
+    max_concurrency: int = 128        # DIMML_MAX_CONCURRENCY: requests in progress at once (all API workers);
+                                      # BentoML refuses more at once (429) instead of queueing them
+    retry_after_s: int = 1            # DIMML_RETRY_AFTER_S: the Retry-After of a 503 (model restarting or overloaded)
+    malloc_arenas: int = 2            # DIMML_MALLOC_ARENAS: glibc malloc arenas per worker (0: glibc's 8 per core)
+    malloc_trim_s: float = 10.0       # DIMML_MALLOC_TRIM_S: seconds between malloc_trim calls (0: never)
 
     @property
     def backend_order(self) -> list[str]:
@@ -43,12 +49,22 @@ class Settings:
 
     @property
     def gpus(self) -> int:
-        """GPUs to ask for (BentoML `resources`): DIMML_GPU, or 1 when every backend of DIMML_BACKEND
-        runs on a GPU (tensorrt, onnxruntime-cuda, torch-cuda)."""
+        """GPUs to ask for (BentoML `resources`): DIMML_GPU, or one per inference worker when every
+        backend of DIMML_BACKEND runs on a GPU (tensorrt, onnxruntime-cuda, torch-cuda)."""
         if self.gpu >= 0:
             return self.gpu
         order = expand_backends(self.backend_order)
-        return int(bool(order) and not any(b.endswith("-cpu") for b in order))
+        return self.inference_workers if order and not any(b.endswith("-cpu") for b in order) else 0
+
+    def worker_device(self, worker_index: int, visible_gpus: int) -> int:
+        """The GPU (an index among the visible ones) inference worker `worker_index` (1-based, BentoML's)
+        uses. BentoML gives every worker of a service the same CUDA_VISIBLE_DEVICES (all the GPUs the
+        service asked for), so without this every worker would run on the first of them: worker k takes
+        the k-th visible GPU after DIMML_DEVICE_ID, round-robin. visible_gpus 0 (CUDA_VISIBLE_DEVICES
+        unset: every GPU visible, their number unknown here): DIMML_DEVICE_ID."""
+        if visible_gpus <= 0:
+            return self.device_id
+        return (self.device_id + max(worker_index, 1) - 1) % visible_gpus
 
     @property
     def max_upload_bytes(self) -> int:
@@ -79,9 +95,12 @@ class Settings:
             raise ValueError(f"DIMML_BACKEND={self.backend!r}: {bad[0]!r} is not one of {', '.join(known)}")
         if self.device_id < 0:
             raise ValueError(f"DIMML_DEVICE_ID must be >= 0, got {self.device_id}")
-        for name in ("max_batch_size", "max_latency_ms", "max_batch_videos", "decode_threads", "api_workers"):
+        for name in ("max_batch_size", "max_latency_ms", "max_batch_videos", "decode_threads", "api_workers",
+                     "inference_workers", "max_concurrency", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DIMML_{name.upper()} must be >= 1, got {getattr(self, name)}")
+        if self.malloc_arenas < 0 or self.malloc_trim_s < 0:
+            raise ValueError("DIMML_MALLOC_ARENAS and DIMML_MALLOC_TRIM_S must be >= 0")
         if self.max_upload_mb <= 0:
             raise ValueError(f"DIMML_MAX_UPLOAD_MB must be > 0, got {self.max_upload_mb}")
         if self.max_duration_s < 0:

@@ -30,12 +30,14 @@ SCOPE_KEY = "dimml.upload_names"   # scope entry: {field: [client file names, in
 class Rejected(Exception):
     """A request refused with a 4xx: `status`, a message naming the cause, a machine cause."""
 
-    def __init__(self, status: int, message: str, cause: str):
+    def __init__(self, status: int, message: str, cause: str, headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.cause = status, message, cause
+        self.headers = dict(headers or {})   # e.g. Retry-After on a 503
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.message, "cause": self.cause}, status_code=self.status)
+        return JSONResponse({"error": self.message, "cause": self.cause}, status_code=self.status,
+                            headers=self.headers or None)
 
 
 @dataclass(frozen=True)

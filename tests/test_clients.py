@@ -169,6 +169,31 @@ def test_fail_on_error_resume_and_refusals(corpus, bundle, tmp_path):
     assert rc == 2 and "--recursive" in stderr             # class folders, no -r: say so
 
 
+def test_sharded_output_resumes_across_shards(local_run, corpus, bundle, tmp_path):
+    """--shard-rows: results.csv is written as results.00000.csv, ...; a resumed run starts a new shard
+    and never writes a path twice; read_results reads the family in order."""
+    from clients.output import shard_paths
+
+    local, _, _ = local_run
+    out = tmp_path / "r.csv"
+    first = ["score", corpus / "cat", corpus / "dog", "--bundle", bundle, "--out", out, "--shard-rows", "3",
+             "--no-progress"]
+    rc, _, stderr = run_cli(*first)
+    assert rc == 0, stderr
+    assert [p.name for p in shard_paths(out)] == [f"r.{i:05d}.csv" for i in range(4)] and not out.exists()   # 11 rows
+    rc, _, stderr = run_cli(*first)
+    assert rc == 2 and "--resume" in stderr and "r.00000.csv" in stderr
+    rc, stdout, stderr = run_cli("score", corpus / "cat", corpus / "dog", corpus / "owl", "--bundle", bundle,
+                                 "--out", out, "--shard-rows", "3", "--resume", "--no-progress")
+    assert rc == 0 and "11 already in" in stdout, stderr
+    assert [p.name for p in shard_paths(out)] == [f"r.{i:05d}.csv" for i in range(6)]   # owl's 5 rows: 2 new shards
+    assert [len(read_results(p)) for p in shard_paths(out)] == [3, 3, 3, 2, 3, 2]
+    rows = read_results(out)
+    assert sorted(r["path"] for r in rows) == sorted(local)   # every file once
+    for r in rows:
+        assert r == local[r["path"]]
+
+
 def _copies(corpus: Path, dest: Path, n: int) -> set[str]:
     """n copies of the corpus's good clips plus one corrupt file: enough work to interrupt."""
     good = sorted(p for p in corpus.rglob("clip*.mp4"))

@@ -191,6 +191,44 @@ def test_slim_serve_cpu_install_serves_and_scores_without_torch(slim_venv, tiny_
     assert answer["label"] == by_path[str(clip.relative_to(corpus))]["label"]
 
 
+@pytest.mark.slow
+def test_slim_client_ray_install_scores_on_ray(tiny_bundle, tiny_corpus, tmp_path):
+    """A fresh `.[client,cpu,ray]` venv (no torch, no BentoML): `dimml score --engine ray` on a local Ray
+    writes the rows of local scoring, its shards; `--resume` finds nothing left."""
+    root = tmp_path / "slim-ray"
+    src = _copy_sources(root / "src")
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    r = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--no-compile", f"{src}[client,cpu,ray]"],
+                       capture_output=True, text=True, timeout=900, env=_clean_env())
+    assert r.returncode == 0, r.stderr[-4000:]
+    work = tmp_path / "work"
+    work.mkdir()
+    env = _clean_env(RAY_ADDRESS="")
+    r = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True, text=True, cwd=work)
+    assert "No module named 'torch'" in r.stderr
+    r = subprocess.run([str(venv / "bin" / "python"), "-c", "import bentoml"], capture_output=True, text=True, cwd=work)
+    assert "No module named 'bentoml'" in r.stderr
+    bundle, corpus = tiny_bundle("audio,visual"), tiny_corpus("audio,visual")
+    rows = {}
+    for name, extra in (("local", []), ("ray", ["--engine", "ray"])):
+        out = tmp_path / f"{name}.csv"
+        r = subprocess.run([str(venv / "bin" / "dimml"), "score", str(corpus), "-r", "--bundle", str(bundle),
+                            "--out", str(out), "--no-progress", *extra],
+                           capture_output=True, text=True, cwd=work, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        files = sorted(tmp_path.glob(f"{name}*.csv"))
+        rows[name] = [row for f in files for row in csv.DictReader(open(f))]
+        if name == "ray":
+            assert [f.name for f in files] == ["ray.00000.csv"] and "on Ray (" in r.stdout   # shards by default
+            r = subprocess.run([str(venv / "bin" / "dimml"), "score", str(corpus), "-r", "--bundle", str(bundle),
+                                "--out", str(out), "--no-progress", "--resume", *extra],
+                               capture_output=True, text=True, cwd=work, env=env, timeout=600)
+            assert r.returncode == 0 and "0 file(s)" in r.stdout and "6 already in" in r.stdout, r.stdout + r.stderr
+    assert len(rows["ray"]) == 2 * len(TINY_CLASSES)
+    assert sorted(rows["ray"], key=lambda x: x["path"]) == sorted(rows["local"], key=lambda x: x["path"])
+
+
 def test_readme_test_command_is_what_ci_runs():
     """The README's second command is exactly `.ci/run`'s, and it installs the extras the tests import."""
     ci = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]

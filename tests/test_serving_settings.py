@@ -27,3 +27,32 @@ def test_device_id():
         Settings.from_env({"DIMML_DEVICE_ID": "-1"})
     with pytest.raises(ValueError, match="DIMML_DEVICE_ID=.*expected int"):
         Settings.from_env({"DIMML_DEVICE_ID": "cuda:1"})
+
+
+@pytest.mark.parametrize("backend,workers,gpus", [("onnxruntime-cuda", 3, 3), ("auto", 3, 0), ("tensorrt", 1, 1)])
+def test_one_gpu_per_inference_worker(backend, workers, gpus):
+    s = Settings.from_env({"DIMML_BACKEND": backend, "DIMML_INFERENCE_WORKERS": str(workers)})
+    assert s.inference_workers == workers and s.gpus == gpus
+
+
+def test_each_inference_worker_takes_its_own_gpu():
+    """BentoML gives every worker of a service the same CUDA_VISIBLE_DEVICES (all the service's GPUs):
+    its real allocator, asked for 2 GPUs for 2 workers, returns one environment for both. So each worker
+    picks its GPU by its worker index (Settings.worker_device), else all would run on the first."""
+    from types import SimpleNamespace
+
+    from _bentoml_impl.server.allocator import ResourceAllocator
+
+    allocator = ResourceAllocator()
+    allocator.remaining_gpus, allocator._available_gpus = 2, [(1.0, 1.0), (1.0, 1.0)]   # a 2-GPU machine's state
+    workers, env = allocator.get_worker_env(SimpleNamespace(name="DIMMLInference"),
+                                            services={"DIMMLInference": {"resources": {"gpu": 2}, "workers": 2}})
+    assert workers == 2 and env == {"CUDA_VISIBLE_DEVICES": "0,1"}   # shared by both workers
+    s = Settings.from_env({"DIMML_INFERENCE_WORKERS": "2"})
+    assert [s.worker_device(w, visible_gpus=2) for w in (1, 2)] == [0, 1]
+    assert [s.worker_device(w, visible_gpus=4) for w in (1, 2, 3, 4, 5)] == [0, 1, 2, 3, 0]   # round-robin
+    assert Settings.from_env({"DIMML_DEVICE_ID": "1"}).worker_device(2, visible_gpus=4) == 2   # offset
+    assert Settings.from_env({"DIMML_DEVICE_ID": "1"}).worker_device(1, visible_gpus=1) == 0   # the one visible
+    assert Settings.from_env({"DIMML_DEVICE_ID": "1"}).worker_device(2, visible_gpus=0) == 1   # all visible: as set
+    with pytest.raises(ValueError, match="DIMML_INFERENCE_WORKERS must be >= 1"):
+        Settings.from_env({"DIMML_INFERENCE_WORKERS": "0"})

@@ -1,0 +1,60 @@
+"""serving/allocator.py on glibc: the arena cap holds for new threads, and the trimming thread gives
+freed-but-kept memory back to the OS (each in a fresh interpreter: malloc's state is per process)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+PROGRAM = r"""
+import ctypes, json, sys, threading, time
+from serving import allocator
+
+arenas, trim_s = int(sys.argv[1]), float(sys.argv[2])
+assert allocator.configure(arenas, trim_s)
+libc = ctypes.CDLL("libc.so.6")
+
+def rss_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
+def arena_count():
+    libc.open_memstream.restype = ctypes.c_void_p
+    buf, size = ctypes.c_char_p(), ctypes.c_size_t()
+    stream = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
+    libc.malloc_info(0, ctypes.c_void_p(stream))
+    libc.fclose(ctypes.c_void_p(stream))
+    return ctypes.string_at(buf, size.value).decode().count("<heap nr=")
+
+kept, start = [], threading.Barrier(8)
+def work():
+    start.wait()   # all at once: contending threads get arenas of their own
+    blocks = [bytearray(64 * 1024) for _ in range(400)]   # 25 MiB per thread, below the mmap threshold
+    kept.append(blocks[-1])   # the heap's top stays in use: its free memory cannot shrink from the top
+    del blocks
+threads = [threading.Thread(target=work) for _ in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+before = rss_mib()
+time.sleep(3 * trim_s if trim_s else 0.5)
+print(json.dumps({"arenas": arena_count(), "rss_before": before, "rss_after": rss_mib()}))
+"""
+
+
+def run(arenas: int, trim_s: float) -> dict:
+    r = subprocess.run([sys.executable, "-c", PROGRAM, str(arenas), str(trim_s)], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only (Linux)")
+def test_arena_cap_and_trimming():
+    default = run(0, 0)     # glibc's own: an arena per contending thread, freed memory kept
+    capped = run(2, 0.2)    # 2 arenas, trimmed every 0.2 s
+    assert default["arenas"] > 2 and capped["arenas"] <= 2, (default, capped)
+    assert default["rss_after"] > default["rss_before"] - 20          # nothing gives the ~170 MiB back
+    assert capped["rss_after"] < capped["rss_before"] - 50, capped    # the trimming thread does
