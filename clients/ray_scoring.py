@@ -138,7 +138,7 @@ def batch_jobs(batch: Mapping[str, np.ndarray], fields: Sequence[str]) -> list[J
         key = _present(batch["path"][i]) if "path" in batch else None
         if key is None:
             key = files.get(fields[0]) or next(iter(files.values()), f"row {i}")
-        jobs.append(Job(key, files, None, names))
+        jobs.append(Job(key, files, (), names))
     return jobs
 
 
