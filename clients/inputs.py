@@ -147,6 +147,8 @@ def _root_jobs(src: Path, cfg: PreprocessConfig, exts: Sequence[str], recursive:
                 files, truth = by_video.get(os.path.realpath(v), ({}, ()))
                 out.append(({**files, VIDEO_FIELD: str(v)}, truth))
             return src, out
+        if samples:   # a model without a video field: what the layout lists (manifest.csv, ModelNet40 renders)
+            return src, samples
         if len(fields) == 1:
             found = walk_media(src, exts, recursive)
             if found:

@@ -375,15 +375,22 @@ class FrameTally:
     corrupt: int = 0
     last_s: float | None = None
     ran_out: bool = False          # the stream ended before decoding stopped on its own
+    failed: str | None = None      # the decoder's error part way (the frames before it are kept)
 
     def frames(self, c, stream):
-        """c.decode(stream), counting as it goes."""
-        for frame in c.decode(stream):
-            self.decoded += 1
-            self.corrupt += frame.is_corrupt
-            if frame.time is not None:
-                self.last_s = frame.time
-            yield frame
+        """c.decode(stream), counting as it goes. A decoder error after some frames ends the stream
+        there (a damaged tail, kept and reported, as for audio); one before any frame is raised."""
+        try:
+            for frame in c.decode(stream):
+                self.decoded += 1
+                self.corrupt += frame.is_corrupt
+                if frame.time is not None:
+                    self.last_s = frame.time
+                yield frame
+        except av.FFmpegError as e:
+            if not self.decoded:
+                raise
+            self.failed = e.strerror or str(e)
         self.ran_out = True
 
     def damage(self, info: MediaInfo) -> list[str]:
@@ -391,6 +398,9 @@ class FrameTally:
         out = []
         if self.corrupt:
             out.append(f"the decoder flagged {self.corrupt} of {self.decoded} decoded video frame(s) as damaged")
+        if self.failed:
+            out.append(f"the video stream stops decoding after {self.decoded} frame(s) ({self.failed})")
+            return out
         declared, v = video_duration(info), info.first("video")
         if self.ran_out and self.last_s is not None and declared:
             end = self.last_s + (1 / v.fps if v is not None and v.fps else 0.0)

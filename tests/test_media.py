@@ -495,3 +495,37 @@ def test_flow_of_odd_sizes(tmp_path):
         cfg = preprocess_for("tiny", "flow", {"flow.height": h, "flow.width": w})
         flow = decode_clip(path, cfg).arrays["flow"]
         assert flow.shape == (2, h, w, 2) and flow[..., 0].mean() > 130    # the texture moves right
+
+
+# ---------------------------------------------------------------------------------------
+# damage: decoded, but flagged (dimml.media.FrameTally, audio_damage, wav_declared_s)
+
+def flip_middle(src: Path, dst: Path, n: int = 200) -> Path:
+    """A copy with n bytes of its middle half inverted (a damaged download or disk)."""
+    data = bytearray(src.read_bytes())
+    for i in np.random.default_rng(1).integers(len(data) // 4, 3 * len(data) // 4, n):
+        data[i] ^= 0xFF
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def test_damaged_media_are_flagged_and_clean_media_never(tmp_path):
+    cfg = preprocess_for("tiny", "audio,visual")
+    # FLV1 conceals damaged macroblocks and flags the frames (FFmpeg: "illegal dc ... Error at MB")
+    flv = write_clip(tmp_path / "clip.flv", moving_texture(45, h=96, w=128), fps=15, audio=sine(3.0))
+    assert decode_clip(flv, cfg).warnings == []
+    flagged = decode_clip(flip_middle(flv, tmp_path / "flipped.flv"), cfg, allow_missing=True).warnings
+    assert any("the decoder flagged" in w and "video frame(s) as damaged" in w for w in flagged), flagged
+    # H.264 in mp4 gives up part way: the frames before the error are used, and that is said
+    mp4 = write_clip(tmp_path / "clip.mp4", moving_texture(45, h=96, w=128), fps=15, audio=sine(3.0))
+    assert decode_clip(mp4, cfg).warnings == []
+    stopped = decode_clip(flip_middle(mp4, tmp_path / "flipped.mp4"), cfg, allow_missing=True).warnings
+    assert any("the video stream stops decoding after" in w for w in stopped), stopped
+    # a WAV cut to a third: FFmpeg measures it by its size, its header still says 3 s
+    wav = write_clip(tmp_path / "speech.wav", None, audio=sine(3.0))
+    whole = wav.read_bytes()
+    (tmp_path / "cut.wav").write_bytes(whole[: len(whole) // 3])
+    audio_only = preprocess_for("tiny", "audio")
+    assert decode_sample({"audio": str(wav)}, audio_only).warnings == []
+    [w] = decode_sample({"audio": str(tmp_path / "cut.wav")}, audio_only).warnings
+    assert "cut.wav: the audio stream ends at" in w and "of the 3.00 s declared" in w
