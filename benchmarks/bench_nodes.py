@@ -28,9 +28,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-import torchrun_nodes as nodes   # noqa: E402  (tests/: the launcher the test uses)
-from conftest import free_port   # noqa: E402
-from test_nodes import FIT       # noqa: E402  (the test's training options)
+import torchrun_nodes as nodes  # noqa: E402  (tests/: the launcher the test uses)
+from test_nodes import FIT  # noqa: E402  (the test's training options)
+
+from conftest import free_port  # noqa: E402
 
 
 def epoch_seconds(run: Path) -> float:

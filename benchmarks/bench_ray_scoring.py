@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scoring import SUMMARY, make_corpus  # noqa: E402
+
 from bench_serving import PRESET_CLIPS, REPO, log, machine, make_bundle  # noqa: E402
 
 MIB = 2**20
@@ -84,7 +85,7 @@ class TreeMemory:
         t_end = min(t for t, n in seen if n == last)
         return (last - seen[0][1]) / (t_end - seen[0][0]) if t_end > seen[0][0] else float("nan")
 
-    def __enter__(self) -> "TreeMemory":
+    def __enter__(self) -> TreeMemory:
         self._thread.start()
         return self
 

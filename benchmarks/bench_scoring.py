@@ -39,8 +39,18 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench_serving: shared set-up helpers
-from bench_serving import (PRESET_CLIPS, REPO, ClipShape, _ints, bundle_preset, log, machine,  # noqa: E402
-                           make_bundle, make_clips, measure_quietly)
+from bench_serving import (  # noqa: E402
+    PRESET_CLIPS,
+    REPO,
+    ClipShape,
+    _ints,
+    bundle_preset,
+    log,
+    machine,
+    make_bundle,
+    make_clips,
+    measure_quietly,
+)
 
 PRESET_FILES = {"tiny": 200, "resnet18": 64}   # default corpus size: resnet18 scores ~5 clips/s on 2 cores
 SUMMARY = re.compile(r"scored (\d+) file\(s\) .* in ([\d.]+) s \(([\d.]+) files/s\)")

@@ -87,6 +87,7 @@ def make_bundle(preset: str, work: Path) -> Path:
     if (out / "manifest.json").is_file():
         return out
     import torch
+
     from dimml.modalities import preprocess_for
     from training.models import build_model, build_model_config
     from training.run import run_config_fields, save_run_model
@@ -181,7 +182,7 @@ class CpuMonitor:
     def __init__(self, pids: list[int] | None = None):
         self.pids = [os.getpid(), *(pids or [])]
 
-    def __enter__(self) -> "CpuMonitor":
+    def __enter__(self) -> CpuMonitor:
         self.load_before = os.getloadavg()[0]
         self._t = time.monotonic()
         self._busy = _busy_s()
@@ -257,7 +258,7 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.target, self.cwd = service, REPO
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         """Start and wait for /readyz; on failure the server is stopped and the error has its log."""
         import httpx
 
@@ -285,7 +286,7 @@ class Server:
         self.ready_s = time.monotonic() - t0
         return self
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc) -> None:

@@ -95,7 +95,7 @@ class Load:
                     self.status[key] += 1
                     self.done += 1
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for t in self._threads:
             t.start()
         return self

@@ -29,9 +29,10 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import REPO, Server, log, machine, make_bundle  # noqa: E402
-from bench_soak import SOAK_CLIP, roles  # noqa: E402
 from bench_scoring import make_corpus  # noqa: E402
+from bench_soak import SOAK_CLIP, roles  # noqa: E402
+
+from bench_serving import Server, log, machine, make_bundle  # noqa: E402
 
 PROBE_EVERY_S = 0.2
 
@@ -88,7 +89,7 @@ class Probe:
         ts = [t for t, w, s in self.events if w == what and s == status and after <= t < before]
         return min(ts) if ts else None
 
-    def __enter__(self) -> "Probe":
+    def __enter__(self) -> Probe:
         for t in self._threads:
             t.start()
         return self

@@ -6,8 +6,7 @@
 
 Importing this package is light (httpx only); local scoring loads the model when asked.
 """
-from clients.http import (AsyncClient, Client, ClientError, RequestTimeout, RetryPolicy, ServerError,
-                          ServerUnreachable)
+from clients.http import AsyncClient, Client, ClientError, RequestTimeout, RetryPolicy, ServerError, ServerUnreachable
 from clients.result import BranchResult, Prediction
 
 __all__ = ["Client", "AsyncClient", "RetryPolicy", "ClientError", "ServerError", "ServerUnreachable",

@@ -23,15 +23,16 @@ import mimetypes
 import os
 import random
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, BinaryIO, Mapping, Sequence, Union
+from typing import Any, BinaryIO
 
 import httpx
 
 from clients.result import Prediction
 
-Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+Source = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
 
 PREDICT, PREDICT_BATCH = "/predict", "/predict_batch"
 READY, METADATA = "/readyz", "/metadata"
@@ -243,7 +244,7 @@ class Client(_Base):
         super().__init__(url, timeout, retry)
         self._http = httpx.Client(base_url=self.url, timeout=self._timeout(), headers=headers)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -321,7 +322,7 @@ class AsyncClient(_Base):
         super().__init__(url, timeout, retry)
         self._http = httpx.AsyncClient(base_url=self.url, timeout=self._timeout(), headers=headers)
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

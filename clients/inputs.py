@@ -27,12 +27,21 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
-from dimml.datasets import (IMAGE_EXTS, PUBLIC_LAYOUTS, VIDEO_EXTS, DatasetError, LayoutIncomplete, detect_layout,
-                            read_layout, read_manifest, walk_files)
+from dimml.datasets import (
+    IMAGE_EXTS,
+    PUBLIC_LAYOUTS,
+    VIDEO_EXTS,
+    DatasetError,
+    LayoutIncomplete,
+    detect_layout,
+    read_layout,
+    read_manifest,
+    walk_files,
+)
 from dimml.modalities import VIDEO_FIELD, PreprocessConfig
 
 DEFAULT_EXTS = tuple(sorted(e.lstrip(".") for e in VIDEO_EXTS))
@@ -194,7 +203,7 @@ def find_jobs(inputs: Sequence[str | os.PathLike], cfg: PreprocessConfig | None 
         if prefix and src.suffix.lower() == ".csv":
             prefix = src.parent.name
 
-        def rel(path: str) -> str:
+        def rel(path: str, root: Path = root, prefix: str = prefix) -> str:   # (bound now: one INPUT's)
             r = Path(os.path.relpath(path, root)).as_posix()
             return f"{prefix}/{r}" if prefix else r
 

@@ -19,8 +19,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 try:
     import fcntl
@@ -164,7 +165,7 @@ def _parse_existing(data: bytes, fmt: str, columns: list[str], where: Path
 def shard_paths(path: str | os.PathLike) -> list[Path]:
     """The shards of a sharded --out, in order: results.csv -> results.00000.csv, results.00001.csv, ..."""
     path = Path(path)
-    pattern = re.compile(re.escape(path.stem) + r"\.(\d{%d,})" % SHARD_DIGITS + re.escape(path.suffix) + "$")
+    pattern = re.compile(re.escape(path.stem) + rf"\.(\d{{{SHARD_DIGITS},}})" + re.escape(path.suffix) + "$")
     if not path.parent.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in path.parent.iterdir() if (m := pattern.match(p.name))]
@@ -263,7 +264,7 @@ class ResultWriter:
         os.fsync(self._f.fileno())
         self._text.close()   # closes the binary file and releases the lock
 
-    def __enter__(self) -> "ResultWriter":
+    def __enter__(self) -> ResultWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -328,7 +329,7 @@ class ShardedWriter:
         if self._current is not None:
             self._current.close()
 
-    def __enter__(self) -> "ShardedWriter":
+    def __enter__(self) -> ShardedWriter:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -23,11 +23,12 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from clients.http import Client, ClientError, RequestTimeout, RetryPolicy, ServerError, ServerUnreachable
 from clients.inputs import InputError, Job, find_jobs
@@ -130,7 +131,7 @@ class LocalScorer:
                  backend: str | Sequence[str] = "auto", device_id: int | str = 0, threads: int | None = None):
         """device_id: a GPU index, or "cpu" (CPU backends only); threads: the engine's intra-op threads
         (default: the backend's own choice)."""
-        from dimml.predict import Predictor   # heavy (onnxruntime / torch): only when scoring locally
+        from dimml.predict import Predictor  # heavy (onnxruntime / torch): only when scoring locally
 
         self.predictor = Predictor(bundle, max_batch=batch_size, prefer=backend, device=device_id, threads=threads)
         self.classes: list[str] = list(self.predictor.classes)
@@ -290,7 +291,7 @@ class ScoreOptions:
     progress: bool = True
     engine: str = "local"            # with --bundle: "local" (this process) or "ray" (Ray Data)
     shard_rows: int = 0              # > 0: --out is written as shards of this many rows (clients/output.py)
-    ray: "RayOptions | None" = None  # engine "ray": the cluster and the actors (clients/ray_scoring.py)
+    ray: RayOptions | None = None  # engine "ray": the cluster and the actors (clients/ray_scoring.py)
 
 
 @dataclass
@@ -320,7 +321,7 @@ class Summary:
 ENGINES = ("local", "ray")
 
 
-def make_scorer(opts: ScoreOptions) -> "LocalScorer | RemoteScorer | RayScorer":
+def make_scorer(opts: ScoreOptions) -> LocalScorer | RemoteScorer | RayScorer:
     if bool(opts.server) == bool(opts.bundle):
         raise ValueError("give exactly one of --server URL or --bundle BUNDLE")
     if opts.engine not in ENGINES:
@@ -339,7 +340,7 @@ def make_scorer(opts: ScoreOptions) -> "LocalScorer | RemoteScorer | RayScorer":
 
 
 def run_score(opts: ScoreOptions, stop: Stop | None = None,
-              scorer: "LocalScorer | RemoteScorer | RayScorer | None" = None) -> Summary:
+              scorer: LocalScorer | RemoteScorer | RayScorer | None = None) -> Summary:
     """Score every sample of opts.inputs not yet in opts.out, appending rows; returns the tally."""
     from tqdm import tqdm
 

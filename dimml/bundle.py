@@ -188,7 +188,7 @@ class Bundle:
         return float(self.manifest["lw_temperature"])
 
     @property
-    def final_output(self) -> "OutputRule":
+    def final_output(self) -> OutputRule:
         """The final output: how the answer is made from the branch logits (the manifest's
         `final_output`, OutputRule.to_dict(): the rule the run chose on validation, and why).
         Older manifests: `output` (a rule dict; or "weighted" / none: the paper's weighting at

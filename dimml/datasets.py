@@ -23,9 +23,9 @@ import random
 import re
 import warnings
 from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Hashable, Iterable, Sequence
 
 from dimml.modalities import BUILTIN_NAMES, VIDEO_FIELD, PreprocessConfig, check_name
 
@@ -461,7 +461,8 @@ def read_ucf101(root: Path, split_id: int = 1, flow_name: str | None = BUILTIN_O
     lists = {split: _ucf_list(root, f"{split}list0{split_id}.txt") for split in ("train", "test")}
     missing = [f"{split}list0{split_id}.txt" for split, p in lists.items() if p is None]
     if missing:
-        raise LayoutIncomplete(f"{root}: looks like UCF101 but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing (looked in "
+        verb = "is" if len(missing) == 1 else "are"
+        raise LayoutIncomplete(f"{root}: looks like UCF101 but {' and '.join(missing)} {verb} missing (looked in "
                            f"{', '.join(str(root / d) for d in UCF_LIST_DIRS)}; the lists come in "
                            "UCF101TrainTestSplits-RecognitionTask.zip as ucfTrainTestlist/)")
     video_dir = next(root / d for d in UCF_VIDEO_DIRS if (root / d).is_dir())
@@ -919,8 +920,9 @@ def _check_classes(spec: DatasetSpec, min_classes: int) -> None:
         spec.notes.append(f"{len(spec.dropped)} sample(s) skipped as unusable (skip_bad)")
 
 
-__all__ = ["Sample", "DatasetSpec", "DatasetError", "LayoutIncomplete", "Layout", "walk_files", "load_dataset", "read_layout", "detect_layout",
-           "read_manifest", "read_folders", "read_split_files", "apply_split_files", "read_cremad", "read_ave", "read_ucf101", "read_modelnet40",
-           "manifest_field", "manifest_column", "image_names", "kind_name", "stratified_split", "group_split", "split_sizes", "cremad_speaker",
+__all__ = ["Sample", "DatasetSpec", "DatasetError", "LayoutIncomplete", "Layout", "walk_files", "load_dataset",
+           "read_layout", "detect_layout", "read_manifest", "read_folders", "read_split_files", "apply_split_files",
+           "read_cremad", "read_ave", "read_ucf101", "read_modelnet40", "manifest_field", "manifest_column",
+           "image_names", "kind_name", "stratified_split", "group_split", "split_sizes", "cremad_speaker",
            "format_list", "SPLITS", "LAYOUTS", "VIDEO_EXTS", "IMAGE_EXTS", "CREMAD_EMOTIONS", "MODELNET_VIEWS",
            "MODELNET_NAMES", "UCF_FLOW_DIRS", "PUBLIC_LAYOUTS"]

@@ -18,8 +18,9 @@ import contextlib
 import io
 import math
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO, Iterable, Mapping, Union
+from typing import TYPE_CHECKING, BinaryIO
 
 import av
 import numpy as np
@@ -30,7 +31,7 @@ from dimml.modalities import VIDEO_FIELD, Limits, PreprocessConfig
 if TYPE_CHECKING:
     from dimml.modalities.audio import AudioParams
 
-Source = Union[str, os.PathLike, bytes, BinaryIO]
+Source = str | os.PathLike | bytes | BinaryIO
 
 # Seek instead of decoding forward when the next wanted frame is this far ahead (seconds):
 # below it, decoding through is cheaper than a seek back to the previous keyframe.
@@ -241,7 +242,7 @@ def probe(src: Source, limits: Limits | PreprocessConfig | None = None, *, name:
 # ---------------------------------------------------------------------------------------
 # audio
 
-def fit_waveform(wave: np.ndarray, p: "AudioParams") -> np.ndarray:
+def fit_waveform(wave: np.ndarray, p: AudioParams) -> np.ndarray:
     """Tile a short waveform / crop a long one to p.num_samples and clip to [-1, 1].
 
     As the reference code does (np.tile(samples, k)[:n]; values clipped to [-1, 1]); we tile
@@ -252,14 +253,14 @@ def fit_waveform(wave: np.ndarray, p: "AudioParams") -> np.ndarray:
     return np.clip(np.tile(wave, reps)[:n], -1.0, 1.0)
 
 
-def log_spectrogram(wave: np.ndarray, p: "AudioParams") -> np.ndarray:
+def log_spectrogram(wave: np.ndarray, p: AudioParams) -> np.ndarray:
     """float32 [1, F, T] = log(scipy.signal.spectrogram(wave, sr, nperseg, noverlap)[2] + eps)."""
     _, _, spec = scipy.signal.spectrogram(np.asarray(wave, dtype=np.float64), p.sample_rate,
                                           nperseg=p.nperseg, noverlap=p.noverlap)
     return np.log(spec + p.log_eps).astype(np.float32)[None]
 
 
-def decode_waveform(src: Source, p: "AudioParams | None" = None, *, limits: Limits | None = None,
+def decode_waveform(src: Source, p: AudioParams | None = None, *, limits: Limits | None = None,
                     name: str | None = None, max_samples: int | None = None) -> np.ndarray:
     """Mono float32 waveform at p.sample_rate (default 16 kHz) via PyAV's resampler (first max_samples only)."""
     if p is None:

@@ -28,8 +28,9 @@ those only.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -169,7 +170,7 @@ class Predictor:
         return self.predict_clips([self.decode(files, names=names)])[0]
 
     def predict(self, files: Source | Mapping[str, Source] | Sequence[Source | Mapping[str, Source]] | None = None,
-                /, **by_field: Source) -> "Prediction | list[Prediction]":
+                /, **by_field: Source) -> Prediction | list[Prediction]:
         """The Python API: typed answers, the same `Prediction` the HTTP client returns.
 
             predictor.predict("clip.mp4")                          # one file (one source field)

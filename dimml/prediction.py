@@ -17,8 +17,9 @@ damaged input; it is empty for a clean file (and absent from answers of older se
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 # The vocabulary of answers, defined here once: the fusion head is "fusion" (its branch in answers,
 # its module in bundles and runs, its row in reports); the final output (what answers: the rule the
@@ -41,7 +42,7 @@ class BranchResult:
     weight: float
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "BranchResult":
+    def from_dict(cls, d: Mapping[str, Any]) -> BranchResult:
         return cls({str(k): float(v) for k, v in d["probabilities"].items()},
                    float(d["certainty"]), float(d["weight"]))
 
@@ -73,7 +74,7 @@ class Prediction:
         return None if b is None else b.weight
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Prediction":
+    def from_dict(cls, d: Mapping[str, Any]) -> Prediction:
         """Parse the wire format; a malformed answer raises ValueError saying what is wrong."""
         try:
             model = d.get("model") or {}

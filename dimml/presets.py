@@ -13,9 +13,10 @@ CREMA-D run. Plain data: the core reads `inputs` (dimml.modalities.preprocess_fo
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ NumPy only, so serving and scoring need no torch.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -39,13 +40,14 @@ def weigh(branch_logits: Sequence[np.ndarray], temperature: float) -> tuple[np.n
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    z = np.stack([np.asarray(l, dtype=np.float64) for l in branch_logits], axis=1)  # [B, M, K]
+    z = np.stack([np.asarray(x, dtype=np.float64) for x in branch_logits], axis=1)  # [B, M, K]
     c = softmax(z).max(axis=-1)                                                     # [B, M]
     w = softmax(c / temperature, axis=1)                                            # [B, M]
     return (w[..., None] * z).sum(axis=1), w, c
 
 
-def weigh_named(logits: Mapping[str, np.ndarray], temperature: float) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+def weigh_named(logits: Mapping[str, np.ndarray], temperature: float
+                ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """`weigh` over a {branch name: logits} mapping; weights and certainties keyed the same way."""
     names = list(logits)
     z, w, c = weigh([logits[n] for n in names], temperature)
@@ -106,14 +108,14 @@ class OutputRule:
                 "prior": dict(self.prior), "reason": self.reason}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "OutputRule":
+    def from_dict(cls, d: Mapping[str, Any]) -> OutputRule:
         if d.get("rule") not in ("branch", "weighted"):
             raise ValueError(f"output rule must be 'branch' or 'weighted', got {d.get('rule')!r}")
         return cls(str(d["name"]), d["rule"], d.get("branch"), float(d.get("temperature", 1.0)),
                    tuple(sorted((str(k), float(v)) for k, v in (d.get("prior") or {}).items())),
                    str(d.get("reason") or ""))
 
-    def because(self, reason: str) -> "OutputRule":
+    def because(self, reason: str) -> OutputRule:
         """The same rule, saying why it was chosen."""
         return replace(self, reason=reason)
 
@@ -126,15 +128,15 @@ class OutputRule:
         return self.name, self.reason
 
     @classmethod
-    def paper(cls, temperature: float) -> "OutputRule":
+    def paper(cls, temperature: float) -> OutputRule:
         return cls("paper-lw", "weighted", temperature=float(temperature))
 
     @classmethod
-    def head(cls, branch: str, temperature: float = 1.0) -> "OutputRule":
+    def head(cls, branch: str, temperature: float = 1.0) -> OutputRule:
         return cls(branch, "branch", branch, temperature=float(temperature))
 
     @classmethod
-    def legacy(cls, output: str, temperature: float) -> "OutputRule":
+    def legacy(cls, output: str, temperature: float) -> OutputRule:
         """The rule of runs and bundles from before output rules: `output` "weighted" (the paper's
         Eq. 8-9 at T) or "fused" (the fusion head; the weighting at T when a modality is missing)."""
         if output == "fused":

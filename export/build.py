@@ -52,10 +52,11 @@ def _metrics(report: dict[str, Any] | None) -> dict[str, Any]:
     return {"eval_split": report["eval_split"], **report["metrics"]}
 
 
-def build_bundle(run_dir: str | os.PathLike, out: str | os.PathLike, opts: BundleOptions = BundleOptions(),
+def build_bundle(run_dir: str | os.PathLike, out: str | os.PathLike, opts: BundleOptions | None = None,
                  progress: bool = True) -> Path:
     """Export the run's modules (ONNX and torch.export programs), optionally build engines,
     write the manifest."""
+    opts = opts or BundleOptions()
     from export.onnx_export import OPSET, check_parity, export_model, export_programs
     from training.run import CONFIG, REPORT, load_run
 

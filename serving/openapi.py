@@ -10,7 +10,8 @@ of the document is BentoML's.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from pydantic import TypeAdapter
 

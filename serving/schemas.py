@@ -6,8 +6,6 @@ same keys, in the same order, with the same values.
 """
 from __future__ import annotations
 
-from typing import Union
-
 from pydantic import BaseModel, ConfigDict, Field
 
 # Statuses a refused upload gets, with when (the `cause` codes are serving/README.md's table).
@@ -85,7 +83,7 @@ class ItemError(ErrorBody):
     status: int = Field(description="the HTTP status this file alone would have got from /predict (4xx)")
 
 
-BatchItem = Union[Answer, ItemError]
+BatchItem = Answer | ItemError
 
 
 __all__ = ["Answer", "FinalOutput", "BranchAnswer", "ModelInfo", "ErrorBody", "ItemError", "BatchItem", "ERROR_STATUSES"]

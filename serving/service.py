@@ -38,8 +38,8 @@ from serving import allocator, bentoml_fixes
 from serving.openapi import OpenAPIErrors
 from serving.schemas import Answer, BatchItem, ItemError
 from serving.settings import Settings
-from serving.upstream import Upstream, sibling_workers
 from serving.uploads import Rejected, Upload, UploadGuard, collect
+from serving.upstream import Upstream, sibling_workers
 
 logger = logging.getLogger("bentoml.dimml")   # under "bentoml": shown by its log config
 SETTINGS = Settings.from_env()
@@ -77,7 +77,7 @@ def upload_fields(cfg: PreprocessConfig) -> dict[str, str]:
     return out
 
 
-def declared_model(tag: str) -> "bentoml.models.BentoModel | None":
+def declared_model(tag: str) -> bentoml.models.BentoModel | None:
     """The model the inference service declares (so `bentoml build` packs it): `tag` when it is in
     the model store; else None (a warning: the Bento would hold no model)."""
     if not tag:

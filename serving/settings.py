@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Mapping
 
 from dimml.engines import BACKENDS, FAMILIES, expand_backends
 
@@ -71,7 +71,7 @@ class Settings:
         return int(self.max_upload_mb * 2**20)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
         """Parse DIMML_* variables; a malformed value is an error naming the variable."""
         values = {}
         for f in fields(cls):

@@ -12,9 +12,10 @@ error messages can name them.
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.responses import JSONResponse
@@ -213,7 +214,7 @@ class UploadGuard:
 
 def request_temp_dir() -> Path:
     """The per-request folder BentoML writes uploads to."""
-    from bentoml._internal.context import request_temp_dir as _dir   # no public accessor in 1.4
+    from bentoml._internal.context import request_temp_dir as _dir  # no public accessor in 1.4
     return Path(_dir()).resolve()
 
 

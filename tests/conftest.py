@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from dimml.modalities import preprocess_for
 
@@ -79,15 +85,6 @@ def write_sample(root: str | Path, setting: str, *, seed: int = 0, seconds: floa
 # --- export/serving fixtures (owner: export/serving): one random-weight tiny run, bundle, corpus
 # and server per setting per session, built on first use and shared by test_export, test_predict,
 # test_serving and test_clients.
-
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent    # the venv's scripts: bentoml, dimml

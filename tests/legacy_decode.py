@@ -10,8 +10,9 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterable, Union
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -41,7 +42,7 @@ class PreprocessConfig:
 LegacyConfig = PreprocessConfig
 
 
-Source = Union[str, os.PathLike, bytes, BinaryIO]
+Source = str | os.PathLike | bytes | BinaryIO
 MODALITIES = ("audio", "visual")
 
 # Seek instead of decoding forward when the next wanted frame is this far ahead (seconds):

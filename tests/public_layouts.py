@@ -33,8 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import write_image
 from training.clipwriter import write_clip
+
+from conftest import write_image
 
 CRLF, LF = "\r\n", "\n"
 

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_methods import AV, K, FakeContext, make_batch, make_method, prepare, teacher_run
 
 from training.methods.base import fusion_slices, heads_from_fusion
 from training.methods.ogm_ge import ogm_coefficients
 from training.methods.pmr import class_means
 from training.synth import SynthConfig, synthesize
 from training.trainer import TrainConfig, fit
+
+from test_methods import AV, FakeContext, K, make_batch, make_method, prepare, teacher_run
 
 THREE = "audio,visual,flow"
 IMAGES = "front:image,rear:image"

@@ -17,6 +17,7 @@ from dimml.media import decode_sample
 from dimml.modalities import preprocess_for
 from training.cache import CachedDataset, build_cache, prune
 from training.synth import write_clip
+
 from conftest import SETTINGS, moving_texture, sine, write_image, write_sample
 
 # a per-setting tiny config, smaller still so builds take milliseconds

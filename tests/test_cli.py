@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, REPO
 
 from dimml import cli as dimml_cli
 from training.cli import main as training_main
 from training.synth import SynthConfig, synthesize
+
+from conftest import BIN, REPO
 
 TINY = ["--preset", "tiny", "--epochs", "2", "--stage2-epochs", "1", "--batch-size", "8", "--no-progress"]
 

@@ -31,9 +31,18 @@ from clients import AsyncClient, Client, Prediction, RequestTimeout, RetryPolicy
 from clients.cli import main
 from clients.inputs import InputError, find_jobs
 from clients.output import OutputError, ResultWriter, error_row, read_results
-from conftest import (REPO, SETTINGS, TINY_CLASSES, TINY_UPLOAD_LIMIT_MB, default_fast, free_port, setting_id,
-                      write_corpus)
 from dimml.modalities import preprocess_for
+
+from conftest import (
+    REPO,
+    SETTINGS,
+    TINY_CLASSES,
+    TINY_UPLOAD_LIMIT_MB,
+    default_fast,
+    free_port,
+    setting_id,
+    write_corpus,
+)
 
 CLASSES = list(TINY_CLASSES)
 AV = ("audio", "visual", "fusion")   # the branches of the audio,visual model
@@ -50,8 +59,9 @@ _free_port = free_port
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """3 classes x 4 audio-video clips (manifest.csv gives labels) + 3 corrupt files + 1 silent video."""
-    from conftest import moving_texture
     from training.synth import write_clip
+
+    from conftest import moving_texture
 
     d = write_corpus(tmp_path_factory.mktemp("corpus"), "audio,visual", per_class=4)
     rng = np.random.default_rng(0)

@@ -13,7 +13,6 @@ from dimml.datasets import DatasetError, Sample, group_split, load_dataset, spli
 from dimml.modalities import preprocess_for
 from training.synth import write_clip as synth_write_clip
 
-
 # ---------------------------------------------------------------------------------------
 # tiny real media files (also used by test_cache.py)
 

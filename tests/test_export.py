@@ -16,14 +16,23 @@ import onnx
 import pytest
 import torch
 
-from conftest import REPO, SETTINGS, TINY_CLASSES, default_fast, make_tiny_run, random_arrays, setting_id
-from dimml.bundle import (FUSION, MANIFEST, SCHEMA_VERSION, BundleError, load_bundle, module_io, sha256_file,
-                          write_manifest)
+from dimml.bundle import (
+    FUSION,
+    MANIFEST,
+    SCHEMA_VERSION,
+    BundleError,
+    load_bundle,
+    module_io,
+    sha256_file,
+    write_manifest,
+)
 from dimml.engines import EngineError, open_engine
 from dimml.modalities import preprocess_for
 from dimml.predict import Predictor
 from export.cli import main
 from training.run import load_run
+
+from conftest import REPO, SETTINGS, TINY_CLASSES, default_fast, make_tiny_run, random_arrays, setting_id
 
 CLASSES = list(TINY_CLASSES)
 

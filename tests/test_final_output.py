@@ -8,9 +8,7 @@ import math
 import httpx
 import pytest
 import torch
-from test_methods import AV, K, FakeContext, make_batch, make_method
 
-from conftest import start_server, stop_server, wait_ready
 from dimml.bundle import load_bundle
 from dimml.predict import Predictor
 from dimml.weighting import OutputRule
@@ -20,6 +18,8 @@ from training.methods.mslr import best_rate
 from training.synth import SynthConfig, synthesize
 from training.trainer import TrainConfig, fit
 
+from conftest import start_server, stop_server, wait_ready
+from test_methods import AV, FakeContext, K, make_batch, make_method
 
 # ---------------------------------------------------------------------------------------
 # MSLR: each encoder's initial rate from its own tuning

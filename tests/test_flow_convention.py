@@ -15,6 +15,7 @@ import pytest
 
 from dimml.media import decode_sample
 from dimml.modalities import preprocess_for
+
 from public_layouts import moving_video
 
 SPEED = (2, 1)                    # px per frame in the 320x240 video: right and down

@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from dimml.metrics import expected_calibration_error
-from training.losses import (DUC_TEMPERATURE, class_centroids, dimension_scores, duc_loss, mlb_coefficients,
-                             separate_dimensions, transfer_dimensions)
+from training.losses import (
+    DUC_TEMPERATURE,
+    class_centroids,
+    dimension_scores,
+    duc_loss,
+    mlb_coefficients,
+    separate_dimensions,
+    transfer_dimensions,
+)
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -3,21 +3,32 @@ flow, still images, pre-extracted flow, missing modalities, errors; bit-identica
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.signal
 import soundfile as sf
 
-from dimml.media import (MediaError, consecutive_frames, decode_clip, decode_sample, decode_waveform,
-                         fit_waveform, frame_times, open_media, probe, video_stream)
-from dimml.modalities import PreprocessConfig, parse_modalities, preprocess_for
+from dimml.media import (
+    MediaError,
+    consecutive_frames,
+    decode_clip,
+    decode_sample,
+    decode_waveform,
+    fit_waveform,
+    frame_times,
+    open_media,
+    probe,
+    video_stream,
+)
+from dimml.modalities import PreprocessConfig, preprocess_for
 from dimml.modalities.audio import AudioParams
 from dimml.modalities.flow import quantise
 from training.synth import write_clip
+
 from conftest import SETTINGS, moving_texture, sine, write_image, write_sample
 
 SR = 16000

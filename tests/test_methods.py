@@ -12,16 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SETTINGS
 
+from dimml.metrics import confusion, macro_f1
 from dimml.modalities import parse_modalities, preprocess_for
 from training.augment import AugmentConfig, augment_frames
-from dimml.metrics import confusion, macro_f1
 from training.evaluate import evaluate, fit_probe
 from training.losses import DUC_TEMPERATURE, transfer_dimensions
 from training.methods import REGISTRY, Batch, get_method
 from training.methods.base import averaging_fusion, zero_modality_head
 from training.models import FUSION, MultiModel, StackEncoder, build_model, build_model_config
+
+from conftest import SETTINGS
 
 K, D = 4, 64   # tiny preset: feature dim 64
 AV = "audio,visual"
@@ -283,7 +284,7 @@ def test_duc_gradient_lands_only_on_each_students_pair_dims(setting):
             prepare(method, "encoders")
             nets, feats = method.nets("encoders"), {}
             for n in method.names:
-                def run(x, branch=nets[n], n=n):
+                def run(x, branch=nets[n], n=n, feats=feats):
                     h, z = branch(x)
                     h.retain_grad()
                     feats[n] = h
@@ -296,7 +297,7 @@ def test_duc_gradient_lands_only_on_each_students_pair_dims(setting):
     with_duc, without = feature_grads(1.0), feature_grads(0.0)
     for i in method.names:
         pair_dims = torch.zeros(D, dtype=torch.bool)
-        for j, dims in method.dims[i].items():
+        for dims in method.dims[i].values():
             pair_dims[dims] = True
         duc = with_duc[i][i] - without[i][i]               # the DUC term's gradient on the student
         assert torch.all(duc[:, ~pair_dims] == 0), i
@@ -360,7 +361,7 @@ def test_dimml_separates_dimensions_after_warmup(sep_every, separations, setting
             assert method.dims is None
     assert done == separations
     # each student learns from each teacher where only the teacher is effective
-    for i, student in enumerate(method.names):
+    for student in method.names:
         assert set(method.dims[student]) == set(method.names) - {student}
         for j, teacher in enumerate(method.names):
             if teacher != student:

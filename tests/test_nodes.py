@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import torchrun_nodes as nodes
-from conftest import free_port
 
 from dimml import cli as dimml_cli
 from training.distributed import weights_checksum
 from training.run import load_run
 from training.synth import SynthConfig, synthesize
+
+from conftest import free_port
 
 # A split computed on each node from its own folder (--layout folders ignores the manifest's).
 # Epochs enough that the kill after the first checkpoint lands before the end; 12 short clips decode

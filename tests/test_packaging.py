@@ -9,15 +9,16 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import httpx
 import pytest
+import tomllib
 import yaml
-from conftest import BIN, REPO, TINY_CLASSES, free_port, stop_server, wait_ready
 
 from dimml.extras import MissingExtra, check, install_hint, require
+
+from conftest import BIN, REPO, TINY_CLASSES, free_port, stop_server, wait_ready
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 EXTRAS = PYPROJECT["optional-dependencies"]

@@ -11,10 +11,10 @@ import torch
 
 from dimml.datasets import DatasetError, load_dataset, read_split_files
 from dimml.modalities import preprocess_for
+from dimml.presets import PRESETS
 from dimml.weighting import OutputRule
 from training.evaluate import choose_output, evaluate, format_table
 from training.methods import get_method
-from dimml.presets import PRESETS
 from training.models import build_model, build_model_config
 from training.trainer import TrainConfig
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SETTINGS, TINY_CLASSES, make_tiny_run, random_arrays, setting_id, write_sample
 from dimml.bundle import load_bundle
 from dimml.engines import EngineError, open_engine
 from dimml.media import MediaError
@@ -19,6 +18,8 @@ from dimml.predict import Predictor
 from dimml.weighting import OutputRule, softmax, weigh_named
 from export.build import BundleOptions, build_bundle
 from training.run import load_run
+
+from conftest import SETTINGS, TINY_CLASSES, make_tiny_run, random_arrays, setting_id, write_sample
 
 CLASSES = list(TINY_CLASSES)
 T = 0.7   # the report's temperature (conftest.make_tiny_run)

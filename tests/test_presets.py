@@ -5,11 +5,12 @@ import dataclasses
 
 import pytest
 
-from conftest import SETTINGS
 from dimml.modalities import KINDS, preprocess_for
 from dimml.presets import PRESETS, Schedule
 from training.config import TrainConfig
 from training.models import build_model, build_model_config
+
+from conftest import SETTINGS
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-import public_layouts as pl
-from conftest import REPO
 from dimml.datasets import DatasetError, load_dataset
 from dimml.modalities import preprocess_for
+
+import public_layouts as pl
+from conftest import REPO
 
 DATASETS = {   # name -> (builder, the run's modalities, the folder name a user has)
     "cremad": (pl.make_cremad, "audio,visual", "CREMA-D"),

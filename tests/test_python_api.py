@@ -24,7 +24,7 @@ def test_import_dimml_is_light_and_exports_the_api():
     assert r.stdout.split() == ["False", "False"], r.stderr[-2000:]
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         import dimml
-        dimml.nope
+        _ = dimml.nope
 
 
 @pytest.mark.parametrize("setting", default_fast())

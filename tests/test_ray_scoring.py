@@ -22,10 +22,12 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="needs Ray Data: pip install 'dimml[ray]'")
 
+from test_clients import run_cli  # noqa: E402
+
 from clients.output import read_results, shard_paths  # noqa: E402
 from clients.score import ScoreOptions, Stop, run_score  # noqa: E402
+
 from conftest import REPO, write_corpus  # noqa: E402
-from test_clients import run_cli  # noqa: E402
 
 pytestmark = pytest.mark.slow
 BROKEN = {"cat/garbage.mp4": "not_media", "dog/empty.mp4": "empty"}

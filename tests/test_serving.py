@@ -20,8 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import (BIN, REPO, SETTINGS, make_tiny_run, setting_id, start_server, stop_server, wait_ready,
-                      write_sample)
+from conftest import BIN, REPO, SETTINGS, make_tiny_run, setting_id, start_server, stop_server, wait_ready, write_sample
 
 UPLOAD_LIMIT_MB = 1          # DIMML_MAX_UPLOAD_MB for the server under test
 MAX_DURATION_S = 2.0         # DIMML_MAX_DURATION_S: long.mp4 (3 s) is refused

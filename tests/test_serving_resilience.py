@@ -18,6 +18,7 @@ import pytest
 
 from clients.output import read_results
 from clients.score import ScoreOptions, Stop, run_score
+
 from conftest import start_server, stop_server, wait_ready
 
 pytestmark = pytest.mark.slow

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import scipy.signal
 
-from conftest import SETTINGS
 from dimml.datasets import load_dataset
 from dimml.modalities import parse_modalities, preprocess_for
 from training import cli
 from training.synth import CREMAD_EMOTIONS, SynthConfig, render_sample, synthesize, write_clip
 from training.synth_signals import FRAMES_CUES
+
+from conftest import SETTINGS
 
 CREMAD_NAME = re.compile(r"^(\d{4})_([A-Z]{3})_([A-Z]{3})_([A-Z]{2})$")
 

@@ -15,16 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SETTINGS
 
-from training.cli import main as cli_main
 from dimml.metrics import macro_f1
 from dimml.modalities import preprocess_for
+from training.cli import main as cli_main
 from training.evaluate import collect
 from training.methods import REGISTRY, get_method
 from training.run import load_run
 from training.synth import SynthConfig, synthesize
 from training.trainer import TrainConfig, fit, make_loader, prepare_data
+
+from conftest import SETTINGS
 
 K = 4
 # Clean audio, weaker video: the imbalance of the papers. 20 clips per class: 11 train, 3 val, 6 test.

@@ -30,11 +30,11 @@ import socket
 import sys
 import time
 import warnings
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -67,6 +67,7 @@ def decoder_fingerprint(cfg: PreprocessConfig) -> str:
     import inspect
 
     import av
+
     import dimml.media
     sources = [dimml.media.__file__] + sorted({inspect.getsourcefile(type(s.kind_obj)) for s in cfg.modalities})
     h = hashlib.sha256()
@@ -180,7 +181,7 @@ class DecodedCache:
 
     @classmethod
     def open(cls, directory: str | os.PathLike, samples: Sequence[Sample] | None = None,
-             keys: Sequence[str] | None = None) -> "DecodedCache":
+             keys: Sequence[str] | None = None) -> DecodedCache:
         """Open a complete entry; map the given samples (by row key) or the recorded sample keys to rows."""
         directory = Path(directory)
         meta = _read_meta(directory)

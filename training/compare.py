@@ -21,7 +21,7 @@ from typing import Any
 
 from dimml.fileio import atomic_write_bytes, atomic_write_json
 from dimml.prediction import FINAL, FUSION
-from dimml.presets import PRESETS   # (light import: no torch for --help)
+from dimml.presets import PRESETS  # (light import: no torch for --help)
 
 ABLATION = [  # (row, TS, S-Clf, DUC, LW, method run, output: the report's candidate rule)
     ("Joint", "", "", "", "", "joint", FUSION),

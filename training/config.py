@@ -73,7 +73,7 @@ class TrainConfig:
     hparams: dict = field(default_factory=dict)      # method hyper-parameters (--set key=value)
     preprocess: dict = field(default_factory=dict)   # "<modality>.<param>" -> value (--set preprocess.visual.num_frames=3)
 
-    def resolve(self) -> "TrainConfig":
+    def resolve(self) -> TrainConfig:
         """A copy with every None default filled and choices checked."""
         from training.evaluate import AUTO, output_choices
         from training.methods import get_method

@@ -36,13 +36,14 @@ class RunData:
         return {s: int(len(r)) for s, r in self.rows.items()}
 
 
-def prepare_data(cfg: TrainConfig, preprocess: PreprocessConfig, *, ranks: Ranks = Ranks(),
+def prepare_data(cfg: TrainConfig, preprocess: PreprocessConfig, *, ranks: Ranks | None = None,
                  progress: bool = True) -> RunData:
     """Read the dataset, build its cache (each node's local rank 0; the node's others then open it)
     and index the splits; under several processes, check every rank sees the same data.
 
     A dataset without a validation split gets one carved from train (val_fraction, or 0.1).
     """
+    ranks = ranks or Ranks()   # one process
     spec = cfg.load_dataset(preprocess)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(spec.root)
     cache = distributed.once_per_node(

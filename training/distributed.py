@@ -18,9 +18,10 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -48,7 +49,7 @@ class Ranks:
     nodes: int = 1
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> "Ranks":
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Ranks:
         """From torchrun's variables; one process when they are absent."""
         world = int(env.get("WORLD_SIZE", "1"))
         local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))

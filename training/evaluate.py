@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,8 +33,7 @@ from tqdm import tqdm
 
 from dimml import metrics as M
 from dimml.prediction import FINAL
-from dimml.weighting import (MIN_VAL_PER_CLASS, OutputRule, fit_prior_weighting, fit_temperature, select_output,
-                             softmax)
+from dimml.weighting import MIN_VAL_PER_CLASS, OutputRule, fit_prior_weighting, fit_temperature, select_output, softmax
 from training.models import FUSION, MultiModel
 
 AUTO = "auto"                                 # choose the final output on validation

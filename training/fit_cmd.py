@@ -35,7 +35,8 @@ HELP = {
     "device": "auto | cpu | cuda | cuda:N",
     "epochs": "stage-1 / joint epochs (default: {epochs})",
     "lr": "learning rate (default: {lr})",
-    "lr_step_epoch": "decay the learning rate x lr_gamma every this many epochs (default: this fraction of --epochs: {lr_step_fraction})",
+    "lr_step_epoch": "decay the learning rate x lr_gamma every this many epochs "
+                     "(default: this fraction of --epochs: {lr_step_fraction})",
     "batch_size": "batch size per process; under torchrun the global batch is this x WORLD_SIZE, the learning "
                   "rate is not scaled (default: {batch_size})",
     "stage2_epochs": "fusion-stage epochs of two-stage methods (default: {stage2_epochs})",

@@ -12,7 +12,7 @@ MLB (Kontras et al., BMVC 2024; reference code github.com/kkontras/MLB):
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F

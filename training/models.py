@@ -12,8 +12,9 @@ a dynamic batch.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -45,7 +46,7 @@ class ModelConfig:
         return tuple(ModalitySpec.from_dict(d) for d in self.modalities)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], preprocess: PreprocessConfig | None = None) -> "ModelConfig":
+    def from_dict(cls, d: Mapping[str, Any], preprocess: PreprocessConfig | None = None) -> ModelConfig:
         """Read config.json's "model"; one without modalities (old runs) takes them from `preprocess`."""
         d = dict(d)
         d.pop("num_frames", None)   # old runs: N lived here; it is the frames spec's now
@@ -306,12 +307,12 @@ class MultiModel:
         """{modality: branch, ..., "fusion": head}: the keys of model.pt."""
         return {**self.branches, FUSION: self.fusion}
 
-    def eval(self) -> "MultiModel":
+    def eval(self) -> MultiModel:
         for m in self.modules().values():
             m.eval()
         return self
 
-    def to(self, device) -> "MultiModel":
+    def to(self, device) -> MultiModel:
         for m in self.modules().values():
             m.to(device)
         return self

@@ -22,7 +22,7 @@ from dimml.config import PreprocessConfig
 from dimml.fileio import atomic_path, atomic_write_json
 from dimml.prediction import FINAL
 from dimml.weighting import OutputRule
-from training.models import FUSION_HEADS, FUSION, ModelConfig, MultiModel, build_model
+from training.models import FUSION, FUSION_HEADS, ModelConfig, MultiModel, build_model
 
 CONFIG, WEIGHTS, REPORT = "config.json", "model.pt", "report.json"
 

@@ -30,21 +30,28 @@ import json
 import math
 import os
 import sys
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from dimml.datasets import group_split, manifest_column, stratified_split
 from dimml.fileio import atomic_path, atomic_write_bytes, atomic_write_text
-from dimml.modalities import (DEFAULT_MODALITIES, VIDEO_FIELD, ModalitySpec, format_modalities,
-                              parse_modalities)
+from dimml.modalities import DEFAULT_MODALITIES, VIDEO_FIELD, ModalitySpec, format_modalities, parse_modalities
 from training.clipwriter import DEFAULT_CODECS, write_clip
-from training.synth_signals import (FRAMES_CUES, Canvas, make_audio, make_body, make_frames, make_motion_frames,
-                                    make_view)
+from training.synth_signals import (
+    FRAMES_CUES,
+    Canvas,
+    make_audio,
+    make_body,
+    make_frames,
+    make_motion_frames,
+    make_view,
+)
 
 # CREMA-D's emotion codes, in the reference code's label order
 CREMAD_EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
@@ -59,9 +66,16 @@ LEGACY_NOISE = {"audio": "audio_noise", "visual": "visual_noise"}
 # Named corpora: SynthConfig fields (`synth --recipe NAME`; other flags override them).
 # competition: RESULTS.md's modality-competition corpus for the `small` preset: audio learnt
 # within an epoch or two, the frames' shape-only cue over 10-25 epochs (issue 14).
+# interaction: issue 20's corpus for DUC's claim, that a weak modality learns from the strong one's
+# class structure: the same shape-only visual cue, but 40 clips a class (24 to train), too few for
+# the frames alone to learn it reliably in 30 epochs, beside a clean audio cue (noise 0) whose
+# encoder is right from the first epochs; so DI-MML's visual head should beat the same encoder
+# trained alone if DUC helps as the paper says.
 RECIPES: dict[str, dict[str, Any]] = {
     "competition": dict(classes=4, per_class=150, seed=1, frames_cue="shape",
                         noise=(("audio", 0.3), ("visual", 0.0))),
+    "interaction": dict(classes=4, per_class=40, seed=4, frames_cue="shape", test_frac=0.25,
+                        noise=(("audio", 0.0), ("visual", 0.0))),
 }
 
 
@@ -182,7 +196,7 @@ class SynthConfig:
         return {**dataclasses.asdict(self), "noise": dict(self.noise)}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SynthConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> SynthConfig:
         """From synth.json (one written before modalities existed reads as audio,visual)."""
         return cls(**d)
 
@@ -240,7 +254,7 @@ def plan(cfg: SynthConfig) -> list[Job]:
 
 def write_png(path: Path, rgb: np.ndarray) -> None:
     """An RGB uint8 image as PNG, written atomically."""
-    import cv2   # OpenCV: the media layer's image codec
+    import cv2  # OpenCV: the media layer's image codec
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
     if not ok:
         raise ValueError(f"{path}: PNG encoding failed")
@@ -402,7 +416,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, type=Path, help="corpus directory")
     p.add_argument("--recipe", choices=sorted(RECIPES),
                    help="a named corpus (training.synth.RECIPES): competition = RESULTS.md's modality-competition "
-                        "corpus; other flags override its fields")
+                        "corpus, interaction = its DUC-interaction corpus; other flags override its fields")
     p.add_argument("--modalities", help=f"audio,visual | visual,flow | front:image,rear:image | audio,visual,flow "
                                         f"({d.modalities})")
     p.add_argument("--classes", type=int, help=f"number of classes ({d.classes})")
@@ -449,5 +463,6 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["SynthConfig", "RECIPES", "config_from_args", "Job", "Rendered", "synthesize", "plan", "render_sample", "make_sample", "manifest_columns", "parse_noise",
-           "write_clip", "write_png", "DEFAULT_CODECS", "CREMAD_EMOTIONS", "DEFAULT_NOISE", "register"]
+__all__ = ["SynthConfig", "RECIPES", "config_from_args", "Job", "Rendered", "synthesize", "plan", "render_sample",
+           "make_sample", "manifest_columns", "parse_noise", "write_clip", "write_png", "DEFAULT_CODECS",
+           "CREMAD_EMOTIONS", "DEFAULT_NOISE", "register"]

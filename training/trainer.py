@@ -35,9 +35,10 @@ import io
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -60,7 +61,6 @@ from training.methods import Batch, Method, StepResult, get_method
 from training.models import build_model, build_model_config
 from training.run import CONFIG, REPORT, read_report, run_config_fields, save_run_model
 from training.schedule import StageSchedule, set_learning_rates, stage_schedule
-
 
 # ---------------------------------------------------------------------------------------
 # the trainer
@@ -352,7 +352,7 @@ class Trainer:
         if stage.schedule.epochs == 0:
             self.log(f"stage {stage.name!r}: 0 epochs, skipped")
 
-    def _begin_stage(self, si: int, opt_state: dict | None) -> "Stage":
+    def _begin_stage(self, si: int, opt_state: dict | None) -> Stage:
         """Which modules train (the others frozen), their nets, the optimizer, the sampler and loader."""
         name = self.method.stages[si]
         schedule = stage_schedule(self.cfg, name)
@@ -381,7 +381,7 @@ class Trainer:
             net = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return torch.compile(net) if self.compile else net
 
-    def _train_epoch(self, stage: "Stage", epoch: int) -> dict:
+    def _train_epoch(self, stage: Stage, epoch: int) -> dict:
         """One epoch: its steps, then the totals over every rank, validation and the log line; one metrics row."""
         t0 = time.time()
         augment = self._begin_epoch(stage, epoch)
@@ -404,7 +404,7 @@ class Trainer:
         self._log_epoch(stage, epoch, row, step0 + len(stage.loader))
         return row
 
-    def _begin_epoch(self, stage: "Stage", epoch: int) -> torch.Generator:
+    def _begin_epoch(self, stage: Stage, epoch: int) -> torch.Generator:
         """Seed the epoch from (seed, stage, epoch) (a resumed run equals an uninterrupted one), put the
         modules in their modes, run the method's hook; returns the augmentation's generator."""
         seed = epoch_seed(self.cfg.seed, stage.index, epoch)
@@ -424,7 +424,7 @@ class Trainer:
             inputs[n] = augment_frames(inputs[n], generator=augment)
         return Batch(inputs, label.to(self.device, non_blocking=True))
 
-    def _step(self, stage: "Stage", epoch: int, batch: Batch) -> StepResult:
+    def _step(self, stage: Stage, epoch: int, batch: Batch) -> StepResult:
         """Forward, backward, the method's gradient hook (OGM-GE), this step's learning rates, the update."""
         stage.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.amp_dtype):
@@ -445,7 +445,7 @@ class Trainer:
         self.method.on_validation_end(stage, epoch, acc, self)
         return {f"val_acc_{k}": v for k, v in acc.items()}
 
-    def _log_epoch(self, stage: "Stage", epoch: int, row: dict, step: int) -> None:
+    def _log_epoch(self, stage: Stage, epoch: int, row: dict, step: int) -> None:
         if not self.main:
             return
         self.scalars.write(step, {f"epoch/{k}": v for k, v in row.items()

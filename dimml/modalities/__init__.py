@@ -26,8 +26,9 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -65,7 +66,7 @@ class Kind:
         """Shape of one decoded array (no batch dimension)."""
         raise NotImplementedError
 
-    def decode(self, src, p: Any, limits: "Limits", name: str):
+    def decode(self, src, p: Any, limits: Limits, name: str):
         """src (path, bytes or binary file) -> (array of `shape(p)` and `dtype`, MediaInfo).
 
         Raises dimml.media.MediaError (cause `missing_cause` when the file lacks this modality).
@@ -150,7 +151,7 @@ class ModalitySpec:
     def onnx_input(self) -> str:
         return self.kind_obj.onnx_input
 
-    def replace(self, **params: Any) -> "ModalitySpec":
+    def replace(self, **params: Any) -> ModalitySpec:
         """A copy with some preprocessing parameters changed (unknown names: ValueError)."""
         return ModalitySpec(self.name, self.kind, _make_params(self.kind, {**dataclasses.asdict(self.params), **params},
                                                                what=f"modality {self.name!r}"))
@@ -159,7 +160,7 @@ class ModalitySpec:
         return {"name": self.name, "kind": self.kind, "params": dataclasses.asdict(self.params)}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModalitySpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> ModalitySpec:
         unknown = set(d) - {"name", "kind", "params"}
         if unknown:
             raise ValueError(f"unknown modality spec field(s) {sorted(unknown)}")
@@ -288,7 +289,7 @@ class PreprocessConfig:
         return {**self.input_dict(), "max_duration_s": self.max_duration_s, "max_pixels": self.max_pixels}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PreprocessConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> PreprocessConfig:
         """Build from a saved dict; the flat audio+visual format of schema 1 is read as audio+visual.
 
         Unknown keys are an error (a newer format we can't honour).
@@ -305,7 +306,7 @@ class PreprocessConfig:
             raise ValueError(f"unknown preprocessing fields {sorted(unknown)}")
         return cls(parse_modalities(DEFAULT_MODALITIES), **limits).override(d)
 
-    def override(self, changes: Mapping[str, Any]) -> "PreprocessConfig":
+    def override(self, changes: Mapping[str, Any]) -> PreprocessConfig:
         """Apply "<modality>.<param>" (or legacy flat names, or limits) -> value; unknown names: ValueError."""
         per: dict[str, dict[str, Any]] = {}
         limits = {}

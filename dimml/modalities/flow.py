@@ -121,7 +121,7 @@ def quantise(d: np.ndarray, bound: float) -> np.ndarray:
 
 def flow_method(algorithm: str):
     """An OpenCV optical-flow object: DIS (MEDIUM preset) or Dual TV-L1 (OpenCV's defaults)."""
-    import cv2   # imported on use: only the flow kind needs OpenCV
+    import cv2  # imported on use: only the flow kind needs OpenCV
     if algorithm == "dis":
         return cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
     if not hasattr(cv2, "optflow"):

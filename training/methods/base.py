@@ -32,8 +32,9 @@ Methods are generic over the run's modalities (`self.names`, in model order); no
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn as nn

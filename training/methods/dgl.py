@@ -18,8 +18,17 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from training.methods.base import (Batch, HParams, Method, StepResult, ce, fit_probe_heads, register, set_linear,
-                                   zero_modality_head)
+from training.methods.base import (
+    Batch,
+    HParams,
+    Method,
+    StepResult,
+    ce,
+    fit_probe_heads,
+    register,
+    set_linear,
+    zero_modality_head,
+)
 from training.models import FUSION
 
 

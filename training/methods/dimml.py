@@ -29,8 +29,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from training.losses import (DUC_DEFAULT_DISTANCE, DUC_DISTANCES, DUC_TEMPERATURE, duc_loss, separate_dimensions,
-                             transfer_dimensions)
+from training.losses import (
+    DUC_DEFAULT_DISTANCE,
+    DUC_DISTANCES,
+    DUC_TEMPERATURE,
+    duc_loss,
+    separate_dimensions,
+    transfer_dimensions,
+)
 from training.methods.base import Batch, Context, HParams, Method, StepResult, ce, register
 from training.models import FUSION
 

@@ -32,8 +32,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from training.methods.base import (Batch, Context, HParams, SliceHeads, StepResult, ce, register, slice_logits,
-                                   window_epoch)
+from training.methods.base import (
+    Batch,
+    Context,
+    HParams,
+    SliceHeads,
+    StepResult,
+    ce,
+    register,
+    slice_logits,
+    window_epoch,
+)
 from training.models import FUSION, ConcatFusion
 
 PARAM_FILTERS = ("conv", "weights")
