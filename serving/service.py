@@ -155,12 +155,13 @@ class DIMMLInference:
                                "model store (give a bundle folder or tag, or register one with "
                                "python -m export bundle ... --register NAME)")
         self.bundle = load_bundle(source)
-        self.engine = open_engine(self.bundle, prefer=SETTINGS.backend_order, device_id=SETTINGS.device_id)
+        self.engine = open_engine(self.bundle, prefer=SETTINGS.backend_order, device_id=SETTINGS.device_id,
+                                  precision=SETTINGS.precision)
         self.predictor = Predictor(self.bundle, engine=self.engine, max_batch=SETTINGS.max_batch_size)
         self.backend: str = self.engine.backend
         self._warm_up()
-        logger.info("loaded bundle %s:%s from %s on backend %s", self.bundle.name,
-                    self.bundle.version, source, self.backend)
+        logger.info("loaded bundle %s:%s from %s on backend %s, %s (%s)", self.bundle.name, self.bundle.version,
+                    source, self.backend, self.engine.precision, self.engine.precision_reason)
 
     def _warm_up(self) -> None:
         """One full-model call at start-up, so a broken engine fails here and not on a request."""
@@ -188,6 +189,7 @@ class DIMMLInference:
         m = self.bundle.manifest
         cfg = self.bundle.preprocess
         return {"model": self.bundle.model_info(), "tag": self.bundle.tag, "backend": self.backend,
+                "precision": self.engine.precision, "precision_reason": self.engine.precision_reason,
                 "classes": self.bundle.classes, "modalities": list(self.bundle.modalities),
                 "fields": list(cfg.fields), "upload_fields": list(upload_fields(cfg)),
                 "schema_version": self.bundle.schema,

@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Mapping
 
-from dimml.engines import BACKENDS, FAMILIES, expand_backends
+from dimml.engines import BACKENDS, FAMILIES, PRECISIONS, expand_backends
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,8 @@ class Settings:
     gpu: int = -1                     # DIMML_GPU: GPUs the inference service asks BentoML for; -1 = 1 when
                                       # DIMML_BACKEND names GPU backends only, else 0
     backend: str = "auto"             # DIMML_BACKEND: a backend, a family, or a comma-separated order
+    precision: str = "auto"           # DIMML_PRECISION: auto (a quantized bundle's checked int8 graphs on
+                                      # onnxruntime-cpu, else fp32) | fp32 | int8
     max_batch_size: int = 32          # DIMML_MAX_BATCH_SIZE: clips per inference batch
     max_latency_ms: int = 10_000      # DIMML_MAX_LATENCY_MS: longest a clip may queue for a batch (then 503)
     max_upload_mb: float = 100.0      # DIMML_MAX_UPLOAD_MB: request body limit (413 beyond it)
@@ -77,6 +79,8 @@ class Settings:
         bad = [b for b in self.backend_order if b not in known] or ([] if self.backend_order else [""])
         if bad:
             raise ValueError(f"DIMML_BACKEND={self.backend!r}: {bad[0]!r} is not one of {', '.join(known)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"DIMML_PRECISION={self.precision!r}: not one of {', '.join(PRECISIONS)}")
         if self.device_id < 0:
             raise ValueError(f"DIMML_DEVICE_ID must be >= 0, got {self.device_id}")
         for name in ("max_batch_size", "max_latency_ms", "max_batch_videos", "decode_threads", "api_workers"):
