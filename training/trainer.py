@@ -182,16 +182,21 @@ class RunData:
         return {s: int(len(r)) for s, r in self.rows.items()}
 
 
+def read_dataset(cfg: TrainConfig, preprocess: PreprocessConfig) -> DatasetSpec:
+    """The run's dataset with its splits, as the config reads it (layout, split seed and fractions, split files)."""
+    return load_dataset(cfg.data, layout=cfg.layout, split_seed=cfg.split_seed, val_fraction=cfg.val_fraction,
+                        test_fraction=cfg.test_fraction, speaker_disjoint=cfg.speaker_disjoint,
+                        skip_bad=cfg.skip_bad, modalities=preprocess, split_id=cfg.split_id,
+                        split_files=cfg.split_file.split(",") if cfg.split_file else ())
+
+
 def prepare_data(cfg: TrainConfig, preprocess: PreprocessConfig, *, rank: int = 0, world: int = 1,
                  progress: bool = True) -> RunData:
     """Read the dataset, build (rank 0) or open (others) its cache, and index the splits.
 
     A dataset without a validation split gets one carved from train (val_fraction, or 0.1).
     """
-    spec = load_dataset(cfg.data, layout=cfg.layout, split_seed=cfg.split_seed, val_fraction=cfg.val_fraction,
-                        test_fraction=cfg.test_fraction, speaker_disjoint=cfg.speaker_disjoint,
-                        skip_bad=cfg.skip_bad, modalities=preprocess, split_id=cfg.split_id,
-                        split_files=cfg.split_file.split(",") if cfg.split_file else ())
+    spec = read_dataset(cfg, preprocess)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(spec.root)
     if rank > 0:
         dist.barrier()   # wait for rank 0 to build the cache, then open it
@@ -210,6 +215,19 @@ def prepare_data(cfg: TrainConfig, preprocess: PreprocessConfig, *, rank: int = 
                                             test_fraction=0.0))
         rows["train"], rows["val"] = train[where == "train"], train[where == "val"]
     return RunData(spec, cache, rows, carved)
+
+
+def run_train_config(config: dict[str, Any], out: str | os.PathLike, data: str | None = None,
+                     cache_dir: str | None = None) -> TrainConfig:
+    """The TrainConfig a finished run (its config.json, at `out`) was trained with, for reading its data
+    again (evaluate, export --quantize, verify); `data` / `cache_dir` replace the recorded ones (a moved
+    dataset). A run that records no dataset needs `data` (its split settings are then the defaults)."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    train = {k: v for k, v in (config.get("train") or {}).items() if k in known}
+    if not (data or train.get("data")):
+        raise ValueError(f"{out}: the run records no dataset (config.json has no 'train'); give its data")
+    train.update(out=str(out), data=data or train["data"], cache_dir=cache_dir or train.get("cache_dir"))
+    return TrainConfig(**train)
 
 
 def make_loader(data: RunData, split: str, batch_size: int, workers: int, pin: bool,
