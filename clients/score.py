@@ -122,7 +122,7 @@ class LocalScorer:
         self.workers = workers or os.cpu_count() or 1
         self.batch_size = batch_size
         self.description = (f"bundle {self.predictor.bundle.name}:{self.predictor.bundle.version} "
-                            f"on {self.predictor.backend}")
+                            f"on {self.predictor.backend} ({self.predictor.engine.precision})")
 
     def _decode(self, job: Job):
         return self.predictor.decode(job.files, names=job.names)
