@@ -1,4 +1,4 @@
-"""Serving settings that need no server: the declared model, the GPU request, the device index."""
+"""Serving settings that need no server: the declared model, the GPU request, the device index, the precision."""
 from __future__ import annotations
 
 import pytest
@@ -27,3 +27,11 @@ def test_device_id():
         Settings.from_env({"DIMML_DEVICE_ID": "-1"})
     with pytest.raises(ValueError, match="DIMML_DEVICE_ID=.*expected int"):
         Settings.from_env({"DIMML_DEVICE_ID": "cuda:1"})
+
+
+def test_precision():
+    assert Settings.from_env({}).precision == "auto"
+    assert Settings.from_env({"DIMML_PRECISION": "fp32"}).precision == "fp32"
+    assert Settings.from_env({"DIMML_PRECISION": "int8"}).precision == "int8"
+    with pytest.raises(ValueError, match="DIMML_PRECISION='bf16': not one of auto, fp32, int8"):
+        Settings.from_env({"DIMML_PRECISION": "bf16"})
