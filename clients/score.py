@@ -112,10 +112,10 @@ class LocalScorer:
     """In-process scoring with a bundle: threaded decoding, batched inference."""
 
     def __init__(self, bundle: str | os.PathLike, *, workers: int = 0, batch_size: int = 32,
-                 backend: str | Sequence[str] = "auto", device_id: int = 0):
+                 backend: str | Sequence[str] = "auto", device_id: int = 0, precision: str = "auto"):
         from dimml.predict import Predictor   # heavy (onnxruntime / torch): only when scoring locally
 
-        self.predictor = Predictor(bundle, max_batch=batch_size, prefer=backend, device=device_id)
+        self.predictor = Predictor(bundle, max_batch=batch_size, prefer=backend, device=device_id, precision=precision)
         self.classes: list[str] = list(self.predictor.classes)
         self.preprocess = self.predictor.preprocess
         self.branches = branch_names(self.predictor.names)
@@ -251,6 +251,7 @@ class ScoreOptions:
     batch_size: int = 32
     backend: str = "auto"
     device_id: int = 0               # local mode: GPU index of the GPU backends
+    precision: str = "auto"          # local mode: auto | fp32 | int8 (dimml.engines.choose_precision)
     timeout: float = 120.0
     retries: int = 3
     progress: bool = True
@@ -286,7 +287,7 @@ def make_scorer(opts: ScoreOptions) -> LocalScorer | RemoteScorer:
     if opts.server:
         return RemoteScorer(opts.server, workers=opts.workers, timeout=opts.timeout, retries=opts.retries)
     return LocalScorer(opts.bundle, workers=opts.workers, batch_size=opts.batch_size, backend=opts.backend,
-                       device_id=opts.device_id)
+                       device_id=opts.device_id, precision=opts.precision)
 
 
 def run_score(opts: ScoreOptions, stop: Stop | None = None, scorer: LocalScorer | RemoteScorer | None = None) -> Summary:

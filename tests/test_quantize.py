@@ -168,6 +168,10 @@ def test_verify_passes_serves_and_scores_int8(quantized, corpus, tmp_path, capsy
     labels = {r["files"]["video"]: r["label"] for r in _manifest_rows(corpus)}
     right = sum(rows[k]["label"] == labels[k] for k in labels)
     assert f"accuracy {right / 48:.4f} ({right}/48 labelled files)" in printed
+    # fp32 on request, from the same bundle
+    assert score_main(["score", str(corpus), "--bundle", str(quantized), "--out", str(tmp_path / "fp32.csv"),
+                       "--recursive", "--precision", "fp32", "--no-progress"]) == 0
+    assert "on onnxruntime-cpu (fp32)" in capsys.readouterr().out
 
 
 def corrupt_activation_scales(bundle: Path, factor: float) -> None:
