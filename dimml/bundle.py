@@ -389,7 +389,7 @@ def register_bundle(source: str | os.PathLike, name: str | None = None,
     metadata = {"format": FORMAT, "schema_version": m["schema_version"], "bundle_version": m["version"],
                 "classes": list(m["classes"]), "modalities": list(m["modalities"]),
                 "fields": list(bundle.fields),
-                "fusion": m["fusion"], "lw_temperature": m["lw_temperature"]}
+                "fusion": m["fusion"], "lw_temperature": m["lw_temperature"], "precisions": list(bundle.precisions)}
     all_labels = {"framework": "dimml", "bundle-version": m["version"], **(labels or {})}
     with bentoml.models.create(name, labels=all_labels, metadata=metadata) as model:
         for rel in [MANIFEST, *m["files"]]:

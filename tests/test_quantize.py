@@ -285,3 +285,12 @@ def test_precision_choice_on_a_quantized_bundle(quantized):
     assert precision == FP32 and why.startswith("fp32: its int8 graphs did not pass")
     with pytest.raises(EngineError, match="did not pass their accuracy check"):
         choose_precision(failed, "onnxruntime-cpu", INT8)
+
+
+def test_quantize_needs_the_runs_data(tiny_bundle, tmp_path, capsys):
+    """A run that records no dataset (and no --data): one line naming the fix, before any export work."""
+    run = tiny_bundle("audio,visual").parent / "tiny-run"
+    rc = export_main(["bundle", "--run", str(run), "--out", str(tmp_path / "b"), "--quantize", "int8", "--quiet"])
+    assert rc == 2 and "the run records no dataset" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert export_main(["bundle", "--run", str(run), "--out", str(tmp_path / "b"), "--data", "x", "--quiet"]) == 2
+    assert "--data and --cache-dir are for --quantize int8" in capsys.readouterr().err

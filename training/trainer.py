@@ -225,7 +225,7 @@ def run_train_config(config: dict[str, Any], out: str | os.PathLike, data: str |
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     train = {k: v for k, v in (config.get("train") or {}).items() if k in known}
     if not (data or train.get("data")):
-        raise ValueError(f"{out}: the run records no dataset (config.json has no 'train'); give its data")
+        raise ValueError(f"{out}: the run records no dataset (config.json has no 'train'); pass its --data")
     train.update(out=str(out), data=data or train["data"], cache_dir=cache_dir or train.get("cache_dir"))
     return TrainConfig(**train)
 
