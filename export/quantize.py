@@ -30,7 +30,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -81,15 +81,25 @@ class QuantizeOptions:
 
 @dataclass
 class ClipSet:
-    """Clips of one split as the model's input arrays, with their labels and sample keys."""
+    """Clips of one split: labels, sample keys, and their model input arrays read a batch at a time
+    (a test split of the paper's sizes is gigabytes decoded; the cache is memory-mapped)."""
 
     split: str
-    arrays: dict[str, np.ndarray]    # modality -> [N, *spec.shape] in spec.dtype
-    labels: np.ndarray               # int [N]
-    keys: list[str]                  # the samples' keys (dimml.datasets.Sample.key)
+    labels: np.ndarray                                   # int [N]
+    keys: list[str]                                      # the samples' keys (dimml.datasets.Sample.key)
+    read: Callable[[slice], dict[str, np.ndarray]]       # rows -> modality -> [n, *spec.shape] in spec.dtype
+
+    @classmethod
+    def of_arrays(cls, split: str, arrays: Mapping[str, np.ndarray], labels: np.ndarray, keys: list[str]) -> "ClipSet":
+        """Clips held in memory (modality -> [N, *spec.shape])."""
+        return cls(split, np.asarray(labels), list(keys), lambda rows: {k: v[rows] for k, v in arrays.items()})
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def batches(self, size: int) -> Iterator[dict[str, np.ndarray]]:
+        for i in range(0, len(self), size):
+            yield {k: np.ascontiguousarray(v) for k, v in self.read(slice(i, i + size)).items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -120,17 +130,15 @@ def run_clips(run: Any, opts: QuantizeOptions, progress: bool = True) -> tuple[C
 def _clip_set(cache: Any, split: str, rows: np.ndarray, preprocess: Any) -> ClipSet:
     order = np.sort(rows)   # memory-mapped rows read in file order
     keys = cache.keys
-    return ClipSet(split, {s.name: np.asarray(cache.array(s.name)[order], dtype=s.dtype) for s in preprocess.modalities},
-                   np.asarray(cache.labels[order], dtype=np.int64), [keys[int(r)] for r in order])
+
+    def read(sel: slice) -> dict[str, np.ndarray]:
+        return {s.name: np.asarray(cache.array(s.name)[order[sel]], dtype=s.dtype) for s in preprocess.modalities}
+
+    return ClipSet(split, np.asarray(cache.labels[order], dtype=np.int64), [keys[int(r)] for r in order], read)
 
 
 # ---------------------------------------------------------------------------------------
 # quantization
-
-def _batches(arrays: Mapping[str, np.ndarray], size: int) -> Iterator[dict[str, np.ndarray]]:
-    n = len(next(iter(arrays.values())))
-    for i in range(0, n, size):
-        yield {k: np.ascontiguousarray(v[i:i + size]) for k, v in arrays.items()}
 
 
 def quantize_graph(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]], work: Path) -> None:
@@ -187,17 +195,19 @@ def quantize_modules(bundle: Bundle, calib: ClipSet, out_dir: Path, batch_size: 
     fp32 = OrtEngine(bundle, "cpu", precision=FP32)
     (out_dir / INT8).mkdir(exist_ok=True)
     entries: dict[str, dict[str, Any]] = {}
-    features: dict[str, np.ndarray] = {}
+    features: dict[str, list[np.ndarray]] = {n: [] for n in bundle.modalities}   # fp32, per batch
     with tempfile.TemporaryDirectory(prefix="dimml-quantize-") as tmp:
         for module, (inputs, outputs) in bundle.io.items():
             if module == FUSION:
-                arrays = {f"{n}_features": features[n] for n in bundle.modalities}
+                feeds = [{f"{n}_features": features[n][i] for n in bundle.modalities}
+                         for i in range(len(features[bundle.modalities[0]]))]
             else:
-                arrays = {inputs[0]: calib.arrays[module]}
-                features[module] = np.concatenate([fp32.branch(module, b[inputs[0]])[0]
-                                                   for b in _batches(arrays, batch_size)])
+                feeds = []
+                for batch in calib.batches(batch_size):
+                    feeds.append({inputs[0]: batch[module]})
+                    features[module].append(fp32.branch(module, batch[module])[0])
             rel = f"{INT8}/{module}.onnx"
-            quantize_graph(bundle.onnx_path(module), out_dir / rel, list(_batches(arrays, batch_size)), Path(tmp))
+            quantize_graph(bundle.onnx_path(module), out_dir / rel, feeds, Path(tmp))
             entries[module] = {"file": rel, "inputs": list(inputs), "outputs": list(outputs)}
             if progress is not None:
                 progress.update(1)
@@ -237,11 +247,12 @@ def check_clip_set(bundle: Bundle, clips: ClipSet, tolerance: Mapping[str, float
     """fp32 and int8 graphs of the bundle on ONNX Runtime CPU over a ClipSet -> precision_check's record."""
     from dimml.predict import Predictor
 
-    answers = {}
-    for precision in (FP32, INT8):
-        predictor = Predictor(bundle, OrtEngine(bundle, "cpu", precision=precision), max_batch=batch_size)
-        answers[precision] = top1([predictor.forward(clips.arrays)])
-    return precision_check(clips.labels, answers[FP32], answers[INT8], clips.split, tolerance)
+    predictors = {p: Predictor(bundle, OrtEngine(bundle, "cpu", precision=p), max_batch=batch_size) for p in (FP32, INT8)}
+    answers: dict[str, list] = {p: [] for p in predictors}
+    for batch in clips.batches(batch_size):
+        for p, predictor in predictors.items():
+            answers[p].append(predictor.forward(batch))
+    return precision_check(clips.labels, top1(answers[FP32]), top1(answers[INT8]), clips.split, tolerance)
 
 
 def refusal(check: Mapping[str, Any]) -> str:

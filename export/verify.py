@@ -36,6 +36,7 @@ from export.onnx_export import scaled_diff
 ATOL = 1e-4
 MIN_TOP1 = 0.99
 MIN_COSINE = 0.999
+CHECK_CHUNK = 64   # clips decoded at a time by the int8 check (a whole test split can be gigabytes)
 # what a plain media folder is searched for (datasets are read by dimml.datasets instead)
 MEDIA_EXTS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".ts", ".3gp",
               ".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac", ".opus",
@@ -236,24 +237,34 @@ def int8_check(bundle: Bundle, data: str | os.PathLike, tolerance: dict[str, flo
     tolerance = {**{k: bundle.int8["check"][k] for k in ("max_accuracy_drop", "min_top1_agreement")},
                  **(tolerance or {})}
     split, sources, labels = labelled_split(data, bundle)
-    clips, skipped, kept = [], [], []
+    predictors = {p: Predictor(bundle, OrtEngine(bundle, "cpu", precision=p), max_batch=batch_size) for p in (FP32, INT8)}
     cfg = bundle.preprocess
-    for i, files in enumerate(tqdm(sources, desc=f"decode {split}", unit="sample", file=sys.stderr,
+    answers: dict[str, list[np.ndarray]] = {p: [] for p in predictors}
+    truth, skipped, clips, kept = [], [], [], []
+
+    def answer() -> None:   # a chunk of decoded clips through both precisions (memory stays bounded)
+        for p, predictor in predictors.items():
+            groups = predictor.forward_clips(clips)
+            answers[p].append(top1([out for _, out in groups]))
+        truth.append(np.asarray(kept)[[i for idx, _ in groups for i in idx]])
+        clips.clear()
+        kept.clear()
+
+    for i, files in enumerate(tqdm(sources, desc=f"int8 check, {split}", unit="sample", file=sys.stderr,
                                    disable=not progress)):
         try:
             clips.append(decode_files(files, cfg))
             kept.append(labels[i])
         except MediaError as e:
             skipped.append(str(e))
-    if not clips:
+        if len(clips) == CHECK_CHUNK:
+            answer()
+    if clips:
+        answer()
+    if not truth:
         raise ValueError(f"{data}: none of the {split} clips could be decoded ({len(skipped)} failed)")
-    answers, order = {}, None
-    for precision in (FP32, INT8):
-        predictor = Predictor(bundle, OrtEngine(bundle, "cpu", precision=precision), max_batch=batch_size)
-        groups = predictor.forward_clips(clips)
-        answers[precision] = top1([out for _, out in groups])
-        order = [i for idx, _ in groups for i in idx]
-    check = precision_check(np.asarray(kept)[order], answers[FP32], answers[INT8], split, tolerance)
+    check = precision_check(np.concatenate(truth), np.concatenate(answers[FP32]), np.concatenate(answers[INT8]),
+                            split, tolerance)
     return {**check, "skipped": skipped}
 
 

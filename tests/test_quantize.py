@@ -224,7 +224,8 @@ def test_export_refuses_int8_calibrated_on_blank_clips(quantized, run_dir, tmp_p
     rewrite_manifest(bundle)
     calib, check, source = run_clips(load_run(run_dir), QuantizeOptions(calibration_clips=CALIBRATION_CLIPS),
                                      progress=False)
-    blank = ClipSet("train", {k: np.zeros_like(v) for k, v in calib.arrays.items()}, calib.labels, calib.keys)
+    blank = ClipSet.of_arrays("train", {k: np.zeros_like(v) for k, v in calib.read(slice(None)).items()},
+                              calib.labels, calib.keys)
     with pytest.raises(Int8Refused, match=r"int8 refused: int8 loses [\d.]+ points of accuracy"):
         quantize_bundle(load_bundle(bundle), bundle, (blank, check, source), progress=False)
     assert not (bundle / INT8).exists()
