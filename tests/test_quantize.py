@@ -15,12 +15,13 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import start_server, stop_server, wait_ready
+from conftest import SETTINGS, random_arrays, setting_id, start_server, stop_server, wait_ready
 from dimml.bundle import FP32, INT8, MANIFEST, load_bundle, write_manifest
-from dimml.engines import EngineError, choose_precision, open_engine
+from dimml.engines import EngineError, OrtEngine, choose_precision, open_engine
 from dimml.predict import Predictor
 from export.cli import main as export_main
-from export.quantize import ClipSet, Int8Refused, QuantizeOptions, precision_check, quantize_bundle, run_clips
+from export.quantize import (ClipSet, Int8Refused, QuantizeOptions, precision_check, quantize_bundle, quantize_modules,
+                             run_clips)
 from training.run import load_run
 from training.synth import SynthConfig, synthesize
 from training.trainer import TrainConfig, fit
@@ -295,3 +296,29 @@ def test_quantize_needs_the_runs_data(tiny_bundle, tmp_path, capsys):
     assert rc == 2 and "the run records no dataset" in capsys.readouterr().err and not (tmp_path / "b").exists()
     assert export_main(["bundle", "--run", str(run), "--out", str(tmp_path / "b"), "--data", "x", "--quiet"]) == 2
     assert "--data and --cache-dir are for --quantize int8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=setting_id)
+def test_every_setting_quantizes(tiny_bundle, setting, tmp_path):
+    """Every kind's branch (float spectrograms, uint8 frames, flow and images) and the fusion head
+    quantize, load on ONNX Runtime as int8 and stay close to fp32 (random weights, random inputs)."""
+    bundle = shutil.copytree(tiny_bundle(setting), tmp_path / "b")
+    b = load_bundle(bundle)
+    calib = random_arrays(setting, 16, seed=1)
+    modules = quantize_modules(b, ClipSet.of_arrays("train", calib, np.zeros(16), [str(i) for i in range(16)]), bundle)
+    staged = type(b)(b.path, {**b.manifest, INT8: {"modules": modules}})
+    fp32, int8 = (OrtEngine(staged, "cpu", precision=p) for p in (FP32, INT8))
+    assert int8.precision == INT8
+    feats = {}
+    for name, x in random_arrays(setting, 6, seed=2).items():
+        (f32, z32), (f8, z8) = fp32.branch(name, x), int8.branch(name, x)
+        assert f8.dtype == z8.dtype == np.float32 and f8.shape == f32.shape and z8.shape == z32.shape
+        assert _cosine(f32, f8).min() > 0.99 and _cosine(z32, z8).min() > 0.99
+        feats[name] = f32
+    order = list(b.modalities)
+    assert _cosine(fp32.fusion([feats[n] for n in order]), int8.fusion([feats[n] for n in order])).min() > 0.99
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
