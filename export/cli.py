@@ -25,11 +25,10 @@ def _batch_sizes(text: str) -> list[int]:
 
 def cmd_bundle(args: argparse.Namespace) -> int:
     from dimml.bundle import load_bundle, register_bundle
-    from export.build import BundleOptions, build_bundle
-    from export.tensorrt_build import TrtOptions
-
     from dimml.bundle import int8_check_summary
+    from export.build import BundleOptions, build_bundle
     from export.quantize import Int8Refused, QuantizeOptions
+    from export.tensorrt_build import TrtOptions
 
     if args.fp16 and not args.tensorrt:
         print("error: --fp16 applies to TensorRT engines; add --tensorrt", file=sys.stderr)
@@ -63,9 +62,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from export.verify import verify_bundle
-
-    from export.verify import int8_lines
+    from export.verify import int8_lines, verify_bundle
 
     tolerance = {k: v for k, v in (("max_accuracy_drop", args.max_accuracy_drop),
                                    ("min_top1_agreement", args.min_agreement)) if v is not None}
@@ -99,7 +96,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from export.quantize import QuantizeOptions
 
-    QDEFAULTS = QuantizeOptions()
+    qdefaults = QuantizeOptions()
     parser = argparse.ArgumentParser(prog="dimml-export", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -124,11 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quantize", choices=("int8",), default=None,
                    help="also write int8 graphs, calibrated on the run's training split and checked against "
                         "fp32 on its test split; refused past the tolerance (default: fp32 only)")
-    q.add_argument("--calibration-clips", type=int, default=QDEFAULTS.calibration_clips,
+    q.add_argument("--calibration-clips", type=int, default=qdefaults.calibration_clips,
                    help="training clips the activation ranges come from (default %(default)s)")
-    q.add_argument("--max-accuracy-drop", type=float, default=QDEFAULTS.max_accuracy_drop, metavar="POINTS",
+    q.add_argument("--max-accuracy-drop", type=float, default=qdefaults.max_accuracy_drop, metavar="POINTS",
                    help="test accuracy int8 may lose against fp32, in points (default %(default)s)")
-    q.add_argument("--min-agreement", type=float, default=QDEFAULTS.min_agreement, metavar="SHARE",
+    q.add_argument("--min-agreement", type=float, default=qdefaults.min_agreement, metavar="SHARE",
                    help="share of test clips on which int8 must answer as fp32 does (default %(default)s)")
     q.add_argument("--data", help="the run's dataset, where it has moved (default: the one it trained on)")
     q.add_argument("--cache-dir", help="the run's decode cache, where it has moved")
