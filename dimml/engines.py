@@ -114,6 +114,9 @@ class OrtEngine(Engine):
         if threads:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3   # a provider falling back is checked below, not logged
+        # all graph optimisations (ONNX Runtime's default, pinned here): they fuse int8 QDQ graphs into
+        # integer kernels and fp32 convs into NCHWc ones; "extended" ran fp32 and int8 slower (BENCHMARKS.md)
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if device == "cpu":
             # idle ORT threads spin by default, taking the cores that decoding needs between runs
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -185,6 +185,10 @@ def float_outputs(model: "onnx.ModelProto") -> "onnx.ModelProto":
         n.output[:] = [rename.get(o, o) for o in n.output]
     del g.node[:]
     g.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    kept = [t for t in g.initializer if t.name in used]   # the dropped pairs' scales and zero points
+    del g.initializer[:]
+    g.initializer.extend(kept)
     return model
 
 

@@ -84,9 +84,10 @@ def test_export_records_int8_graphs_calibration_and_check(quantized, run_dir, co
         weight_dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
                      and inits[n.input[0]].data_type == onnx.TensorProto.INT8]
         assert weight_dq and all(numpy_helper.to_array(inits[n.input[1]]).size > 1 for n in weight_dq)
-        # graph outputs stay float (no QDQ pair rounding the logits)
+        # graph outputs stay float (no QDQ pair rounding the logits), and nothing of the pairs is left
         producers = {o: n.op_type for n in graph.node for o in n.output}
         assert all(producers[o.name] != "DequantizeLinear" for o in graph.output)
+        assert set(inits) <= {i for n in graph.node for i in n.input}
     cal = entry["calibration"]
     train = {s["files"]["video"] for s in _manifest_rows(corpus) if s["split"] == "train"}
     assert cal["split"] == "train" and cal["clips"] == len(cal["samples"]) == CALIBRATION_CLIPS
