@@ -15,8 +15,11 @@ interleaved rounds (a drift of the machine's speed hits both alike; medians repo
             bf16 autocast (oneDNN uses AMX / AVX-512 BF16 where the CPU has them);
   scoring   decode-only files/s (the scorer's own decode call in a pool of --workers threads) and
             `python -m clients score --bundle B --precision P --workers W` (its own files/s),
-            ratio to decode-only; plus the in-process scorer with ONNX Runtime at 1 thread;
-  serving   `bentoml serve` with DIMML_PRECISION=fp32 and =int8 (adaptive batching on), --clients
+            ratio to decode-only; plus the same scorer in process with ONNX Runtime's intra-op
+            threads at its default and at 1, with CPU ms per file (decode-only's too), whose
+            ratio is what a busy machine changes least;
+  serving   `bentoml serve` with DIMML_PRECISION=fp32 and =int8, each with DIMML_INFER_THREADS at
+            ONNX Runtime's default and at 1 (adaptive batching on), --clients
             client threads on /predict: clips/s, p50 / p99 latency, model ms per clip from /metrics,
             and decode-only clips/s of the server's decode call before the servers, as a ratio.
 
@@ -50,6 +53,7 @@ from bench_serving import (CLASSES, PRESET_CLIPS, REPO, SERVICE, bench_server, l
 from bench_serving import decode_only as serving_decode_only  # noqa: E402
 
 PRECISIONS = ("fp32", "int8")
+SERVERS = (("fp32", 0), ("int8", 0), ("fp32", 1), ("int8", 1))   # (DIMML_PRECISION, DIMML_INFER_THREADS)
 STAGES = ("model", "options", "scoring", "serving")
 
 
@@ -90,27 +94,36 @@ def decoded(bundle: Path, files: list[Path]) -> list:
     return [p.decode({"video": f}) for f in files]
 
 
-def model_ms(predictor, clips: list, batch: int) -> float:
-    """ms per clip of Predictor.forward_clips over `clips` in batches (after one warm-up batch)."""
+def _cpu_s() -> float:
+    """CPU seconds of this process (all its threads) and of its waited-for children."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def model_ms(predictor, clips: list, batch: int) -> tuple[float, float]:
+    """(wall ms, CPU ms) per clip of Predictor.forward_clips over `clips` in batches (after a warm-up batch).
+    CPU time counts every ONNX Runtime thread; it is what a busy machine changes least."""
     predictor.forward_clips(clips[:batch])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     for i in range(0, len(clips), batch):
         predictor.forward_clips(clips[i:i + batch])
-    return 1000 * (time.perf_counter() - t0) / len(clips)
+    return 1000 * (time.perf_counter() - t0) / len(clips), 1000 * (_cpu_s() - c0) / len(clips)
 
 
 def interleaved(variants: dict[str, callable], rounds: int, busy: float, tries: int) -> dict[str, dict]:
-    """Run every variant once per round, rounds times: {name: {"median", "runs", "cpu"}} (the quietest try)."""
+    """Run every variant once per round, rounds times; a variant returns its figure, or (figure, CPU ms
+    per item). {name: {"median", "runs", "cpu_ms" (of the median run), "cpu" (monitor)}}, quietest tries."""
     runs: dict[str, list] = {k: [] for k in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
             value, cpu = measure_quietly(fn, None, busy, tries)
-            runs[name].append((value, cpu))
+            value, cpu_ms = value if isinstance(value, tuple) else (value, float("nan"))
+            runs[name].append((value, cpu_ms, cpu))
     out = {}
     for name, rs in runs.items():
         rs.sort(key=lambda r: r[0])
-        value, cpu = rs[len(rs) // 2]
-        out[name] = {"median": value, "runs": [round(r[0], 2) for r in rs], "cpu": cpu}
+        value, cpu_ms, cpu = rs[len(rs) // 2]
+        out[name] = {"median": value, "cpu_ms": cpu_ms, "runs": [round(r[0], 2) for r in rs], "cpu": cpu}
     return out
 
 
@@ -130,7 +143,7 @@ def stage_model(bundle: Path, clips: list, args) -> dict:
             variants[name] = (lambda pred=pred, b=b: model_ms(pred, clips, b))
     res = interleaved(variants, args.rounds, args.busy_cores, args.tries)
     for k, v in res.items():
-        log(f"model {k}: {v['median']:.1f} ms/clip {v['runs']}")
+        log(f"model {k}: {v['median']:.1f} ms/clip {v['runs']}, {v['cpu_ms']:.1f} CPU ms/clip")
     return res
 
 
@@ -201,21 +214,22 @@ def stage_options(bundle_path: Path, clips: list, args, work: Path) -> dict:
         log("options: torch is not installed; no torch rows")
     res = interleaved(variants, args.rounds, args.busy_cores, args.tries)
     for k, v in res.items():
-        log(f"options {k}: {v['median']:.1f} ms/clip at batch {b} {v['runs']}")
+        log(f"options {k}: {v['median']:.1f} ms/clip at batch {b} {v['runs']}, {v['cpu_ms']:.1f} CPU ms/clip")
     return res
 
 
-def _timed(fn, arrays: dict[str, np.ndarray], call: bool = False, repeat: int = 2) -> float:
-    """ms per clip of fn over one batch (after a warm-up call), best of `repeat` calls."""
+def _timed(fn, arrays: dict[str, np.ndarray], call: bool = False, repeat: int = 2) -> tuple[float, float]:
+    """(wall ms per clip, best of `repeat` calls; CPU ms per clip, their mean) of fn over one batch,
+    after a warm-up call."""
     run = fn if call else (lambda: fn(arrays))
     run()
     n = len(next(iter(arrays.values())))
-    best = float("inf")
+    best, c0 = float("inf"), _cpu_s()
     for _ in range(repeat):
         t0 = time.perf_counter()
         run()
         best = min(best, time.perf_counter() - t0)
-    return 1000 * best / n
+    return 1000 * best / n, 1000 * (_cpu_s() - c0) / (repeat * n)
 
 
 def score_cli(corpus: Path, bundle: Path, precision: str, workers: int, batch: int, out: Path) -> float:
@@ -235,8 +249,9 @@ def score_cli(corpus: Path, bundle: Path, precision: str, workers: int, batch: i
 
 
 def score_in_process(corpus: Path, bundle: Path, precision: str, workers: int, batch: int, out: Path,
-                     threads: int) -> float:
-    """clients.score.run_score with ONNX Runtime at `threads` intra-op threads: files/s."""
+                     threads: int | None) -> tuple[float, float]:
+    """clients.score.run_score with ONNX Runtime at `threads` intra-op threads (None: its default):
+    (files/s, CPU ms per file of the whole process: decoding, inference, writing)."""
     from clients.score import LocalScorer, ScoreOptions, run_score
     from dimml.engines import open_engine
     from dimml.predict import Predictor
@@ -246,9 +261,9 @@ def score_in_process(corpus: Path, bundle: Path, precision: str, workers: int, b
                                  max_batch=batch)
     opts = ScoreOptions(inputs=[str(corpus)], out=out, bundle=str(bundle), workers=workers, recursive=True,
                         overwrite=True, batch_size=batch, precision=precision, progress=False)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     s = run_score(opts, scorer=scorer)
-    return s.scored / (time.perf_counter() - t0)
+    return s.scored / (time.perf_counter() - t0), 1000 * (_cpu_s() - c0) / s.scored
 
 
 def stage_scoring(bundle: Path, corpus: Path, args, work: Path) -> dict:
@@ -258,18 +273,20 @@ def stage_scoring(bundle: Path, corpus: Path, args, work: Path) -> dict:
     jobs = find_jobs([str(corpus)], recursive=True)
     scorer = LocalScorer(str(bundle), workers=args.workers, batch_size=args.batch_size, precision="fp32")
 
-    def decode() -> float:
-        t0 = time.perf_counter()
+    def decode() -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), _cpu_s()
         with ThreadPoolExecutor(args.workers) as pool:
             list(pool.map(scorer._decode, jobs))
-        return len(jobs) / (time.perf_counter() - t0)
+        return len(jobs) / (time.perf_counter() - t0), 1000 * (_cpu_s() - c0) / len(jobs)
 
     variants = {"decode-only": decode}
     for p in PRECISIONS:
-        variants[f"score {p}"] = (lambda p=p: score_cli(corpus, bundle, p, args.workers, args.batch_size,
-                                                        work / f"scores-{p}.csv"))
-        variants[f"score {p} (in process, ORT 1 thread)"] = (
-            lambda p=p: score_in_process(corpus, bundle, p, args.workers, args.batch_size, work / f"scores-{p}-t1.csv", 1))
+        variants[f"score {p} (CLI)"] = (lambda p=p: score_cli(corpus, bundle, p, args.workers, args.batch_size,
+                                                              work / f"scores-{p}.csv"))
+        for threads in (None, 1):
+            variants[f"score {p} (in process, ORT threads {threads or 'default'})"] = (
+                lambda p=p, t=threads: score_in_process(corpus, bundle, p, args.workers, args.batch_size,
+                                                        work / f"scores-{p}-t{t}.csv", t))
     res = interleaved(variants, args.rounds, args.busy_cores, args.tries)
     base = res["decode-only"]["median"]
     for k, v in res.items():
@@ -284,13 +301,16 @@ def stage_serving(bundle: Path, corpus: Path, args, work: Path) -> dict:
     log(f"serving: decode-only {decode_cps:.1f} clips/s ({decode_cpu:.1f} CPU ms/clip)")
     ns = argparse.Namespace(concurrency=[args.clients], requests=args.requests, min_rounds=3, level_seconds=120.0,
                             busy_cores=args.busy_cores, tries=args.tries, warmup=8, service=SERVICE)
-    out = {"decode_only_clips_per_s": decode_cps, "decode_only_cpu_ms": decode_cpu}
-    for p in PRECISIONS:
-        run = bench_server(f"resnet18-{p}", "batched", bundle, payloads, {"DIMML_PRECISION": p}, ns, work)
+    out = {"decode_only_clips_per_s": decode_cps, "decode_only_cpu_ms": decode_cpu, "servers": {}}
+    for p, threads in SERVERS:
+        name = f"{p}, ORT threads {threads or 'default'}"
+        env = {"DIMML_PRECISION": p, "DIMML_INFER_THREADS": str(threads)}
+        run = bench_server(f"resnet18-{p}-t{threads}", "batched", bundle, payloads, env, ns, work)
         lv = run.levels[0]
-        out[p] = {"clips_per_s": lv.clips_per_s, "p50_ms": lv.p50_ms, "p99_ms": lv.p99_ms, "ok": lv.ok,
-                  "requests": lv.requests, "model_ms_per_clip": lv.infer_ms_per_clip, "decode_ms": lv.decode_ms,
-                  "mean_batch": lv.mean_batch, "cpu": lv.cpu, "ready_s": run.ready_s}
+        out["servers"][name] = {"clips_per_s": lv.clips_per_s, "p50_ms": lv.p50_ms, "p99_ms": lv.p99_ms,
+                                "ok": lv.ok, "requests": lv.requests, "model_ms_per_clip": lv.infer_ms_per_clip,
+                                "decode_ms": lv.decode_ms, "mean_batch": lv.mean_batch, "cpu": lv.cpu,
+                                "ready_s": run.ready_s, "cpu_ms_per_clip": lv.cpu_ms_per_clip}
     after, _ = serving_decode_only(files, bundle, os.cpu_count() or 1, args.decode_count)
     out["decode_only_after_clips_per_s"] = after
     log(f"serving: decode-only {after:.1f} clips/s after the servers")
@@ -302,35 +322,49 @@ def report(results: dict, args) -> str:
              f"bundle: {results['bundle']}; int8 check recorded: {results['check']}",
              f"load average at start / end: {results['load_start']} / {results['load_end']}\n"]
     if "model" in results:
-        lines += ["| model call (Predictor.forward_clips, all branches + fusion) | ms per clip | runs | other CPU (cores) |",
-                  "| --- | ---: | --- | ---: |"]
-        lines += [f"| {k} | {v['median']:.1f} | {v['runs']} | {v['cpu']['other_cores']:.2f} |"
+        lines += ["| model call (Predictor.forward_clips, all branches + fusion) | ms per clip | runs | CPU ms per clip "
+                  "| other CPU (cores) |", "| --- | ---: | --- | ---: | ---: |"]
+        lines += [f"| {k} | {v['median']:.1f} | {v['runs']} | {v['cpu_ms']:.1f} | {v['cpu']['other_cores']:.2f} |"
                   for k, v in results["model"].items()]
         m = results["model"]
         for b in (1, args.batch_size):
-            f, i = m[f"fp32 batch {b} threads default"]["median"], m[f"int8 batch {b} threads default"]["median"]
-            lines.append(f"\nbatch {b}: fp32 / int8 = {f / i:.2f}x")
+            for t in ("default", 1):
+                f, i = m[f"fp32 batch {b} threads {t}"], m[f"int8 batch {b} threads {t}"]
+                lines.append(f"\nbatch {b}, threads {t}: fp32 / int8 = {f['median'] / i['median']:.2f}x (wall), "
+                             f"{f['cpu_ms'] / i['cpu_ms']:.2f}x (CPU)")
     if "options" in results:
-        lines += ["", f"| variant (batch {args.batch_size}) | ms per clip | runs |", "| --- | ---: | --- |"]
-        lines += [f"| {k} | {v['median']:.1f} | {v['runs']} |" for k, v in results["options"].items()]
+        lines += ["", f"| variant (batch {args.batch_size}, ONNX Runtime threads default) | ms per clip | runs "
+                  "| CPU ms per clip | other CPU (cores) |", "| --- | ---: | --- | ---: | ---: |"]
+        lines += [f"| {k} | {v['median']:.1f} | {v['runs']} | {v['cpu_ms']:.1f} | {v['cpu']['other_cores']:.2f} |"
+                  for k, v in results["options"].items()]
     if "scoring" in results:
         s = results["scoring"]
         base = s["decode-only"]["median"]
-        lines += ["", f"scoring {s['files']} files, {args.workers} workers, batch {args.batch_size}:", "",
-                  "| measurement | files/s | runs | / decode-only | other CPU (cores) |", "| --- | ---: | --- | ---: | ---: |"]
-        lines += [f"| {k} | {v['median']:.1f} | {v['runs']} | {v['median'] / base:.2f} | {v['cpu']['other_cores']:.2f} |"
+        base_cpu = s["decode-only"]["cpu_ms"]
+        lines += ["", f"scoring {s['files']} files, {args.workers} workers, batch {args.batch_size} (CPU-bound ratio: "
+                  "decode-only CPU ms / scoring CPU ms per file, the share of the decode rate scoring keeps when both "
+                  "use every core):", "",
+                  "| measurement | files/s | runs | / decode-only | CPU ms per file | CPU-bound ratio | other CPU (cores) |",
+                  "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {k} | {v['median']:.1f} | {v['runs']} | {v['median'] / base:.2f} | {v['cpu_ms']:.1f} | "
+                  f"{base_cpu / v['cpu_ms']:.2f} | {v['cpu']['other_cores']:.2f} |"
                   for k, v in s.items() if isinstance(v, dict)]
     if "serving" in results:
         s = results["serving"]
         base = s["decode_only_clips_per_s"]
-        lines += ["", f"serving, {args.clients} clients, adaptive batching; decode-only {base:.1f} clips/s before, "
-                  f"{s['decode_only_after_clips_per_s']:.1f} after:", "",
-                  "| precision | clips/s | / decode-only (before) | p50 / p99 ms | model ms per clip | clips per call "
-                  "| other CPU (cores) | load before / after |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for p in PRECISIONS:
-            v = s[p]
+        lines += ["", f"serving, {args.clients} clients, adaptive batching; decode-only {base:.1f} clips/s before "
+                  f"({s['decode_only_cpu_ms']:.1f} CPU ms per clip), {s['decode_only_after_clips_per_s']:.1f} after "
+                  "(CPU-bound ratio: decode-only CPU ms / the server's CPU ms per clip):", "",
+                  "| server | clips/s | / decode-only (before) | p50 / p99 ms | model ms per clip | clips per call "
+                  "| server CPU ms per clip: API / inference | CPU-bound ratio | other CPU (cores) | load before / after |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for p, v in s["servers"].items():
+            c = v["cpu_ms_per_clip"]
+            server = c.get("api", 0) + c.get("inference", 0) + c.get("arbiter", 0)
             lines.append(f"| {p} | {v['clips_per_s']:.1f} | {v['clips_per_s'] / base:.2f} | {v['p50_ms']:.0f} / "
                          f"{v['p99_ms']:.0f} | {v['model_ms_per_clip']:.1f} | {v['mean_batch']:.1f} | "
+                         f"{c.get('api', float('nan')):.1f} / {c.get('inference', float('nan')):.1f} | "
+                         f"{s['decode_only_cpu_ms'] / server:.2f} | "
                          f"{v['cpu']['other_cores']:.2f} | {v['cpu']['load_before']:.2f} / {v['cpu']['load_after']:.2f} |")
     return "\n".join(lines)
 

@@ -115,11 +115,15 @@ class LocalScorer:
                  backend: str | Sequence[str] = "auto", device_id: int = 0, precision: str = "auto"):
         from dimml.predict import Predictor   # heavy (onnxruntime / torch): only when scoring locally
 
-        self.predictor = Predictor(bundle, max_batch=batch_size, prefer=backend, device=device_id, precision=precision)
+        self.workers = workers or os.cpu_count() or 1
+        # the decode threads keep the cores busy: ONNX Runtime gets the cores they leave (at least one);
+        # more of its threads only add overhead there (BENCHMARKS.md, fp32 and int8 on the CPU)
+        threads = max(1, (os.cpu_count() or 1) - self.workers)
+        self.predictor = Predictor(bundle, max_batch=batch_size, prefer=backend, device=device_id, precision=precision,
+                                   threads=threads)
         self.classes: list[str] = list(self.predictor.classes)
         self.preprocess = self.predictor.preprocess
         self.branches = branch_names(self.predictor.names)
-        self.workers = workers or os.cpu_count() or 1
         self.batch_size = batch_size
         self.description = (f"bundle {self.predictor.bundle.name}:{self.predictor.bundle.version} "
                             f"on {self.predictor.backend} ({self.predictor.engine.precision})")

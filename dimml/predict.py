@@ -113,18 +113,19 @@ class Predictor:
     def __init__(self, bundle: Bundle | str | os.PathLike, engine: Engine | None = None,
                  max_batch: int = 32, prefer: str | Sequence[str] = "auto", *,
                  backend: str | Sequence[str] | None = None, device: int | str | None = None,
-                 decode_threads: int | None = None, precision: str = "auto"):
+                 decode_threads: int | None = None, precision: str = "auto", threads: int | None = None):
         """bundle: a folder or a model-store tag; backend (alias `prefer`): "auto", a family or a
         backend name, or an order (dimml.engines.open_engine); device: a GPU index, "cuda:N", "cuda"
         or "cpu" (CPU backends only); decode_threads: `predict` on a list decodes this many files at
         once (default: the CPU count, at most 8); precision: "auto" (a quantized bundle's checked int8
-        graphs on onnxruntime-cpu, else fp32), "fp32" or "int8" (dimml.engines.choose_precision)."""
+        graphs on onnxruntime-cpu, else fp32), "fp32" or "int8" (dimml.engines.choose_precision);
+        threads: ONNX Runtime's intra-op threads (default: its own, one per core)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.bundle = load_bundle(bundle)
         if engine is None:
             order, device_id = backend_order(backend if backend is not None else prefer, device)
-            engine = open_engine(self.bundle, order, device_id=device_id, precision=precision)
+            engine = open_engine(self.bundle, order, device_id=device_id, precision=precision, threads=threads)
         self.engine = engine
         self.decode_threads = decode_threads or min(8, os.cpu_count() or 1)
         self.max_batch = min(max_batch, self.engine.max_batch or max_batch)

@@ -156,7 +156,7 @@ class DIMMLInference:
                                "python -m export bundle ... --register NAME)")
         self.bundle = load_bundle(source)
         self.engine = open_engine(self.bundle, prefer=SETTINGS.backend_order, device_id=SETTINGS.device_id,
-                                  precision=SETTINGS.precision)
+                                  precision=SETTINGS.precision, threads=SETTINGS.infer_threads or None)
         self.predictor = Predictor(self.bundle, engine=self.engine, max_batch=SETTINGS.max_batch_size)
         self.backend: str = self.engine.backend
         self._warm_up()

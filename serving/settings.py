@@ -26,6 +26,8 @@ class Settings:
     max_batch_videos: int = 64        # DIMML_MAX_BATCH_VIDEOS: videos per /predict_batch request
     max_duration_s: float = 0.0       # DIMML_MAX_DURATION_S: media length limit; 0 = the bundle's own
     decode_threads: int = 4           # DIMML_DECODE_THREADS: concurrent decodes per API worker
+    infer_threads: int = 0            # DIMML_INFER_THREADS: ONNX Runtime intra-op threads of the inference
+                                      # service; 0 = ONNX Runtime's default (one per core)
     api_workers: int = 1              # DIMML_API_WORKERS: processes that accept uploads and decode
 
     @property
@@ -86,6 +88,8 @@ class Settings:
         for name in ("max_batch_size", "max_latency_ms", "max_batch_videos", "decode_threads", "api_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DIMML_{name.upper()} must be >= 1, got {getattr(self, name)}")
+        if self.infer_threads < 0:
+            raise ValueError(f"DIMML_INFER_THREADS must be >= 0 (0: ONNX Runtime's default), got {self.infer_threads}")
         if self.max_upload_mb <= 0:
             raise ValueError(f"DIMML_MAX_UPLOAD_MB must be > 0, got {self.max_upload_mb}")
         if self.max_duration_s < 0:

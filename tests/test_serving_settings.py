@@ -1,4 +1,4 @@
-"""Serving settings that need no server: the declared model, the GPU request, the device index, the precision."""
+"""Serving settings that need no server: the declared model, the GPU request, the device index, the precision, the inference threads."""
 from __future__ import annotations
 
 import pytest
@@ -35,3 +35,10 @@ def test_precision():
     assert Settings.from_env({"DIMML_PRECISION": "int8"}).precision == "int8"
     with pytest.raises(ValueError, match="DIMML_PRECISION='bf16': not one of auto, fp32, int8"):
         Settings.from_env({"DIMML_PRECISION": "bf16"})
+
+
+def test_infer_threads():
+    assert Settings.from_env({}).infer_threads == 0                                    # ONNX Runtime's default
+    assert Settings.from_env({"DIMML_INFER_THREADS": "1"}).infer_threads == 1
+    with pytest.raises(ValueError, match="DIMML_INFER_THREADS must be >= 0"):
+        Settings.from_env({"DIMML_INFER_THREADS": "-1"})
