@@ -66,6 +66,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="local mode: inference backend or family (auto, onnxruntime, torch, onnxruntime-cpu, ...)")
     p.add_argument("--device-id", type=_at_least(int, 0), default=0,
                    help="local mode: the GPU index the GPU backends use (default %(default)s)")
+    p.add_argument("--precision", choices=("auto", "fp32", "int8"), default="auto",
+                   help="local mode: auto runs a quantized bundle's checked int8 graphs on onnxruntime-cpu, "
+                        "else fp32 (default %(default)s)")
     p.add_argument("--timeout", type=_at_least(float, 0, strict=True), default=120.0, help="remote mode: seconds per request")
     p.add_argument("--retries", type=_at_least(int, 0), default=3, help="remote mode: retries on 429/503/connection errors")
     p.add_argument("--max-wait", type=_at_least(float, 0), default=120.0,
@@ -135,7 +138,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                         workers=args.workers, recursive=args.recursive,
                         exts=None if args.ext is None else parse_exts(args.ext),
                         resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size,
-                        backend=args.backend, device_id=args.device_id, timeout=args.timeout,
+                        backend=args.backend, device_id=args.device_id, precision=args.precision, timeout=args.timeout,
                         retries=args.retries, max_wait_s=args.max_wait, progress=not args.no_progress,
                         engine=args.engine,
                         shard_rows=shard_rows, ray=ray)
@@ -177,7 +180,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         from dimml.predict import Predictor
 
-        predictor = Predictor(args.bundle, prefer=args.backend, device=args.device_id)
+        predictor = Predictor(args.bundle, prefer=args.backend, device=args.device_id, precision=args.precision)
         try:
             answer = predictor.predict_files(files)
         except ValueError as e:   # files that do not fit the model's fields (MediaError stays itself)

@@ -70,7 +70,7 @@ class ScoreBatch:
     """
 
     def __init__(self, bundle: str, *, backend: str | Sequence[str] = "auto", device: int | str | None = None,
-                 batch_size: int = 32, threads: int | None = None, output: str = "row"):
+                 batch_size: int = 32, threads: int | None = None, output: str = "row", precision: str = "auto"):
         from clients.score import LocalScorer
 
         if output not in OUTPUTS:
@@ -80,7 +80,7 @@ class ScoreBatch:
             device = 0 if _actor_gpus() else "cpu"
         self.output = output
         self.scorer = LocalScorer(bundle, workers=share, batch_size=batch_size, backend=backend, device_id=device,
-                                  threads=share)
+                                  threads=share, precision=precision)
         cfg = self.scorer.preprocess
         self.fields = tuple(dict.fromkeys((*cfg.fields, *cfg.optional_fields)))
         self.columns = columns_for(self.scorer.classes, self.scorer.branches)
@@ -229,7 +229,7 @@ class RayScorer:
     """Scoring on a pool of Ray actors (see the module docstring); the driver writes the rows."""
 
     def __init__(self, bundle: str | os.PathLike, opts: RayOptions | None = None, *, batch_size: int = 32,
-                 backend: str | Sequence[str] = "auto"):
+                 backend: str | Sequence[str] = "auto", precision: str = "auto"):
         from dimml.bundle import load_bundle
 
         opts = opts or RayOptions()
@@ -241,7 +241,7 @@ class RayScorer:
         self.preprocess = manifest.preprocess
         self.branches = branch_names(self.preprocess.names)
         self.fields = tuple(dict.fromkeys((*self.preprocess.fields, *self.preprocess.optional_fields)))
-        self.opts, self.batch_size, self.backend = opts, batch_size, backend
+        self.opts, self.batch_size, self.backend, self.precision = opts, batch_size, backend, precision
         _ray()   # the extra is installed (else one line saying which), before any work
         self._started = False
         self.actors = 0
@@ -281,7 +281,7 @@ class RayScorer:
         ds = ds.map_batches(
             ScoreBatch, batch_size=self.batch_size, batch_format="numpy",
             fn_constructor_kwargs={"bundle": self.bundle, "backend": self.backend, "batch_size": self.batch_size,
-                                   "threads": threads, "output": "answer",
+                                   "threads": threads, "output": "answer", "precision": self.precision,
                                    "device": 0 if self.opts.gpus_per_actor else "cpu"},
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=self.opts.cpus_per_actor, num_gpus=self.opts.gpus_per_actor or None)

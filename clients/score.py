@@ -128,19 +128,24 @@ class LocalScorer:
     """In-process scoring with a bundle: threaded decoding, batched inference."""
 
     def __init__(self, bundle: str | os.PathLike, *, workers: int = 0, batch_size: int = 32,
-                 backend: str | Sequence[str] = "auto", device_id: int | str = 0, threads: int | None = None):
-        """device_id: a GPU index, or "cpu" (CPU backends only); threads: the engine's intra-op threads
-        (default: the backend's own choice)."""
+                 backend: str | Sequence[str] = "auto", device_id: int | str = 0, precision: str = "auto",
+                 threads: int | None = None):
+        """device_id: a GPU index, or "cpu" (CPU backends only); precision: auto | fp32 | int8;
+        threads: the engine's intra-op threads (default: the cores the decode threads leave, at least one)."""
         from dimml.predict import Predictor  # heavy (onnxruntime / torch): only when scoring locally
 
-        self.predictor = Predictor(bundle, max_batch=batch_size, prefer=backend, device=device_id, threads=threads)
+        self.workers = workers or os.cpu_count() or 1
+        # the decode threads keep the cores busy: ONNX Runtime gets the cores they leave (at least one);
+        # more of its threads only add overhead there (BENCHMARKS.md, fp32 and int8 on the CPU)
+        threads = threads or max(1, (os.cpu_count() or 1) - self.workers)
+        self.predictor = Predictor(bundle, max_batch=batch_size, prefer=backend, device=device_id, precision=precision,
+                                   threads=threads)
         self.classes: list[str] = list(self.predictor.classes)
         self.preprocess = self.predictor.preprocess
         self.branches = branch_names(self.predictor.names)
-        self.workers = workers or os.cpu_count() or 1
         self.batch_size = batch_size
         self.description = (f"bundle {self.predictor.bundle.name}:{self.predictor.bundle.version} "
-                            f"on {self.predictor.backend}")
+                            f"on {self.predictor.backend} ({self.predictor.engine.precision})")
         self._pool: ThreadPoolExecutor | None = None   # score_batch's decode threads
 
     def _decode(self, job: Job):
@@ -285,6 +290,7 @@ class ScoreOptions:
     batch_size: int = 32
     backend: str = "auto"
     device_id: int = 0               # local mode: GPU index of the GPU backends
+    precision: str = "auto"          # local mode: auto | fp32 | int8 (dimml.engines.choose_precision)
     timeout: float = 120.0
     retries: int = 3
     max_wait_s: float = 120.0        # remote: how long to keep retrying 503s that carry Retry-After
@@ -331,12 +337,13 @@ def make_scorer(opts: ScoreOptions) -> LocalScorer | RemoteScorer | RayScorer:
             raise InputError("--engine ray scores with a bundle on Ray workers: give --bundle, not --server")
         from clients.ray_scoring import RayOptions, RayScorer
 
-        return RayScorer(opts.bundle, opts.ray or RayOptions(), batch_size=opts.batch_size, backend=opts.backend)
+        return RayScorer(opts.bundle, opts.ray or RayOptions(), batch_size=opts.batch_size, backend=opts.backend,
+                         precision=opts.precision)
     if opts.server:
         return RemoteScorer(opts.server, workers=opts.workers, timeout=opts.timeout, retries=opts.retries,
                             max_wait_s=opts.max_wait_s)
     return LocalScorer(opts.bundle, workers=opts.workers, batch_size=opts.batch_size, backend=opts.backend,
-                       device_id=opts.device_id)
+                       device_id=opts.device_id, precision=opts.precision)
 
 
 def run_score(opts: ScoreOptions, stop: Stop | None = None,

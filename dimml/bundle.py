@@ -11,6 +11,9 @@ BUNDLE/ (schema 2; one branch per modality of the run, in its order)
                      the PyTorch fallback and the reference `python -m export verify` compares
                      against; the run's config.json (+ report.json) for provenance
   tensorrt/          optional engines, one per module, named by TensorRT version and GPU
+  int8/              optional: <module>.onnx quantized by ONNX Runtime (static QDQ, per-channel int8
+                     weights) for the CPU, beside the fp32 graphs; the manifest's `int8` entry records
+                     the calibration set and the accuracy check against fp32 (export/quantize.py)
 
 `module_io(preprocess)` is the one place the graphs' input and output names are derived.
 Schema-1 bundles (audio.onnx, visual.onnx, fusion.onnx with a flat audio+visual preprocessing
@@ -45,6 +48,7 @@ SCHEMA_VERSION = 2   # bump on any change a loader of the old version would misr
 READABLE_SCHEMAS = (1, 2)
 BRANCH_OUTPUTS = ("features", "logits")
 FUSION_OUTPUTS = ("logits",)
+FP32, INT8 = "fp32", "int8"   # the ONNX graphs' precisions: the fp32 ones always, int8 optional
 REQUIRED = {
     1: ("schema_version", "format", "name", "version", "classes", "modalities", "preprocess",
         "feature_dim", "num_frames", "fusion", "lw_temperature", "onnx", "files"),
@@ -209,8 +213,26 @@ class Bundle:
         """TensorRT engine entries (module, file, tensorrt_version, compute_capability, ...)."""
         return list((self.manifest.get("tensorrt") or {}).get("engines", []))
 
-    def onnx_path(self, module: str) -> Path:
-        return _safe_relpath(self.path, self.manifest["onnx"]["modules"][module]["file"])
+    @property
+    def int8(self) -> dict[str, Any] | None:
+        """The manifest's `int8` entry (quantized graphs, calibration, accuracy check), or None."""
+        return self.manifest.get(INT8) or None
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """The precisions of the ONNX graphs the bundle holds: fp32, and int8 when quantized."""
+        return (FP32, INT8) if self.int8 else (FP32,)
+
+    def onnx_path(self, module: str, precision: str = FP32) -> Path:
+        """A module's ONNX graph in one of the bundle's precisions."""
+        if precision == FP32:
+            entry = self.manifest["onnx"]
+        elif precision == INT8 and self.int8:
+            entry = self.int8
+        else:
+            raise BundleError(f"{self.path}: no {precision} graphs (this bundle holds {', '.join(self.precisions)}"
+                              + ("; export with --quantize int8" if precision == INT8 else "") + ")")
+        return _safe_relpath(self.path, entry["modules"][module]["file"])
 
     def file(self, rel: str) -> Path:
         """A file listed in the manifest (KeyError-free: BundleError if not listed)."""
@@ -234,9 +256,20 @@ class Bundle:
         return {"name": self.name, "version": self.version}
 
 
+def int8_check_summary(check: dict[str, Any]) -> str:
+    """One line of a manifest's int8 accuracy check (export/quantize.py writes it; engines and verify print it)."""
+    if not check or "clips" not in check:
+        return "no accuracy check recorded"
+    return (f"top-1 agreement {check['top1_agreement']:.1%} (at least {check['min_top1_agreement']:.0%}), "
+            f"accuracy {check['int8_accuracy']:.1%} vs fp32 {check['fp32_accuracy']:.1%} "
+            f"({0.0 - check['accuracy_drop']:+.1f} points, at most {check['max_accuracy_drop']:g} lost) "
+            f"on {check['clips']} {check.get('split', '')} clips".replace("  ", " "))
+
+
 def _referenced_files(m: dict[str, Any]) -> list[str]:
     """Files the manifest tells a loader to open: each must also be checksummed."""
     refs = [e["file"] for e in m["onnx"]["modules"].values()]
+    refs += [e["file"] for e in (m.get(INT8) or {}).get("modules", {}).values()]
     torch_entry = dict(m.get("torch") or {})
     refs += list((torch_entry.pop("programs", None) or {}).values()) + list(torch_entry.values())
     refs += [e["file"] for e in (m.get("tensorrt") or {}).get("engines", [])]
@@ -284,6 +317,8 @@ def _check_manifest(path: Path, mpath: Path, m: Any, checksums: bool) -> dict[st
     io = module_io(cfg)
     if set(m["onnx"].get("modules", {})) != set(io):
         raise BundleError(f"{mpath}: onnx modules must be {sorted(io)}")
+    if m.get(INT8) and set(m[INT8].get("modules", {})) != set(io):
+        raise BundleError(f"{mpath}: int8 modules must be {sorted(io)}")
     files: dict[str, Any] = m["files"]
     unlisted = [r for r in _referenced_files(m) if r not in files]
     if unlisted:
@@ -347,7 +382,7 @@ def register_bundle(source: str | os.PathLike, name: str | None = None,
     metadata = {"format": FORMAT, "schema_version": m["schema_version"], "bundle_version": m["version"],
                 "classes": list(m["classes"]), "modalities": list(m["modalities"]),
                 "fields": list(bundle.fields),
-                "fusion": m["fusion"], "lw_temperature": m["lw_temperature"]}
+                "fusion": m["fusion"], "lw_temperature": m["lw_temperature"], "precisions": list(bundle.precisions)}
     all_labels = {"framework": "dimml", "bundle-version": m["version"], **(labels or {})}
     with bentoml.models.create(name, labels=all_labels, metadata=metadata) as model:
         for rel in [MANIFEST, *m["files"]]:
@@ -357,6 +392,6 @@ def register_bundle(source: str | os.PathLike, name: str | None = None,
     return str(model.tag)
 
 
-__all__ = ["Bundle", "BundleError", "load_bundle", "is_model_tag", "check_bundle", "register_bundle",
+__all__ = ["Bundle", "BundleError", "load_bundle", "int8_check_summary", "is_model_tag", "check_bundle", "register_bundle",
            "write_manifest", "sha256_file", "model_name", "check_name", "list_files",
-           "module_io", "FUSION", "SCHEMA_VERSION", "READABLE_SCHEMAS", "MANIFEST"]
+           "module_io", "FUSION", "FP32", "INT8", "SCHEMA_VERSION", "READABLE_SCHEMAS", "MANIFEST"]

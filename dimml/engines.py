@@ -5,7 +5,9 @@ from `dimml.bundle.module_io`) on numpy arrays and returns float32 numpy:
     engine.branch(name, x [B, *spec.shape] spec.dtype)  -> (features [B, D], logits [B, K])
     engine.fusion([features [B, D] per modality, model order]) -> logits [B, K]
 and names itself in `backend` ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu",
-"torch-cpu", "torch-cuda"). `open_engine` picks the best one that really works here.
+"torch-cpu", "torch-cuda") and its numeric `precision` ("fp32"; "int8" for a quantized bundle's
+graphs on onnxruntime-cpu; a TensorRT engine's own), with `precision_reason` saying why.
+`open_engine` picks the best one that really works here.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dimml.bundle import FUSION, Bundle, BundleError, load_bundle
+from dimml.bundle import FP32, FUSION, INT8, Bundle, BundleError, int8_check_summary, load_bundle
 from dimml.extras import MissingExtra, onnxruntime_conflict, require
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,13 @@ BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "torch-cuda", "to
 FAMILIES = {"auto": BACKENDS,
             "onnxruntime": ("onnxruntime-cuda", "onnxruntime-cpu"),
             "torch": ("torch-cuda", "torch-cpu")}
+# what `precision` may name: "auto" serves a quantized bundle's int8 graphs on onnxruntime-cpu when
+# they passed their accuracy check, fp32 otherwise
+PRECISIONS = ("auto", FP32, INT8)
+INT8_BACKEND = "onnxruntime-cpu"   # the one backend the int8 (QDQ) graphs are built and checked for
+# CPU features with fast u8 x s8 dot products (ONNX Runtime's int8 kernels); without them int8 is
+# slower and may saturate (ONNX Runtime's quantization docs)
+INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 class EngineError(RuntimeError):
@@ -39,6 +48,8 @@ class Engine:
     and set `names` (the modalities, model order) and `dtypes` (modality -> input dtype)."""
 
     backend: str = "?"
+    precision: str = FP32          # the graphs' numeric precision
+    precision_reason: str = ""     # why this precision (the choice open_engine made)
     max_batch: int | None = None   # largest batch accepted (TensorRT profile); None: any
     names: tuple[str, ...] = ()
     dtypes: dict[str, np.dtype] = {}
@@ -78,7 +89,7 @@ class OrtEngine(Engine):
     """The bundle's ONNX files in ONNX Runtime on the CPU or one CUDA GPU."""
 
     def __init__(self, bundle: Bundle, device: str = "cpu", device_id: int = 0,
-                 threads: int | None = None):
+                 threads: int | None = None, precision: str = FP32):
         ort = require("onnxruntime", "gpu" if device == "cuda" else "cpu", what=f"onnxruntime-{device}")
         conflict = onnxruntime_conflict()
         if conflict:
@@ -88,6 +99,9 @@ class OrtEngine(Engine):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         self.backend = f"onnxruntime-{device}"
+        if precision not in (FP32, INT8) or (precision == INT8 and self.backend != INT8_BACKEND):
+            raise EngineError(f"{self.backend}: cannot run {precision} graphs (int8 runs on {INT8_BACKEND} only)")
+        self.precision = precision
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise EngineError("onnxruntime-cuda: this onnxruntime has no CUDAExecutionProvider "
@@ -101,12 +115,18 @@ class OrtEngine(Engine):
         if threads:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3   # a provider falling back is checked below, not logged
+        # all graph optimisations (ONNX Runtime's default, pinned here): they fuse int8 QDQ graphs into
+        # integer kernels and fp32 convs into NCHWc ones; "extended" ran fp32 and int8 slower (BENCHMARKS.md)
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if device == "cpu":
             # idle ORT threads spin by default, taking the cores that decoding needs between runs
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = {}
         for module in self.io:
-            path = bundle.onnx_path(module)
+            try:
+                path = bundle.onnx_path(module, precision)
+            except BundleError as e:
+                raise EngineError(f"{self.backend}: {e}") from None
             try:
                 sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
             except Exception as e:   # ORT raises its own exception types (Fail, InvalidGraph...)
@@ -298,11 +318,69 @@ class TensorRTEngine(Engine):
 # ---------------------------------------------------------------------------------------
 # selection
 
-def _make(backend: str, bundle: Bundle, device_id: int, threads: int | None) -> Engine:
+def cpu_flags() -> set[str] | None:
+    """This CPU's feature flags (Linux /proc/cpuinfo); None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def int8_cpu_features() -> list[str] | None:
+    """Which of INT8_CPU_FLAGS this CPU has (None: unknown)."""
+    flags = cpu_flags()
+    return None if flags is None else [f for f in INT8_CPU_FLAGS if f in flags]
+
+
+def choose_precision(bundle: Bundle, backend: str, precision: str = "auto") -> tuple[str, str]:
+    """(precision, why) for a backend: "auto" runs a quantized bundle's int8 graphs on onnxruntime-cpu
+    when the manifest records that they passed their accuracy check against fp32, fp32 otherwise.
+    An explicit "int8" that cannot run (another backend, no int8 graphs, a failed check) raises EngineError."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    entry = bundle.int8
+    if backend != INT8_BACKEND and precision == INT8:
+        raise EngineError(f"{backend}: int8 graphs run on {INT8_BACKEND} only")
+    if backend == "tensorrt":   # (TensorRTEngine sets its engines' precision itself)
+        return FP32, "the TensorRT engines' own precision, as built (fp32 or fp16)"
+    if precision == FP32:
+        return FP32, "fp32 asked for" + (" (the bundle also holds int8 graphs)" if entry else "")
+    if backend != INT8_BACKEND:
+        return FP32, (f"int8 graphs run on {INT8_BACKEND} only" if entry else "the bundle holds fp32 graphs only")
+    if not entry:
+        if precision == INT8:
+            raise EngineError(f"{backend}: {bundle.path} holds no int8 graphs (export with --quantize int8)")
+        return FP32, "the bundle holds fp32 graphs only (export with --quantize int8 for int8)"
+    check = entry.get("check") or {}
+    if not check.get("passed"):
+        why = f"its int8 graphs did not pass their accuracy check ({int8_check_summary(check)})"
+        if precision == INT8:
+            raise EngineError(f"{backend}: {why}")
+        return FP32, f"fp32: {why}"
+    why = f"int8: passed its accuracy check against fp32 at export ({int8_check_summary(check)})"
+    here = int8_cpu_features()
+    if here is not None and not here:
+        why += (f"; this CPU has none of {', '.join(INT8_CPU_FLAGS)}: int8 may be slow or less accurate "
+                "here (run dimml verify on this machine; DIMML_PRECISION=fp32 serves fp32)")
+    return INT8, why
+
+
+def _make(backend: str, bundle: Bundle, device_id: int, threads: int | None, precision: str = "auto") -> Engine:
+    chosen, why = choose_precision(bundle, backend, precision)
+    engine = _open(backend, bundle, device_id, threads, chosen)
+    engine.precision_reason = why
+    return engine
+
+
+def _open(backend: str, bundle: Bundle, device_id: int, threads: int | None, precision: str) -> Engine:
     if backend == "tensorrt":
         return TensorRTEngine(bundle, device_id)
     if backend.startswith("onnxruntime-"):
-        return OrtEngine(bundle, backend.split("-", 1)[1], device_id, threads)
+        return OrtEngine(bundle, backend.split("-", 1)[1], device_id, threads, precision)
     if backend == "torch-cuda":
         return TorchEngine(bundle, f"cuda:{device_id}")
     if backend == "torch-cpu":
@@ -321,30 +399,36 @@ def expand_backends(prefer: str | Sequence[str]) -> list[str]:
 
 
 def open_engine(bundle: Bundle | str, prefer: str | Sequence[str] = "auto", *, device_id: int = 0,
-                threads: int | None = None) -> Engine:
-    """The first backend of `prefer` that loads here.
+                threads: int | None = None, precision: str = "auto") -> Engine:
+    """The first backend of `prefer` that loads here, in the precision `choose_precision` picks.
 
     prefer: "auto" (tensorrt > onnxruntime-cuda > onnxruntime-cpu > torch-cuda > torch-cpu),
     a family ("onnxruntime", "torch"), one backend name, or a sequence of them. A backend
     named alone that cannot run raises EngineError with the reason; in a list, failures
-    are logged and the next one is tried.
+    are logged and the next one is tried. precision: "auto" (a quantized bundle's checked int8
+    graphs on onnxruntime-cpu, else fp32), "fp32" or "int8" (onnxruntime-cpu only).
     """
     bundle = load_bundle(bundle)
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     order = expand_backends(prefer)
     reasons = []
     for backend in order:
         why = _unavailable(backend, bundle, device_id) if len(order) > 1 else ""
+        if not why and len(order) > 1 and precision == INT8 and backend != INT8_BACKEND:
+            why = f"int8 graphs run on {INT8_BACKEND} only"
         if why:   # in a list, skip cheaply what cannot work here
             reasons.append(f"{backend}: {why}")
             continue
         try:
-            engine = _make(backend, bundle, device_id, threads)
+            engine = _make(backend, bundle, device_id, threads, precision)
         except (EngineError, ImportError, OSError) as e:
             reasons.append(str(e))
             log.info("backend %s unavailable: %s", backend, e)
             continue
         if reasons:
             log.info("using %s (skipped: %s)", engine.backend, "; ".join(reasons))
+        log.info("%s runs %s: %s", engine.backend, engine.precision, engine.precision_reason)
         return engine
     names = [prefer] if isinstance(prefer, str) else list(prefer)
     raise EngineError(f"no inference backend of {names} works here: " + "; ".join(reasons))
@@ -366,4 +450,5 @@ def _unavailable(backend: str, bundle: Bundle, device_id: int) -> str:
 
 
 __all__ = ["Engine", "EngineError", "OrtEngine", "TorchEngine", "TensorRTEngine", "TrtModule",
-           "open_engine", "expand_backends", "usable_engines", "cuda_compute_capability", "BACKENDS"]
+           "open_engine", "expand_backends", "usable_engines", "cuda_compute_capability", "choose_precision",
+           "cpu_flags", "int8_cpu_features", "BACKENDS", "PRECISIONS", "INT8_BACKEND", "INT8_CPU_FLAGS"]

@@ -12,7 +12,7 @@ Each answer (JSON-ready: str keys, Python floats), for a bundle with modalities 
      "branches": {"<m1>": {"probabilities": {...}, "certainty": c, "weight": w}, ...,
                   "fusion": {...}},
      "modalities_used": ["<m1>", ...],
-     "model": {"name": "...", "version": "..."}, "backend": "onnxruntime-cpu",
+     "model": {"name": "...", "version": "...", "precision": "fp32"}, "backend": "onnxruntime-cpu",
      "final_output": {"rule": "paper-lw", "reason": "..."},   # which rule answered, and why
      "warnings": []}                          # damage found in the sample's files (Clip.warnings)
 `probabilities` is the softmax of Z = sum_i w_i z_i over the branches of the modalities
@@ -116,18 +116,20 @@ class Predictor:
     def __init__(self, bundle: Bundle | str | os.PathLike, engine: Engine | None = None,
                  max_batch: int = 32, prefer: str | Sequence[str] = "auto", *,
                  backend: str | Sequence[str] | None = None, device: int | str | None = None,
-                 decode_threads: int | None = None, threads: int | None = None):
+                 decode_threads: int | None = None, precision: str = "auto", threads: int | None = None):
         """bundle: a folder or a model-store tag; backend (alias `prefer`): "auto", a family or a
         backend name, or an order (dimml.engines.open_engine); device: a GPU index, "cuda:N", "cuda"
         or "cpu" (CPU backends only); decode_threads: `predict` on a list decodes this many files at
-        once (default: the CPU count, at most 8); threads: the engine's intra-op threads (default:
-        the backend's choice; a process sharing a machine with others, e.g. a Ray worker, sets its share)."""
+        once (default: the CPU count, at most 8); precision: "auto" (a quantized bundle's checked int8
+        graphs on onnxruntime-cpu, else fp32), "fp32" or "int8" (dimml.engines.choose_precision);
+        threads: the engine's intra-op threads (default: the backend's choice; a process sharing a machine
+        with others, e.g. a Ray worker or the local scorer beside its decode threads, sets its share)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.bundle = load_bundle(bundle)
         if engine is None:
             order, device_id = backend_order(backend if backend is not None else prefer, device)
-            engine = open_engine(self.bundle, order, device_id=device_id, threads=threads)
+            engine = open_engine(self.bundle, order, device_id=device_id, precision=precision, threads=threads)
         self.engine = engine
         self.decode_threads = decode_threads or min(8, os.cpu_count() or 1)
         self.max_batch = min(max_batch, self.engine.max_batch or max_batch)
@@ -263,7 +265,7 @@ class Predictor:
                                  "certainty": float(out.certainties[b][i]),
                                  "weight": float(out.weights[b][i])} for b in out.logits},
                 "modalities_used": list(out.modalities),
-                "model": self.bundle.model_info(),
+                "model": {**self.bundle.model_info(), "precision": self.engine.precision},
                 "backend": self.engine.backend,
                 "final_output": {"rule": rule, "reason": reason},
                 "warnings": [],

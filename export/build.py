@@ -1,7 +1,8 @@
 """A finished run -> a bundle folder (see dimml/bundle.py for the layout).
 
 Everything is written into a hidden temporary folder beside the target and renamed into
-place at the end, so a bundle folder that exists is always complete and verified.
+place at the end, so a bundle folder that exists is always complete and verified (with
+`--quantize int8`, its int8 graphs passed their accuracy check: export/quantize.py).
 """
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from dimml.bundle import BundleError, load_bundle, model_name, write_manifest
+from dimml.bundle import FP32, INT8, BundleError, load_bundle, model_name, write_manifest
 from export.tensorrt_build import TrtOptions
+
+if TYPE_CHECKING:
+    from export.quantize import QuantizeOptions
 
 
 @dataclass
@@ -32,6 +36,7 @@ class BundleOptions:
     tensorrt: bool = False
     trt: TrtOptions = field(default_factory=TrtOptions)
     force: bool = False                # replace an existing bundle folder
+    quantize: QuantizeOptions | None = None   # also int8 graphs for the CPU (--quantize int8)
 
 
 def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
@@ -61,6 +66,10 @@ def build_bundle(run_dir: str | os.PathLike, out: str | os.PathLike, opts: Bundl
     from training.run import CONFIG, REPORT, load_run
 
     run = load_run(run_dir)
+    clips = None
+    if opts.quantize is not None:   # the run's data first: a missing dataset fails before the export's minutes
+        from export.quantize import run_clips
+        clips = run_clips(run, opts.quantize, progress)
     if opts.tensorrt:
         from export.tensorrt_build import preflight
         preflight(opts.trt.device_id)
@@ -114,7 +123,7 @@ def build_bundle(run_dir: str | os.PathLike, out: str | os.PathLike, opts: Bundl
             # the run's final output (chosen on validation, and why): what serving and scoring answer with
             "final_output": run.final_output.to_dict(),
             "metrics": _metrics(run.report),
-            "onnx": {"opset": opts.opset, "exporter": opts.exporter, "modules": modules},
+            "onnx": {"opset": opts.opset, "exporter": opts.exporter, "precision": FP32, "modules": modules},
             "torch": torch_files,
             "max_batch": opts.max_batch,
             "versions": package_versions(("tensorrt",) if opts.tensorrt else ()),
@@ -122,6 +131,12 @@ def build_bundle(run_dir: str | os.PathLike, out: str | os.PathLike, opts: Bundl
         if trt_entry is not None:
             fields["tensorrt"] = trt_entry
         write_manifest(tmp, fields)
+        if opts.quantize is not None:
+            from export.quantize import quantize_bundle
+
+            # calibrated and checked through the fp32 bundle just written; refused (raises) past the tolerance
+            fields[INT8] = quantize_bundle(load_bundle(tmp), tmp, clips, opts.quantize, progress)
+            write_manifest(tmp, fields)
         load_bundle(tmp)   # what we wrote must load
         _install(tmp, out)
     except BaseException:

@@ -1,7 +1,9 @@
 """`python -m export` / `dimml-export`: make, check and register model bundles.
 
-  bundle   RUN -> BUNDLE (ONNX files, weights, manifest; optional TensorRT engines, registration)
-  verify   PyTorch vs ONNX Runtime / TensorRT on real clips; exit 0 only when parity holds
+  bundle   RUN -> BUNDLE (ONNX files, weights, manifest; optional int8 graphs for the CPU, TensorRT
+           engines, registration)
+  verify   PyTorch vs ONNX Runtime / TensorRT on real clips, and a quantized bundle's int8 graphs
+           against fp32 on labelled clips; exit 0 only when parity (and the int8 tolerance) holds
   register copy a bundle into the BentoML model store
 """
 from __future__ import annotations
@@ -22,45 +24,65 @@ def _batch_sizes(text: str) -> list[int]:
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
-    from dimml.bundle import load_bundle, register_bundle
+    from dimml.bundle import int8_check_summary, load_bundle, register_bundle
     from export.build import BundleOptions, build_bundle
+    from export.quantize import Int8Refused, QuantizeOptions
     from export.tensorrt_build import TrtOptions
 
     if args.fp16 and not args.tensorrt:
         print("error: --fp16 applies to TensorRT engines; add --tensorrt", file=sys.stderr)
         return 2
+    quantize = None
+    if args.quantize:
+        quantize = QuantizeOptions(calibration_clips=args.calibration_clips, max_accuracy_drop=args.max_accuracy_drop,
+                                   min_agreement=args.min_agreement, data=args.data, cache_dir=args.cache_dir)
+    elif args.data or args.cache_dir:
+        print("error: --data and --cache-dir are for --quantize int8 (its calibration and check clips)", file=sys.stderr)
+        return 2
     opts = BundleOptions(name=args.name or args.register, opset=args.opset, exporter=args.exporter,
-                         max_batch=args.max_batch, tensorrt=args.tensorrt, force=args.force,
+                         max_batch=args.max_batch, tensorrt=args.tensorrt, force=args.force, quantize=quantize,
                          trt=TrtOptions(fp16=args.fp16, max_batch=args.max_batch, opt_batch=args.opt_batch,
                                         workspace_gb=args.workspace_gb, timing_cache=args.timing_cache,
                                         version_compatible=args.version_compatible))
-    out = build_bundle(args.run, args.out, opts, progress=not args.quiet)
+    try:
+        out = build_bundle(args.run, args.out, opts, progress=not args.quiet)
+    except Int8Refused as e:
+        print(f"error: {e}; no bundle written", file=sys.stderr)
+        return 1
     bundle = load_bundle(out)
     print(f"bundle {out}  ({bundle.name}:{bundle.version}, {len(bundle.classes)} classes, "
-          f"{len(bundle.engines)} TensorRT engines)")
+          f"{len(bundle.engines)} TensorRT engines, graphs {' + '.join(bundle.precisions)})")
+    if bundle.int8:
+        print(f"int8: {int8_check_summary(bundle.int8['check'])}; calibrated on "
+              f"{bundle.int8['calibration']['clips']} {bundle.int8['calibration']['split']} clips")
     if args.register:
         print(f"registered {register_bundle(out, args.register)}")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from export.verify import verify_bundle
+    from export.verify import int8_lines, verify_bundle
 
+    tolerance = {k: v for k, v in (("max_accuracy_drop", args.max_accuracy_drop),
+                                   ("min_top1_agreement", args.min_agreement)) if v is not None}
     checks, summary = verify_bundle(args.bundle, args.data, backends=args.backend or None,
                                     batch_sizes=args.batch_sizes, limit=args.limit or None,
-                                    progress=not args.quiet)
+                                    progress=not args.quiet, tolerance=tolerance)
     print(f"{summary['model']['name']}:{summary['model']['version']} on {summary['clips']} clips "
           f"{summary['modalities']}" + (f", {len(summary['skipped'])} undecodable" if summary["skipped"] else ""))
     for s in summary["skipped"][:10]:
         print(f"  skipped: {s}")
     for c in checks:
         print(c.line())
+    if "int8" in summary:
+        print("\n".join(int8_lines(summary["int8"])))
     if args.report:
         from dimml.fileio import atomic_write_json
         atomic_write_json(Path(args.report), summary)
-    ok = summary["passed"]
-    print("parity OK" if ok else "parity FAILED")
-    return 0 if ok else 1
+    parity = all(c.passed for c in checks)
+    print(("parity OK" if parity else "parity FAILED")
+          + ("" if "int8" not in summary else ", int8 OK" if summary["int8"]["passed"] else ", int8 REFUSED"))
+    return 0 if summary["passed"] else 1
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -71,6 +93,9 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from export.quantize import QuantizeOptions
+
+    qdefaults = QuantizeOptions()
     parser = argparse.ArgumentParser(prog="dimml-export", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -91,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
                    help="torch ONNX exporter (default dynamo)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle folder")
+    q = p.add_argument_group("int8 for the CPU (ONNX Runtime static quantization, beside the fp32 graphs)")
+    q.add_argument("--quantize", choices=("int8",), default=None,
+                   help="also write int8 graphs, calibrated on the run's training split and checked against "
+                        "fp32 on its test split; refused past the tolerance (default: fp32 only)")
+    q.add_argument("--calibration-clips", type=int, default=qdefaults.calibration_clips,
+                   help="training clips the activation ranges come from (default %(default)s)")
+    q.add_argument("--max-accuracy-drop", type=float, default=qdefaults.max_accuracy_drop, metavar="POINTS",
+                   help="test accuracy int8 may lose against fp32, in points (default %(default)s)")
+    q.add_argument("--min-agreement", type=float, default=qdefaults.min_agreement, metavar="SHARE",
+                   help="share of test clips on which int8 must answer as fp32 does (default %(default)s)")
+    q.add_argument("--data", help="the run's dataset, where it has moved (default: the one it trained on)")
+    q.add_argument("--cache-dir", help="the run's decode cache, where it has moved")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bundle)
 
@@ -103,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"),
                    help="backend to check (repeatable; default: all that run here)")
     p.add_argument("--report", help="write the results as JSON here")
+    p.add_argument("--max-accuracy-drop", type=float, default=None, metavar="POINTS",
+                   help="int8 graphs: test accuracy they may lose against fp32 (default: the bundle's, from export)")
+    p.add_argument("--min-agreement", type=float, default=None, metavar="SHARE",
+                   help="int8 graphs: share of test clips answered as fp32 does (default: the bundle's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify)
 

@@ -6,9 +6,16 @@ the fusion (float32 rounding grows with the logits' magnitude, which trained hea
 engines (fp32 with other kernels, or fp16): top-1 agreement >= 99% and feature cosine
 >= 0.999. Each at batch sizes 1 and several. The PyTorch reference is the bundle's
 `torch.export` programs (torch/<module>.pt2), run on the CPU.
+
+A quantized bundle's int8 graphs are checked against its fp32 graphs (both on ONNX Runtime CPU)
+on the labelled test split of the data (the run's split settings, from the bundle's copy of its
+config; the validation split when there is no test split), every clip of it: the accuracy of
+both and their top-1 agreement, within the tolerance the bundle was exported with (or the one
+given). Past it, verify refuses the int8 graphs (exit 1), as export does.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -20,8 +27,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from dimml.bundle import Bundle, load_bundle
-from dimml.engines import Engine, TorchEngine, open_engine, usable_engines
+from dimml.bundle import FP32, INT8, Bundle, int8_check_summary, load_bundle
+from dimml.engines import INT8_BACKEND, Engine, OrtEngine, TorchEngine, open_engine, usable_engines
 from dimml.media import Clip, MediaError
 from dimml.modalities import PreprocessConfig
 from dimml.predict import Outputs, Predictor, decode_files
@@ -30,6 +37,7 @@ from export.onnx_export import scaled_diff
 ATOL = 1e-4
 MIN_TOP1 = 0.99
 MIN_COSINE = 0.999
+CHECK_CHUNK = 64   # clips decoded at a time by the int8 check (a whole test split can be gigabytes)
 # what a plain media folder is searched for (datasets are read by dimml.datasets instead)
 MEDIA_EXTS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".ts", ".3gp",
               ".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac", ".opus",
@@ -184,7 +192,8 @@ def verify_clips(bundle: Bundle, clips: list[Clip], *, backends: Sequence[str] |
     ref = _run(reference, clips)
     checks = []
     for backend in backends or default_backends(bundle):
-        engine = (engines or {}).get(backend) or open_engine(bundle, backend)
+        # the fp32 graphs: a quantized bundle's int8 ones are checked against them (int8_check)
+        engine = (engines or {}).get(backend) or open_engine(bundle, backend, precision=FP32)
         strict = engine.backend.startswith("onnxruntime")   # fp32 graphs; TensorRT: loose
         sizes = sorted({min(b, engine.max_batch or b, len(clips)) for b in batch_sizes})
         for bs in sizes:
@@ -193,10 +202,79 @@ def verify_clips(bundle: Bundle, clips: list[Clip], *, backends: Sequence[str] |
     return checks
 
 
+def labelled_split(data: str | os.PathLike, bundle: Bundle) -> tuple[str, list[dict[str, str]], list[int]]:
+    """(split, files of each sample, labels in the bundle's class order) of the data's test split (the
+    validation split when it has none), read with the run's split settings (the bundle's copy of its
+    config.json). ValueError when the data holds no labelled samples."""
+    from dimml.datasets import DatasetError
+    from training.config import run_train_config
+
+    config = {}
+    if "config" in (bundle.manifest.get("torch") or {}):
+        config = json.loads(bundle.file(bundle.manifest["torch"]["config"]).read_text())
+    cfg = run_train_config(config, bundle.path, data=str(data))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            spec = cfg.load_dataset(bundle.preprocess)
+    except DatasetError as e:
+        raise ValueError(f"{data}: the int8 check needs labelled clips (a dataset the readers know), "
+                         f"and this is not one ({e})") from None
+    if spec.classes != bundle.classes:
+        raise ValueError(f"{data}: classes {spec.classes} differ from the bundle's {bundle.classes}")
+    split = "test" if spec.split("test") else "val"
+    samples = spec.split(split)
+    if not samples:
+        raise ValueError(f"{data}: no test or validation samples to check int8 on")
+    return split, [dict(s.files) for s in samples], [s.label for s in samples]
+
+
+def int8_check(bundle: Bundle, data: str | os.PathLike, tolerance: dict[str, float] | None = None,
+               batch_size: int = 16, progress: bool = True) -> dict[str, Any]:
+    """The bundle's int8 graphs against its fp32 graphs on the labelled split of the data (every clip):
+    export.quantize.precision_check's record, plus the undecodable clips it skipped."""
+    from export.quantize import precision_check, top1
+
+    tolerance = {**{k: bundle.int8["check"][k] for k in ("max_accuracy_drop", "min_top1_agreement")},
+                 **(tolerance or {})}
+    split, sources, labels = labelled_split(data, bundle)
+    predictors = {p: Predictor(bundle, OrtEngine(bundle, "cpu", precision=p), max_batch=batch_size) for p in (FP32, INT8)}
+    cfg = bundle.preprocess
+    answers: dict[str, list[np.ndarray]] = {p: [] for p in predictors}
+    truth, skipped, clips, kept = [], [], [], []
+
+    def answer() -> None:   # a chunk of decoded clips through both precisions (memory stays bounded)
+        for p, predictor in predictors.items():
+            groups = predictor.forward_clips(clips)
+            answers[p].append(top1([out for _, out in groups]))
+        truth.append(np.asarray(kept)[[i for idx, _ in groups for i in idx]])
+        clips.clear()
+        kept.clear()
+
+    for i, files in enumerate(tqdm(sources, desc=f"int8 check, {split}", unit="sample", file=sys.stderr,
+                                   disable=not progress)):
+        try:
+            clips.append(decode_files(files, cfg))
+            kept.append(labels[i])
+        except MediaError as e:
+            skipped.append(str(e))
+        if len(clips) == CHECK_CHUNK:
+            answer()
+    if clips:
+        answer()
+    if not truth:
+        raise ValueError(f"{data}: none of the {split} clips could be decoded ({len(skipped)} failed)")
+    check = precision_check(np.concatenate(truth), np.concatenate(answers[FP32]), np.concatenate(answers[INT8]),
+                            split, tolerance)
+    return {**check, "skipped": skipped}
+
+
 def verify_bundle(source: str | os.PathLike, data: str | os.PathLike, *, backends: Sequence[str] | None = None,
-                  batch_sizes: Sequence[int] = (1, 4, 16), limit: int | None = 64,
-                  progress: bool = True) -> tuple[list[Check], dict[str, Any]]:
-    """Load (and checksum) the bundle, decode up to `limit` clips of data, run every check."""
+                  batch_sizes: Sequence[int] = (1, 4, 16), limit: int | None = 64, progress: bool = True,
+                  tolerance: dict[str, float] | None = None) -> tuple[list[Check], dict[str, Any]]:
+    """Load (and checksum) the bundle, decode up to `limit` clips of data, run every check; for a
+    quantized bundle (when onnxruntime-cpu is among the backends) also int8_check, whose record is the
+    summary's "int8" (tolerance: the bundle's unless given)."""
     bundle = load_bundle(source)
     clips, skipped = decode_all(media_sources(data, bundle.preprocess, limit), bundle, progress)
     if not clips:
@@ -209,8 +287,29 @@ def verify_bundle(source: str | os.PathLike, data: str | os.PathLike, *, backend
     summary = {"bundle": str(bundle.path), "model": bundle.model_info(), "clips": len(clips),
                "modalities": groups, "skipped": skipped,
                "passed": all(c.passed for c in checks), "checks": [c.__dict__ for c in checks]}
+    if bundle.int8 and (not backends or INT8_BACKEND in backends):
+        try:
+            summary[INT8] = int8_check(bundle, data, tolerance, progress=progress)
+        except ValueError as e:   # no labelled clips here: the int8 graphs are unchecked, which is a failure
+            summary[INT8] = {"passed": False, "problems": [str(e)]}
+        summary["passed"] = summary["passed"] and summary[INT8]["passed"]
     return checks, summary
 
 
-__all__ = ["verify_bundle", "verify_clips", "compare", "media_sources", "decode_all", "Check",
+def int8_lines(check: dict[str, Any]) -> list[str]:
+    """What verify prints of an int8 check: a PASS/FAIL line, then the refusal and its reasons."""
+    from export.quantize import refusal
+
+    if "clips" not in check:
+        return [f"FAIL  int8 vs fp32 ({INT8_BACKEND}): {'; '.join(check['problems'])}",
+                "int8 REFUSED: its accuracy against fp32 cannot be checked on this data"]
+    lines = [f"{'PASS' if check['passed'] else 'FAIL'}  int8 vs fp32 ({INT8_BACKEND}): {int8_check_summary(check)}"]
+    lines += [f"      - {p}" for p in check["problems"]]
+    if not check["passed"]:
+        lines.append(refusal(check).replace("int8 refused:", "int8 REFUSED:", 1))
+    return lines
+
+
+__all__ = ["verify_bundle", "verify_clips", "compare", "media_sources", "decode_all", "Check", "int8_check",
+           "labelled_split", "int8_lines",
            "ATOL", "MIN_TOP1", "MIN_COSINE"]

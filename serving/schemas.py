@@ -39,6 +39,8 @@ class ModelInfo(BaseModel):
 
     name: str = Field(description="the bundle's name")
     version: str = Field(description="the bundle's version (a content hash)")
+    precision: str | None = Field(default=None, description="the precision of the graphs that answered: fp32, "
+                                  "int8 (a quantized bundle on onnxruntime-cpu) or a TensorRT engine's fp16")
 
 
 class FinalOutput(BaseModel):

@@ -177,12 +177,14 @@ class DIMMLInference:
                                "python -m export bundle ... --register NAME)")
         self.bundle = load_bundle(source)
         self.device_id = SETTINGS.worker_device(bentoml.server_context.worker_index or 1, visible_gpus())
-        self.engine = open_engine(self.bundle, prefer=SETTINGS.backend_order, device_id=self.device_id)
+        self.engine = open_engine(self.bundle, prefer=SETTINGS.backend_order, device_id=self.device_id,
+                                  precision=SETTINGS.precision, threads=SETTINGS.infer_threads or None)
         self.predictor = Predictor(self.bundle, engine=self.engine, max_batch=SETTINGS.max_batch_size)
         self.backend: str = self.engine.backend
         self._warm_up()
-        logger.info("loaded bundle %s:%s from %s on backend %s%s", self.bundle.name, self.bundle.version, source,
-                    self.backend, "" if self.backend.endswith("-cpu") else
+        logger.info("loaded bundle %s:%s from %s on backend %s, %s (%s)%s", self.bundle.name, self.bundle.version,
+                    source, self.backend, self.engine.precision, self.engine.precision_reason,
+                    "" if self.backend.endswith("-cpu") else
                     f" (GPU {self.device_id} of CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'all')})")
 
     def _warm_up(self) -> None:
@@ -211,6 +213,7 @@ class DIMMLInference:
         m = self.bundle.manifest
         cfg = self.bundle.preprocess
         return {"model": self.bundle.model_info(), "tag": self.bundle.tag, "backend": self.backend,
+                "precision": self.engine.precision, "precision_reason": self.engine.precision_reason,
                 "classes": self.bundle.classes, "modalities": list(self.bundle.modalities),
                 "fields": list(cfg.fields), "upload_fields": list(upload_fields(cfg)),
                 "schema_version": self.bundle.schema,

@@ -5,7 +5,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from dimml.engines import BACKENDS, FAMILIES, expand_backends
+from dimml.engines import BACKENDS, FAMILIES, PRECISIONS, expand_backends
 
 
 @dataclass(frozen=True)
@@ -19,12 +19,16 @@ class Settings:
                                       # inference worker when DIMML_BACKEND names GPU backends only, else 0
     inference_workers: int = 1        # DIMML_INFERENCE_WORKERS: model processes (each its own GPU, when GPUs)
     backend: str = "auto"             # DIMML_BACKEND: a backend, a family, or a comma-separated order
+    precision: str = "auto"           # DIMML_PRECISION: auto (a quantized bundle's checked int8 graphs on
+                                      # onnxruntime-cpu, else fp32) | fp32 | int8
     max_batch_size: int = 32          # DIMML_MAX_BATCH_SIZE: clips per inference batch
     max_latency_ms: int = 10_000      # DIMML_MAX_LATENCY_MS: longest a clip may queue for a batch (then 503)
     max_upload_mb: float = 100.0      # DIMML_MAX_UPLOAD_MB: request body limit (413 beyond it)
     max_batch_videos: int = 64        # DIMML_MAX_BATCH_VIDEOS: videos per /predict_batch request
     max_duration_s: float = 0.0       # DIMML_MAX_DURATION_S: media length limit; 0 = the bundle's own
     decode_threads: int = 4           # DIMML_DECODE_THREADS: concurrent decodes per API worker
+    infer_threads: int = 0            # DIMML_INFER_THREADS: ONNX Runtime intra-op threads of the inference
+                                      # service; 0 = ONNX Runtime's default (one per core)
     api_workers: int = 1              # DIMML_API_WORKERS: processes that accept uploads and decode
     max_concurrency: int = 128        # DIMML_MAX_CONCURRENCY: requests in progress at once (all API workers);
                                       # BentoML refuses more at once (429) instead of queueing them
@@ -93,6 +97,8 @@ class Settings:
         bad = [b for b in self.backend_order if b not in known] or ([] if self.backend_order else [""])
         if bad:
             raise ValueError(f"DIMML_BACKEND={self.backend!r}: {bad[0]!r} is not one of {', '.join(known)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"DIMML_PRECISION={self.precision!r}: not one of {', '.join(PRECISIONS)}")
         if self.device_id < 0:
             raise ValueError(f"DIMML_DEVICE_ID must be >= 0, got {self.device_id}")
         for name in ("max_batch_size", "max_latency_ms", "max_batch_videos", "decode_threads", "api_workers",
@@ -101,6 +107,8 @@ class Settings:
                 raise ValueError(f"DIMML_{name.upper()} must be >= 1, got {getattr(self, name)}")
         if self.malloc_arenas < 0 or self.malloc_trim_s < 0:
             raise ValueError("DIMML_MALLOC_ARENAS and DIMML_MALLOC_TRIM_S must be >= 0")
+        if self.infer_threads < 0:
+            raise ValueError(f"DIMML_INFER_THREADS must be >= 0 (0: ONNX Runtime's default), got {self.infer_threads}")
         if self.max_upload_mb <= 0:
             raise ValueError(f"DIMML_MAX_UPLOAD_MB must be > 0, got {self.max_upload_mb}")
         if self.max_duration_s < 0:

@@ -73,7 +73,7 @@ def check_answer(a: dict, ref: dict, i: int, used: list[str], model_name: str, v
         assert b["weight"] == pytest.approx(ref["weights"][name][i], abs=1e-5)
         assert b["certainty"] == pytest.approx(ref["certainties"][name][i], abs=1e-5)
         assert b["certainty"] == pytest.approx(max(b["probabilities"].values()), abs=1e-12)
-    assert a["model"] == {"name": model_name, "version": version}
+    assert a["model"] == {"name": model_name, "version": version, "precision": "fp32"}
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=setting_id)

@@ -1,4 +1,4 @@
-"""Serving settings that need no server: the declared model, the GPU request, the device index."""
+"""Serving settings that need no server: the declared model, the GPU request, the device index, precision, threads."""
 from __future__ import annotations
 
 import pytest
@@ -56,3 +56,16 @@ def test_each_inference_worker_takes_its_own_gpu():
     assert Settings.from_env({"DIMML_DEVICE_ID": "1"}).worker_device(2, visible_gpus=0) == 1   # all visible: as set
     with pytest.raises(ValueError, match="DIMML_INFERENCE_WORKERS must be >= 1"):
         Settings.from_env({"DIMML_INFERENCE_WORKERS": "0"})
+def test_precision():
+    assert Settings.from_env({}).precision == "auto"
+    assert Settings.from_env({"DIMML_PRECISION": "fp32"}).precision == "fp32"
+    assert Settings.from_env({"DIMML_PRECISION": "int8"}).precision == "int8"
+    with pytest.raises(ValueError, match="DIMML_PRECISION='bf16': not one of auto, fp32, int8"):
+        Settings.from_env({"DIMML_PRECISION": "bf16"})
+
+
+def test_infer_threads():
+    assert Settings.from_env({}).infer_threads == 0                                    # ONNX Runtime's default
+    assert Settings.from_env({"DIMML_INFER_THREADS": "1"}).infer_threads == 1
+    with pytest.raises(ValueError, match="DIMML_INFER_THREADS must be >= 0"):
+        Settings.from_env({"DIMML_INFER_THREADS": "-1"})

@@ -14,6 +14,8 @@ from dimml.modalities import DEFAULT_MODALITIES, PreprocessConfig, preprocess_fo
 from dimml.presets import get_preset
 from training.logs import LOGGERS
 
+# TrainConfig fields renamed since runs were first written: old name -> new (old config.json files load)
+RENAMED = {"output": "final_output"}
 # Fields that may change between a run and its resumption (how, not what, is computed).
 VOLATILE = ("device", "workers", "decode_workers", "compile", "cache_dir", "eval_batch_size", "final_output", "logger",
             "strict")
@@ -123,6 +125,19 @@ class TrainConfig:
                             test_fraction=self.test_fraction, speaker_disjoint=self.speaker_disjoint,
                             skip_bad=self.skip_bad, modalities=preprocess, split_id=self.split_id,
                             split_files=self.split_file.split(",") if self.split_file else ())
+
+
+def run_train_config(config: dict, out: str | os.PathLike, data: str | None = None,
+                     cache_dir: str | None = None) -> TrainConfig:
+    """The TrainConfig a finished run (its config.json, at `out`) was trained with, for reading its data
+    again (evaluate, export --quantize, verify); `data` / `cache_dir` replace the recorded ones (a moved
+    dataset). A run that records no dataset needs `data` (its split settings are then the defaults)."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    train = {RENAMED.get(k, k): v for k, v in (config.get("train") or {}).items() if RENAMED.get(k, k) in known}
+    if not (data or train.get("data")):
+        raise ValueError(f"{out}: the run records no dataset (config.json has no 'train'); pass its --data")
+    train.update(out=str(out), data=data or train["data"], cache_dir=cache_dir or train.get("cache_dir"))
+    return TrainConfig(**train)
 
 
 # The fields that say how the dataset is read and decoded (`dimml inspect DATASET` takes them too).

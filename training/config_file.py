@@ -78,13 +78,11 @@ def check_value(name: str, value: Any, annotation) -> Any:
     raise ValueError(f"{name} must be {names}, got {value!r}")
 
 
-# TrainConfig fields renamed since runs were first written: old name -> new (old config.json files load)
-RENAMED = {"output": "final_output"}
 
 
 def config_values(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """A file's mapping -> TrainConfig keyword arguments, each key and value checked."""
-    from training.config import TrainConfig
+    from training.config import RENAMED, TrainConfig
 
     if isinstance(data.get("train"), dict):   # a RUN/config.json: the resolved TrainConfig is under "train"
         data = data["train"]

@@ -198,19 +198,15 @@ def run_fit(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from dimml.fileio import atomic_write_json
-    from training.config_file import RENAMED
+    from training.config import run_train_config
     from training.evaluate import confusion_title, evaluate, format_table
     from training.methods import get_method
     from training.plots import plot_confusion
     from training.run import REPORT, load_run
-    from training.trainer import TrainConfig, make_loader, pick_amp, pick_device, prepare_data
+    from training.trainer import make_loader, pick_amp, pick_device, prepare_data
     try:
         run = load_run(args.run)
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        train = {RENAMED.get(k, k): v for k, v in run.config["train"].items() if RENAMED.get(k, k) in known}
-        train.update(out=str(args.run), data=args.data or train["data"],
-                     cache_dir=args.cache_dir or train.get("cache_dir"))
-        cfg = TrainConfig(**train)
+        cfg = run_train_config(run.config, args.run, data=args.data, cache_dir=args.cache_dir)
         data = prepare_data(cfg, run.preprocess)
         if data.spec.classes != run.classes:
             raise ValueError(f"{cfg.data}: classes {data.spec.classes} differ from the run's {run.classes}")
