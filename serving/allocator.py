@@ -9,6 +9,19 @@ arena's heap gives memory back to the OS only from its top, so the decoders' sho
 buffers (frames, spectrograms, uploads) leave fragmented free memory behind in each arena.
 `configure` caps the arenas (fewer heaps to fragment) and starts a thread that calls
 malloc_trim(0) every few seconds, which returns the free pages of every arena to the OS.
+
+That left a slower creep (+0.7 to +1.2 MiB/min in the API worker over a 30-minute soak), all of it
+in malloc's two heaps (/proc/PID/smaps: the brk heap and the one thread-arena heap; Python's own
+arenas, thread stacks and mapped files flat). Its cause is glibc's *moving* mmap threshold: a
+block of 128 KiB or more starts out as a mapping of its own, unmapped on free, but each such free
+raises the threshold to that block's size (up to 32 MiB). Decoding one upload makes ~20 blocks of
+200-820 KiB (FFmpeg's codec contexts, per frame thread; SciPy's spectrogram temporaries; the
+arrays), so after the first request they all come from the heaps, where holes of varying sizes
+between longer-lived small blocks cannot hold the next ones and the heaps keep growing. A decode
+loop alone (benchmarks/bench_decode_memory.py) grows the same way and stops growing with a fixed
+threshold. `configure` therefore also fixes the threshold (mallopt M_MMAP_THRESHOLD, which turns
+the moving one off): the decoders' large buffers are mapped per use and unmapped on free, at the
+price of page faults (~+10% CPU per decode measured on a 2-core VM).
 Elsewhere than glibc (musl, macOS) it does nothing.
 """
 from __future__ import annotations
@@ -20,7 +33,8 @@ import threading
 
 logger = logging.getLogger("bentoml.dimml")
 
-M_ARENA_MAX = -8   # mallopt parameter (malloc.h)
+M_MMAP_THRESHOLD = -3   # mallopt parameters (malloc.h)
+M_ARENA_MAX = -8
 _started = False
 
 
@@ -32,8 +46,9 @@ def _libc():
         return None
 
 
-def configure(arenas: int, trim_every_s: float) -> bool:
-    """Cap malloc's arenas at `arenas` (0: glibc's default) and trim every `trim_every_s` seconds (0: never).
+def configure(arenas: int, trim_every_s: float, mmap_threshold: int = 0) -> bool:
+    """Cap malloc's arenas at `arenas` (0: glibc's default), trim every `trim_every_s` seconds (0: never)
+    and map blocks of `mmap_threshold` bytes or more on their own (0: glibc's moving threshold).
     Call early in a worker, before its thread pools start. True when glibc took the settings."""
     global _started
     libc = _libc()
@@ -41,6 +56,8 @@ def configure(arenas: int, trim_every_s: float) -> bool:
         return False
     if arenas > 0 and libc.mallopt(M_ARENA_MAX, arenas) != 1:
         logger.warning("mallopt(M_ARENA_MAX, %d) refused", arenas)
+    if mmap_threshold > 0 and libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) != 1:
+        logger.warning("mallopt(M_MMAP_THRESHOLD, %d) refused (glibc takes at most 32 MiB)", mmap_threshold)
     if trim_every_s > 0 and not _started:
         _started = True
 

@@ -165,7 +165,8 @@ class DIMMLInference:
         from dimml.engines import open_engine
         from dimml.predict import Predictor
 
-        allocator.configure(SETTINGS.malloc_arenas, SETTINGS.malloc_trim_s)   # before the engine's threads
+        allocator.configure(SETTINGS.malloc_arenas, SETTINGS.malloc_trim_s,
+                            SETTINGS.malloc_mmap_threshold)   # before the engine's threads
 
         if SETTINGS.bundle:
             source = SETTINGS.bundle
@@ -234,7 +235,8 @@ class DIMML:
     inference = bentoml.depends(DIMMLInference)
 
     def __init__(self) -> None:
-        allocator.configure(SETTINGS.malloc_arenas, SETTINGS.malloc_trim_s)   # before the decode threads
+        allocator.configure(SETTINGS.malloc_arenas, SETTINGS.malloc_trim_s,
+                            SETTINGS.malloc_mmap_threshold)   # before the decode threads
         self._meta: dict[str, Any] | None = None
         self._cfg: PreprocessConfig | None = None
         self._decode_limiter = anyio.CapacityLimiter(SETTINGS.decode_threads)

@@ -35,6 +35,8 @@ class Settings:
     retry_after_s: int = 1            # DIMML_RETRY_AFTER_S: the Retry-After of a 503 (model restarting or overloaded)
     malloc_arenas: int = 2            # DIMML_MALLOC_ARENAS: glibc malloc arenas per worker (0: glibc's 8 per core)
     malloc_trim_s: float = 10.0       # DIMML_MALLOC_TRIM_S: seconds between malloc_trim calls (0: never)
+    malloc_mmap_threshold: int = 131072   # DIMML_MALLOC_MMAP_THRESHOLD: bytes from which a block is mapped on
+                                          # its own (0: glibc's moving threshold; serving/allocator.py)
 
     @property
     def backend_order(self) -> list[str]:
@@ -105,8 +107,9 @@ class Settings:
                      "inference_workers", "max_concurrency", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DIMML_{name.upper()} must be >= 1, got {getattr(self, name)}")
-        if self.malloc_arenas < 0 or self.malloc_trim_s < 0:
-            raise ValueError("DIMML_MALLOC_ARENAS and DIMML_MALLOC_TRIM_S must be >= 0")
+        if self.malloc_arenas < 0 or self.malloc_trim_s < 0 or not 0 <= self.malloc_mmap_threshold <= 32 * 2**20:
+            raise ValueError("DIMML_MALLOC_ARENAS and DIMML_MALLOC_TRIM_S must be >= 0, "
+                             "DIMML_MALLOC_MMAP_THRESHOLD between 0 and 33554432 (glibc's maximum, 32 MiB)")
         if self.infer_threads < 0:
             raise ValueError(f"DIMML_INFER_THREADS must be >= 0 (0: ONNX Runtime's default), got {self.infer_threads}")
         if self.max_upload_mb <= 0:

@@ -143,6 +143,7 @@ def test_local_scoring_rows(local_run, corpus):
     assert sum(map(sum, counts)) == len(labelled) and sum(counts[i][i] for i in range(len(CLASSES))) == correct
 
 
+@pytest.mark.slow   # a bentoml serve
 def test_remote_scoring_matches_local(local_run, corpus, server, tmp_path):
     local, _, _ = local_run
     out = tmp_path / "remote.jsonl"
@@ -253,6 +254,7 @@ def test_sigterm_then_resume_local(corpus, bundle, tmp_path):
     assert os.listdir(tmp_path / "out") == ["results.csv"]   # nothing written beside --out
 
 
+@pytest.mark.slow   # a bentoml serve
 def test_sigint_then_resume_remote(corpus, server, tmp_path):
     keys = _copies(corpus, tmp_path / "data", 40)
     out = tmp_path / "results.jsonl"
@@ -358,6 +360,7 @@ def test_result_writer_resume_cuts_partial_row(tmp_path, suffix):
 # ---------------------------------------------------------------------------------------
 # the client against the real server
 
+@pytest.mark.slow   # a bentoml serve
 def test_client_typed_results(server, corpus, bundle):
     clip, other = corpus / "dog/clip5.mp4", corpus / "owl/clip11.mp4"
     with Client(server, timeout=60) as c:

@@ -58,3 +58,36 @@ def test_arena_cap_and_trimming():
     assert default["arenas"] > 2 and capped["arenas"] <= 2, (default, capped)
     assert default["rss_after"] > default["rss_before"] - 20          # nothing gives the ~170 MiB back
     assert capped["rss_after"] < capped["rss_before"] - 50, capped    # the trimming thread does
+
+
+THRESHOLD_PROGRAM = r"""
+import ctypes, json, sys
+from serving import allocator
+
+assert allocator.configure(0, 0, int(sys.argv[1]))
+libc = ctypes.CDLL("libc.so.6")
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Mallinfo2
+big = bytearray(4 * 2**20)   # mapped on its own; freeing it moves glibc's threshold up to 4 MiB
+del big
+before = libc.mallinfo2().hblks
+block = bytearray(512 * 1024)   # a decoder-sized buffer: mapped, or carved from the heap?
+print(json.dumps({"mapped_blocks": libc.mallinfo2().hblks - before}))
+"""
+
+
+def mapped_blocks(threshold: int) -> int:
+    r = subprocess.run([sys.executable, "-c", THRESHOLD_PROGRAM, str(threshold)], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)["mapped_blocks"]   # blocks mapped by the 512 KiB allocation
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only (Linux)")
+def test_a_fixed_mmap_threshold_keeps_large_buffers_out_of_the_heap():
+    """glibc's moving threshold: after a large block is freed, blocks below its size come from the
+    heap (where they fragment it); a fixed threshold keeps mapping them, and unmaps them on free."""
+    assert mapped_blocks(0) == 0            # moving: the 512 KiB buffer came from the heap
+    assert mapped_blocks(128 * 1024) == 1   # fixed at 128 KiB (the service's default): mapped
