@@ -13,6 +13,7 @@ over the second half (MiB per minute). No server, no model: what grows here is t
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import subprocess
 import sys
@@ -29,6 +30,29 @@ VARIANTS = {"moving threshold (before)": 0, "fixed 128 KiB threshold (the fix)":
 MIB = 2**20
 
 
+def pymalloc_arenas() -> float:
+    """MiB of pymalloc arenas allocated now (sys._debugmallocstats, written to stderr by C code)."""
+    import os
+    import re
+
+    with tempfile.TemporaryFile("w+") as f:
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        text = f.read()
+    arenas = re.search(r"# arenas allocated current\s*=\s*([\d,]+)", text)
+    size = re.search(r"(\d+) arenas \* (\d+) bytes/arena", text)
+    if not arenas:
+        return float("nan")
+    per = int(size.group(2)) if size else 1 << 20
+    return int(arenas.group(1).replace(",", "")) * per / MIB
+
+
 def child(bundle: str, clip: str, threads: int, minutes: float, sample_s: float, mmap_threshold: int) -> dict:
     """Runs in the variant's own process: configure malloc, decode in a loop, sample RSS."""
     import os
@@ -42,6 +66,19 @@ def child(bundle: str, clip: str, threads: int, minutes: float, sample_s: float,
     from serving import allocator
 
     allocator.configure(2, 10.0, mmap_threshold)
+    libc = ctypes.CDLL("libc.so.6")
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc.mallinfo2.restype = Mallinfo2
+
+    def where() -> dict[str, float]:
+        """RSS split: malloc's heaps (in use, free), its mapped blocks, pymalloc's arenas (MiB)."""
+        m = libc.mallinfo2()
+        return {"rss": me.memory_info().rss / MIB, "heap_in_use": m.uordblks / MIB, "heap_free": m.fordblks / MIB,
+                "mapped": m.hblkhd / MIB, "pymalloc_arenas": pymalloc_arenas()}
     cfg = load_bundle(bundle, checksums=False).preprocess
     me, done, stop = psutil.Process(), [0], threading.Event()
 
@@ -56,7 +93,7 @@ def child(bundle: str, clip: str, threads: int, minutes: float, sample_s: float,
         w.start()
     samples = []
     while (elapsed := time.perf_counter() - t0) < minutes * 60:
-        samples.append((elapsed, me.memory_info().rss / MIB, done[0]))   # (s, MiB, decodes)
+        samples.append((elapsed, me.memory_info().rss / MIB, done[0], where()))   # (s, MiB, decodes, split)
         time.sleep(sample_s)
     stop.set()
     for w in workers:
@@ -70,6 +107,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=4, help="decode threads (the service's DIMML_DECODE_THREADS)")
     ap.add_argument("--sample-s", type=float, default=5.0)
+    ap.add_argument("--thresholds", default=",".join(str(v) for v in VARIANTS.values()),
+                    help="mmap thresholds to run, bytes (0: glibc's moving one) (%(default)s)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "dimml-bench")
     ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
@@ -81,7 +120,9 @@ def main() -> None:
     bundle = make_bundle("tiny", args.work)
     clip = make_clips(SOAK_CLIP, 4, args.work)[0]
     results = {"machine": machine(), "threads": args.threads, "minutes": args.minutes, "variants": {}}
-    for name, threshold in VARIANTS.items():
+    names = {v: k for k, v in VARIANTS.items()}
+    for threshold in (int(t) for t in args.thresholds.split(",")):
+        name = names.get(threshold, f"fixed {threshold} B threshold")
         log(f"{name}: {args.threads} decode threads for {args.minutes} min")
         r = subprocess.run([sys.executable, __file__, "--child", str(bundle), str(clip), str(args.threads),
                             str(args.minutes), str(args.sample_s), str(threshold)],
@@ -96,6 +137,9 @@ def main() -> None:
                    "rss_mib": {"start": round(rss[0], 1), "middle": round(rss[half], 1), "end": round(rss[-1], 1)},
                    "slope_2nd_half_mib_per_min": round(slope_mib_per_min(t[half:], rss[half:]), 3), "samples": out["samples"]}
         results["variants"][name] = figures
+        first, last = out["samples"][half][3], out["samples"][-1][3]
+        figures["growth_2nd_half_mib"] = {k: round(last[k] - first[k], 2) for k in last}
+        log(f"  2nd half growth by place (MiB): {figures['growth_2nd_half_mib']}")
         log(f"  {figures['decodes']} decodes ({figures['decodes_per_s']}/s, {figures['cpu_ms_per_decode']} CPU ms each), "
             f"RSS {figures['rss_mib']} MiB, 2nd half {figures['slope_2nd_half_mib_per_min']:+.3f} MiB/min")
     if args.json:

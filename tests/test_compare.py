@@ -18,6 +18,7 @@ def corpus(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow   # trains every registered method
 def test_compare_tables_every_method_and_the_ablation(corpus, tmp_path):
     out = tmp_path / "cmp"
     cmd = [sys.executable, "-m", "training", "compare", "--data", str(corpus), "--methods", "unimodal,dimml",

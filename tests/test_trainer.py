@@ -353,6 +353,7 @@ def _fit_cmd(corpus: Path, out: Path) -> list[str]:
             *CLI_BASE]
 
 
+@pytest.mark.slow   # a training process of its own, killed and resumed
 def test_sigkill_mid_run_then_resume(runs, corpus, tmp_path):
     _, reference = runs("dimml")
     out = tmp_path / "run"
