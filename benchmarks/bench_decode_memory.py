@@ -5,10 +5,12 @@
 Each variant runs in a fresh process: the serving workers' allocator settings (serving/allocator.py:
 2 arenas, malloc_trim every 10 s), then --threads threads decode the soak's 3 s clip (the tiny
 bundle's preprocessing, dimml.predict.decode_files, as the API worker does per upload) in a closed
-loop for --minutes, sampling the process's RSS every --sample-s seconds. Variants: glibc's moving
-mmap threshold (the default before the fix) and a fixed threshold of 128 KiB (the fix). Reported
+loop for --minutes, sampling the process's RSS every --sample-s seconds. Variants (--thresholds):
+glibc's moving mmap threshold (the default) and a fixed threshold of 128 KiB. Reported
 per variant: decodes, decodes/s, CPU ms per decode, RSS at the start / middle / end and the slope
-over the second half (MiB per minute). No server, no model: what grows here is the decoders'.
+over the second half (MiB per minute), and where the second half's growth went (malloc's heaps in
+use and free, its mapped blocks, pymalloc's arenas). No server, no model: what grows here is the
+decoders'.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from bench_soak import SOAK_CLIP, slope_mib_per_min  # noqa: E402
 
 from bench_serving import REPO, log, machine, make_bundle, make_clips  # noqa: E402
 
-VARIANTS = {"moving threshold (before)": 0, "fixed 128 KiB threshold (the fix)": 128 * 1024}
+VARIANTS = {"moving threshold (glibc's)": 0, "fixed 128 KiB threshold": 128 * 1024}
 MIB = 2**20
 
 

@@ -10,18 +10,12 @@ buffers (frames, spectrograms, uploads) leave fragmented free memory behind in e
 `configure` caps the arenas (fewer heaps to fragment) and starts a thread that calls
 malloc_trim(0) every few seconds, which returns the free pages of every arena to the OS.
 
-That left a slower creep (+0.7 to +1.2 MiB/min in the API worker over a 30-minute soak), all of it
-in malloc's two heaps (/proc/PID/smaps: the brk heap and the one thread-arena heap; Python's own
-arenas, thread stacks and mapped files flat). Its cause is glibc's *moving* mmap threshold: a
-block of 128 KiB or more starts out as a mapping of its own, unmapped on free, but each such free
-raises the threshold to that block's size (up to 32 MiB). Decoding one upload makes ~20 blocks of
-200-820 KiB (FFmpeg's codec contexts, per frame thread; SciPy's spectrogram temporaries; the
-arrays), so after the first request they all come from the heaps, where holes of varying sizes
-between longer-lived small blocks cannot hold the next ones and the heaps keep growing. A decode
-loop alone (benchmarks/bench_decode_memory.py) grows the same way and stops growing with a fixed
-threshold. `configure` therefore also fixes the threshold (mallopt M_MMAP_THRESHOLD, which turns
-the moving one off): the decoders' large buffers are mapped per use and unmapped on free, at the
-price of page faults (~+10% CPU per decode measured on a 2-core VM).
+That left a slower creep (+0.7 to +0.9 MiB/min in the API worker over 30-minute soaks), not
+located yet. One suspect was glibc's *moving* mmap threshold: a block of 128 KiB or more starts
+as a mapping of its own, but each free of one raises the threshold to its size (up to 32 MiB), so
+the decoders' 200-820 KiB buffers then come from the heaps. `mmap_threshold` fixes the threshold
+(mallopt M_MMAP_THRESHOLD; DIMML_MALLOC_MMAP_THRESHOLD), at ~+10% CPU per decode; a 30-minute
+soak with it set to 128 KiB still grew +0.91 MiB/min (BENCHMARKS.md), so it is off by default.
 Elsewhere than glibc (musl, macOS) it does nothing.
 """
 from __future__ import annotations

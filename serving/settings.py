@@ -35,8 +35,9 @@ class Settings:
     retry_after_s: int = 1            # DIMML_RETRY_AFTER_S: the Retry-After of a 503 (model restarting or overloaded)
     malloc_arenas: int = 2            # DIMML_MALLOC_ARENAS: glibc malloc arenas per worker (0: glibc's 8 per core)
     malloc_trim_s: float = 10.0       # DIMML_MALLOC_TRIM_S: seconds between malloc_trim calls (0: never)
-    malloc_mmap_threshold: int = 131072   # DIMML_MALLOC_MMAP_THRESHOLD: bytes from which a block is mapped on
-                                          # its own (0: glibc's moving threshold; serving/allocator.py)
+    malloc_mmap_threshold: int = 0    # DIMML_MALLOC_MMAP_THRESHOLD: bytes from which malloc maps a block on its
+                                      # own; 0: glibc's moving threshold (a fixed one did not flatten the
+                                      # 30-minute soak: BENCHMARKS.md)
 
     @property
     def backend_order(self) -> list[str]:

@@ -95,4 +95,4 @@ def test_a_fixed_mmap_threshold_keeps_large_buffers_out_of_the_heap():
     """glibc's moving threshold: after a large block is freed, blocks below its size come from the
     heap (where they fragment it); a fixed threshold keeps mapping them, and unmaps them on free."""
     assert mapped_blocks(0) == 0            # moving: the 512 KiB buffer came from the heap
-    assert mapped_blocks(128 * 1024) == 1   # fixed at 128 KiB (the service's default): mapped
+    assert mapped_blocks(128 * 1024) == 1   # fixed at 128 KiB (DIMML_MALLOC_MMAP_THRESHOLD=131072): mapped
