@@ -55,7 +55,8 @@ def pymalloc_arenas() -> float:
     return int(arenas.group(1).replace(",", "")) * per / MIB
 
 
-def child(bundle: str, clip: str, threads: int, minutes: float, sample_s: float, mmap_threshold: int) -> dict:
+def child(bundle: str, clip: str, threads: int, minutes: float, sample_s: float, mmap_threshold: int,
+          modalities: str) -> dict:
     """Runs in the variant's own process: configure malloc, decode in a loop, sample RSS."""
     import os
     import threading
@@ -82,6 +83,9 @@ def child(bundle: str, clip: str, threads: int, minutes: float, sample_s: float,
         return {"rss": me.memory_info().rss / MIB, "heap_in_use": m.uordblks / MIB, "heap_free": m.fordblks / MIB,
                 "mapped": m.hblkhd / MIB, "pymalloc_arenas": pymalloc_arenas()}
     cfg = load_bundle(bundle, checksums=False).preprocess
+    if modalities != "all":   # one modality's decoder alone (bisecting what grows)
+        from dimml.modalities import preprocess_for
+        cfg = preprocess_for("tiny", modalities)
     me, done, stop = psutil.Process(), [0], threading.Event()
 
     def loop() -> None:
@@ -113,21 +117,23 @@ def main() -> None:
                     help="mmap thresholds to run, bytes (0: glibc's moving one) (%(default)s)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "dimml-bench")
-    ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument("--modalities", default="all", help="decode only these (e.g. audio or visual; default: the bundle's)")
+    ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        bundle, clip, threads, minutes, sample_s, threshold = args.child
-        print(json.dumps(child(bundle, clip, int(threads), float(minutes), float(sample_s), int(threshold))))
+        bundle, clip, threads, minutes, sample_s, threshold, modalities = args.child
+        print(json.dumps(child(bundle, clip, int(threads), float(minutes), float(sample_s), int(threshold), modalities)))
         return
     bundle = make_bundle("tiny", args.work)
     clip = make_clips(SOAK_CLIP, 4, args.work)[0]
-    results = {"machine": machine(), "threads": args.threads, "minutes": args.minutes, "variants": {}}
+    results = {"machine": machine(), "threads": args.threads, "minutes": args.minutes, "modalities": args.modalities,
+               "variants": {}}
     names = {v: k for k, v in VARIANTS.items()}
     for threshold in (int(t) for t in args.thresholds.split(",")):
         name = names.get(threshold, f"fixed {threshold} B threshold")
-        log(f"{name}: {args.threads} decode threads for {args.minutes} min")
+        log(f"{name}: {args.threads} threads decoding {args.modalities} for {args.minutes} min")
         r = subprocess.run([sys.executable, __file__, "--child", str(bundle), str(clip), str(args.threads),
-                            str(args.minutes), str(args.sample_s), str(threshold)],
+                            str(args.minutes), str(args.sample_s), str(threshold), args.modalities],
                            capture_output=True, text=True, check=True, cwd=REPO)
         out = json.loads(r.stdout.strip().splitlines()[-1])
         t = [s[0] for s in out["samples"]]
