@@ -286,32 +286,39 @@ def decode_audio(c, stream, sample_rate: int, name: str, max_samples: int | None
     resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
     chunks: list[np.ndarray] = []
     have = corrupt = 0
-    ran_out, failed = False, None
+    enough, failed = False, None
     try:
-        for frame in c.decode(stream):
-            corrupt += frame.is_corrupt
-            frame.pts = None  # let the resampler count samples; broken pts must not drop audio
-            for out in resampler.resample(frame):
-                chunks.append(out.to_ndarray().reshape(-1))
-                have += chunks[-1].size
-            if max_samples is not None and have >= max_samples:
-                break
-        else:
-            ran_out = True
+        # Every packet is demuxed, the ones past max_samples without decoding: PyAV (18.1) leaks
+        # ~150 bytes of native memory per demux generator left before its end, which a service
+        # decoding every upload's first seconds grew by (BENCHMARKS.md, the soak's remainder).
+        for packet in c.demux(stream):
+            if enough:
+                continue
+            for frame in packet.decode():   # the last packet (empty) flushes the decoder
+                corrupt += frame.is_corrupt
+                frame.pts = None  # let the resampler count samples; broken pts must not drop audio
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+                    have += chunks[-1].size
+                if max_samples is not None and have >= max_samples:
+                    enough = True   # the rest is only demuxed
+                    break
+        if not enough:
             for out in resampler.resample(None):
                 chunks.append(out.to_ndarray().reshape(-1))
                 have += chunks[-1].size
     except av.FFmpegError as e:
         if not chunks:
             raise MediaError(name, "undecodable", f"audio stream cannot be decoded ({e.strerror or e})") from None
-        failed = e.strerror or str(e)
+        if not enough:   # an error past the samples wanted (only demuxed) is no damage to them
+            failed = e.strerror or str(e)
     wave = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     if wave.size == 0:
         raise MediaError(name, "empty", "audio stream holds no samples")
     if damage is not None:
         if declared_s is None:
             declared_s = _stream_duration(stream) or (c.duration / av.time_base if c.duration else None)
-        damage += audio_damage(have / sample_rate, declared_s, corrupt=corrupt, ran_out=ran_out, failed=failed)
+        damage += audio_damage(have / sample_rate, declared_s, corrupt=corrupt, ran_out=not enough, failed=failed)
     return wave[:max_samples] if max_samples is not None else wave
 
 

@@ -540,3 +540,36 @@ def test_damaged_media_are_flagged_and_clean_media_never(tmp_path):
     assert decode_sample({"audio": str(wav)}, audio_only).warnings == []
     [w] = decode_sample({"audio": str(tmp_path / "cut.wav")}, audio_only).warnings
     assert "cut.wav: the audio stream ends at" in w and "of the 3.00 s declared" in w
+
+
+LEAK_PROGRAM = r"""
+import ctypes, sys
+from dimml import media
+from dimml.modalities.audio import AudioParams
+
+libc = ctypes.CDLL("libc.so.6")
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Mallinfo2
+p = AudioParams(seconds=0.5)   # the first half second of a longer clip: decoding stops early
+decode = lambda: media.decode_waveform(sys.argv[1], p, max_samples=p.num_samples)
+for _ in range(300):
+    decode()
+before = libc.mallinfo2().uordblks
+for _ in range(3000):
+    decode()
+print((libc.mallinfo2().uordblks - before) / 3000)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallinfo2")
+def test_decoding_the_first_seconds_of_audio_keeps_no_memory(tmp_path):
+    """Stopping early leaves nothing behind: PyAV (18.1) kept ~150 bytes of native memory per demux
+    generator abandoned before its end, so decode_audio demuxes every packet (decoding only those it
+    needs). Malloc's memory in use after 3000 decodes, per decode (measured: 148 before, 0 after)."""
+    clip = write_clip(tmp_path / "clip.mp4", moving_texture(30, seed=1), fps=10, audio=sine(3.0), sample_rate=16000)
+    r = subprocess.run([sys.executable, "-c", LEAK_PROGRAM, str(clip)], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert float(r.stdout.strip()) < 20, f"{r.stdout.strip()} bytes kept per decode"
