@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 
 PROGRAM = r"""
-import ctypes, json, resource, sys, threading, time
+import ctypes, json, sys, threading, time
 from serving import allocator
 
 arenas, trim_s = int(sys.argv[1]), float(sys.argv[2])
@@ -40,8 +40,9 @@ base = rss_mib()
 [t.start() for t in threads]
 [t.join() for t in threads]
 time.sleep(3 * trim_s if trim_s else 0.5)
-# the peak, not the RSS after the threads: on a busy machine the trimming thread may already run between them
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# the peak, not the RSS after the threads: on a busy machine the trimming thread may already run between them.
+# VmHWM (this program's own high-water mark; getrusage's ru_maxrss starts at the forking parent's)
+peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
 print(json.dumps({"arenas": arena_count(), "base": base, "peak": peak, "after": rss_mib()}))
 """
 
