@@ -5,8 +5,8 @@ Parsed from the JSON that `dimml.predict.Predictor` and the server produce (no t
 The wire format (one dict per sample):
     {"label": str, "probabilities": {class: p},
      "branches": {<modality> | "fusion": {"probabilities": {class: p}, "certainty": c, "weight": w}},
-     "modalities_used": [<modality>, ...], "model": {"name": str, "version": str}, "backend": str,
-     "final_output": {"rule": str, "reason": str}, "warnings": ["<file>: <what is wrong>", ...]}
+     "modalities_used": [<modality>, ...], "model": {"name": str, "version": str, "precision": str},
+     "backend": str, "final_output": {"rule": str, "reason": str}, "warnings": ["<file>: <what is wrong>", ...]}
 The branches are the model's modalities (e.g. audio, visual; front, rear) plus its fusion head.
 A sample missing a modality is answered by the branches it has (no fusion), so `branches` may
 hold fewer entries. `final_output` names the rule that answered (the bundle's final output: the
@@ -57,6 +57,7 @@ class Prediction:
     modalities_used: tuple[str, ...]
     model_name: str = ""
     model_version: str = ""
+    model_precision: str = ""        # the graphs that answered: fp32 | int8 | TensorRT's (older servers: "")
     backend: str = ""
     warnings: tuple[str, ...] = ()   # damage found while decoding the sample's files; () when clean
     final_output: str = ""           # the rule that answered (older servers: "")
@@ -83,7 +84,7 @@ class Prediction:
                        branches={str(k): BranchResult.from_dict(v) for k, v in (d.get("branches") or {}).items()},
                        modalities_used=tuple(str(m) for m in d.get("modalities_used") or ()),
                        model_name=str(model.get("name", "")), model_version=str(model.get("version", "")),
-                       backend=str(d.get("backend", "")),
+                       model_precision=str(model.get("precision", "")), backend=str(d.get("backend", "")),
                        warnings=tuple(str(w) for w in d.get("warnings") or ()),
                        final_output=str((d.get("final_output") or {}).get("rule", "")),
                        final_output_reason=str((d.get("final_output") or {}).get("reason", "")), raw=dict(d))
@@ -99,7 +100,9 @@ class Prediction:
                 "branches": {k: {"probabilities": dict(b.probabilities), "certainty": b.certainty,
                                  "weight": b.weight} for k, b in self.branches.items()},
                 "modalities_used": list(self.modalities_used),
-                "model": {"name": self.model_name, "version": self.model_version}, "backend": self.backend,
+                "model": {"name": self.model_name, "version": self.model_version,
+                          **({"precision": self.model_precision} if self.model_precision else {})},
+                "backend": self.backend,
                 "final_output": {"rule": self.final_output, "reason": self.final_output_reason},
                 "warnings": list(self.warnings)}
 

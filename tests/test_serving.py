@@ -458,7 +458,7 @@ def test_docs_json_documents_answers_and_errors(server, client, media):
     assert set(branch) == {"probabilities", "certainty", "weight"} and all(v["description"] for v in branch.values())
     final = schemas["FinalOutput"]["properties"]
     assert set(final) == {"rule", "reason"} and all(v["description"] for v in final.values())
-    assert set(schemas["ModelInfo"]["properties"]) == {"name", "version"}
+    assert set(schemas["ModelInfo"]["properties"]) == {"name", "version", "precision"}
     items = paths["/predict_batch"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert items["type"] == "array"
     assert items["items"]["anyOf"] == [{"$ref": "#/components/schemas/Answer"},
