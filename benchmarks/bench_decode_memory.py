@@ -15,7 +15,6 @@ decoders'.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import subprocess
 import sys
@@ -69,19 +68,11 @@ def child(bundle: str, clip: str, threads: int, minutes: float, sample_s: float,
     from serving import allocator
 
     allocator.configure(2, 10.0, mmap_threshold)
-    libc = ctypes.CDLL("libc.so.6")
-
-    class Mallinfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-    libc.mallinfo2.restype = Mallinfo2
-
     def where() -> dict[str, float]:
         """RSS split: malloc's heaps (in use, free), its mapped blocks, pymalloc's arenas (MiB)."""
-        m = libc.mallinfo2()
-        return {"rss": me.memory_info().rss / MIB, "heap_in_use": m.uordblks / MIB, "heap_free": m.fordblks / MIB,
-                "mapped": m.hblkhd / MIB, "pymalloc_arenas": pymalloc_arenas()}
+        m = allocator.mallinfo()
+        return {"rss": me.memory_info().rss / MIB, "heap_in_use": m["uordblks"] / MIB, "heap_free": m["fordblks"] / MIB,
+                "mapped": m["hblkhd"] / MIB, "pymalloc_arenas": pymalloc_arenas()}
     cfg = load_bundle(bundle, checksums=False).preprocess
     if modalities != "all":   # one modality's decoder alone (bisecting what grows)
         from dimml.modalities import preprocess_for

@@ -29,7 +29,6 @@ something native is kept.
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
@@ -38,43 +37,20 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from serving import allocator
+from serving.allocator import arena_count
 from serving.service import DIMML, DIMMLInference  # noqa: F401  (what bentoml serves)
 
 FRAMES = 12
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                  "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
 def mallinfo() -> dict[str, int]:
-    """glibc's mallinfo2 (sizes in bytes), or {} where it is missing."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        f = libc.mallinfo2
-    except (OSError, AttributeError):
+    """glibc's malloc statistics in the probe's terms (bytes), or {} where they are missing."""
+    m = allocator.mallinfo()
+    if not m:
         return {}
-    f.restype = _MallInfo2
-    m = f()
-    return {"malloc_in_use": m.uordblks + m.hblkhd, "malloc_free": m.fordblks, "malloc_mmap": m.hblkhd,
-            "malloc_arena_bytes": m.arena}
-
-
-def arena_count() -> int:
-    """Number of glibc malloc arenas: malloc_info's XML lists one <heap> per arena."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.open_memstream.restype = ctypes.c_void_p
-        buf, size = ctypes.c_char_p(), ctypes.c_size_t()
-        stream = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
-        libc.malloc_info(0, ctypes.c_void_p(stream))
-        libc.fclose(ctypes.c_void_p(stream))
-        text = ctypes.string_at(buf, size.value).decode()
-        libc.free(buf)
-        return text.count("<heap nr=")
-    except (OSError, AttributeError):
-        return -1
+    return {"malloc_in_use": m["uordblks"] + m["hblkhd"], "malloc_free": m["fordblks"], "malloc_mmap": m["hblkhd"],
+            "malloc_arena_bytes": m["arena"]}
 
 
 def rss_bytes() -> int:

@@ -40,6 +40,39 @@ def _libc():
         return None
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                  "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def mallinfo() -> dict[str, int]:
+    """glibc's mallinfo2, summed over the arenas (uordblks: in use, fordblks: free in the heaps,
+    hblkhd / hblks: bytes / blocks mapped on their own); {} where glibc (>= 2.33) is missing."""
+    try:
+        f = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return {}
+    f.restype = _Mallinfo2
+    m = f()
+    return {name: getattr(m, name) for name, _ in _Mallinfo2._fields_}
+
+
+def arena_count() -> int:
+    """Number of glibc malloc arenas (malloc_info's XML lists one <heap> per arena); -1 where missing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.open_memstream.restype = ctypes.c_void_p
+        buf, size = ctypes.c_char_p(), ctypes.c_size_t()
+        stream = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
+        libc.malloc_info(0, ctypes.c_void_p(stream))
+        libc.fclose(ctypes.c_void_p(stream))
+        text = ctypes.string_at(buf, size.value).decode()
+        libc.free(buf)
+        return text.count("<heap nr=")
+    except (OSError, AttributeError):
+        return -1
+
+
 def configure(arenas: int, trim_every_s: float, mmap_threshold: int = 0) -> bool:
     """Cap malloc's arenas at `arenas` (0: glibc's default), trim every `trim_every_s` seconds (0: never)
     and map blocks of `mmap_threshold` bytes or more on their own (0: glibc's moving threshold).
@@ -64,4 +97,4 @@ def configure(arenas: int, trim_every_s: float, mmap_threshold: int = 0) -> bool
     return True
 
 
-__all__ = ["configure"]
+__all__ = ["configure", "mallinfo", "arena_count"]

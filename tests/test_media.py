@@ -543,23 +543,19 @@ def test_damaged_media_are_flagged_and_clean_media_never(tmp_path):
 
 
 LEAK_PROGRAM = r"""
-import ctypes, sys
+import sys
 from dimml import media
 from dimml.modalities.audio import AudioParams
+from serving.allocator import mallinfo   # glibc's statistics (the serving workers' allocator helpers)
 
-libc = ctypes.CDLL("libc.so.6")
-class Mallinfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc.mallinfo2.restype = Mallinfo2
 p = AudioParams(seconds=0.5)   # the first half second of a longer clip: decoding stops early
 decode = lambda: media.decode_waveform(sys.argv[1], p, max_samples=p.num_samples)
 for _ in range(300):
     decode()
-before = libc.mallinfo2().uordblks
+before = mallinfo()["uordblks"]
 for _ in range(3000):
     decode()
-print((libc.mallinfo2().uordblks - before) / 3000)
+print((mallinfo()["uordblks"] - before) / 3000)
 """
 
 

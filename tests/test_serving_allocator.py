@@ -11,23 +11,15 @@ import pytest
 from conftest import REPO
 
 PROGRAM = r"""
-import ctypes, json, sys, threading, time
+import json, sys, threading, time
 from serving import allocator
+from serving.allocator import arena_count
 
 arenas, trim_s = int(sys.argv[1]), float(sys.argv[2])
 assert allocator.configure(arenas, trim_s)
-libc = ctypes.CDLL("libc.so.6")
 
 def rss_mib():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
-
-def arena_count():
-    libc.open_memstream.restype = ctypes.c_void_p
-    buf, size = ctypes.c_char_p(), ctypes.c_size_t()
-    stream = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
-    libc.malloc_info(0, ctypes.c_void_p(stream))
-    libc.fclose(ctypes.c_void_p(stream))
-    return ctypes.string_at(buf, size.value).decode().count("<heap nr=")
 
 kept, start = [], threading.Barrier(8)
 def work():
@@ -67,20 +59,15 @@ def test_arena_cap_and_trimming():
 
 
 THRESHOLD_PROGRAM = r"""
-import ctypes, json, sys
+import json, sys
 from serving import allocator
 
 assert allocator.configure(0, 0, int(sys.argv[1]))
-libc = ctypes.CDLL("libc.so.6")
-class Mallinfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc.mallinfo2.restype = Mallinfo2
 big = bytearray(4 * 2**20)   # mapped on its own; freeing it moves glibc's threshold up to 4 MiB
 del big
-before = libc.mallinfo2().hblks
+before = allocator.mallinfo()["hblks"]
 block = bytearray(512 * 1024)   # a decoder-sized buffer: mapped, or carved from the heap?
-print(json.dumps({"mapped_blocks": libc.mallinfo2().hblks - before}))
+print(json.dumps({"mapped_blocks": allocator.mallinfo()["hblks"] - before}))
 """
 
 
