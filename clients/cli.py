@@ -15,6 +15,7 @@ from pathlib import Path
 from clients.http import ClientError
 from clients.inputs import DEFAULT_EXTS, IMAGE_DEFAULT_EXTS, InputError, parse_exts
 from clients.output import OutputError
+from dimml.engines import PRECISIONS  # numpy only; the engines import their runtimes when opened
 
 COMMANDS = ("score", "predict")
 
@@ -66,7 +67,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="local mode: inference backend or family (auto, onnxruntime, torch, onnxruntime-cpu, ...)")
     p.add_argument("--device-id", type=_at_least(int, 0), default=0,
                    help="local mode: the GPU index the GPU backends use (default %(default)s)")
-    p.add_argument("--precision", choices=("auto", "fp32", "int8"), default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="local mode: auto runs a quantized bundle's checked int8 graphs on onnxruntime-cpu, "
                         "else fp32 (default %(default)s)")
     p.add_argument("--timeout", type=_at_least(float, 0, strict=True), default=120.0, help="remote mode: seconds per request")

@@ -415,8 +415,6 @@ def open_engine(bundle: Bundle | str, prefer: str | Sequence[str] = "auto", *, d
     reasons = []
     for backend in order:
         why = _unavailable(backend, bundle, device_id) if len(order) > 1 else ""
-        if not why and len(order) > 1 and precision == INT8 and backend != INT8_BACKEND:
-            why = f"int8 graphs run on {INT8_BACKEND} only"
         if why:   # in a list, skip cheaply what cannot work here
             reasons.append(f"{backend}: {why}")
             continue

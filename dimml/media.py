@@ -353,10 +353,11 @@ def wav_declared_s(src: Source) -> float | None:
             head = f.read(1 << 16)
     elif isinstance(src, (bytes, bytearray, memoryview)):
         head = bytes(src[:1 << 16])
-    else:
+    else:   # a file object PyAV may be reading: its position is put back
+        at = src.tell()
         src.seek(0)
         head = src.read(1 << 16)
-        src.seek(0)
+        src.seek(at)
     if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         return None
     pos, byte_rate = 12, None

@@ -135,7 +135,8 @@ def build_bundle(run_dir: str | os.PathLike, out: str | os.PathLike, opts: Bundl
             from export.quantize import quantize_bundle
 
             # calibrated and checked through the fp32 bundle just written; refused (raises) past the tolerance
-            fields[INT8] = quantize_bundle(load_bundle(tmp), tmp, clips, opts.quantize, progress)
+            # (checksums once, below: the int8 files join the manifest there)
+            fields[INT8] = quantize_bundle(load_bundle(tmp, checksums=False), tmp, clips, opts.quantize, progress)
             write_manifest(tmp, fields)
         load_bundle(tmp)   # what we wrote must load
         _install(tmp, out)

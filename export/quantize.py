@@ -249,11 +249,16 @@ def top1(outputs: Sequence[Outputs]) -> np.ndarray:
     return np.concatenate([o.combined.argmax(1) for o in outputs]) if outputs else np.zeros(0, np.int64)
 
 
-def check_clip_set(bundle: Bundle, clips: ClipSet, tolerance: Mapping[str, float], batch_size: int = 8) -> dict[str, Any]:
-    """fp32 and int8 graphs of the bundle on ONNX Runtime CPU over a ClipSet -> precision_check's record."""
+def precision_predictors(bundle: Bundle, batch_size: int) -> dict[str, Any]:
+    """{fp32, int8: a Predictor of that precision's graphs on ONNX Runtime CPU}: what the check compares."""
     from dimml.predict import Predictor
 
-    predictors = {p: Predictor(bundle, OrtEngine(bundle, "cpu", precision=p), max_batch=batch_size) for p in (FP32, INT8)}
+    return {p: Predictor(bundle, OrtEngine(bundle, "cpu", precision=p), max_batch=batch_size) for p in (FP32, INT8)}
+
+
+def check_clip_set(bundle: Bundle, clips: ClipSet, tolerance: Mapping[str, float], batch_size: int = 8) -> dict[str, Any]:
+    """fp32 and int8 graphs of the bundle on ONNX Runtime CPU over a ClipSet -> precision_check's record."""
+    predictors = precision_predictors(bundle, batch_size)
     answers: dict[str, list] = {p: [] for p in predictors}
     for batch in clips.batches(batch_size):
         for p, predictor in predictors.items():
@@ -304,5 +309,5 @@ def _relative(key: str, root: str) -> str:
         return key
 
 
-__all__ = ["QuantizeOptions", "Int8Refused", "ClipSet", "quantize_bundle", "quantize_modules", "quantize_graph",
-           "precision_check", "check_clip_set", "run_clips", "top1", "refusal", "RECIPE"]
+__all__ = ["QuantizeOptions", "Int8Refused", "ClipSet", "precision_predictors", "quantize_bundle", "quantize_modules",
+           "quantize_graph", "precision_check", "check_clip_set", "run_clips", "top1", "refusal", "RECIPE"]

@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dimml.bundle import FP32, INT8, Bundle, int8_check_summary, load_bundle
-from dimml.engines import INT8_BACKEND, Engine, OrtEngine, TorchEngine, open_engine, usable_engines
+from dimml.engines import INT8_BACKEND, Engine, TorchEngine, open_engine, usable_engines
 from dimml.media import Clip, MediaError
 from dimml.modalities import PreprocessConfig
 from dimml.predict import Outputs, Predictor, decode_files
@@ -233,12 +233,12 @@ def int8_check(bundle: Bundle, data: str | os.PathLike, tolerance: dict[str, flo
                batch_size: int = 16, progress: bool = True) -> dict[str, Any]:
     """The bundle's int8 graphs against its fp32 graphs on the labelled split of the data (every clip):
     export.quantize.precision_check's record, plus the undecodable clips it skipped."""
-    from export.quantize import precision_check, top1
+    from export.quantize import precision_check, precision_predictors, top1
 
     tolerance = {**{k: bundle.int8["check"][k] for k in ("max_accuracy_drop", "min_top1_agreement")},
                  **(tolerance or {})}
     split, sources, labels = labelled_split(data, bundle)
-    predictors = {p: Predictor(bundle, OrtEngine(bundle, "cpu", precision=p), max_batch=batch_size) for p in (FP32, INT8)}
+    predictors = precision_predictors(bundle, batch_size)
     cfg = bundle.preprocess
     answers: dict[str, list[np.ndarray]] = {p: [] for p in predictors}
     truth, skipped, clips, kept = [], [], [], []
