@@ -18,7 +18,7 @@ import contextlib
 import io
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -385,22 +385,40 @@ class FrameTally:
     last_s: float | None = None
     ran_out: bool = False          # the stream ended before decoding stopped on its own
     failed: str | None = None      # the decoder's error part way (the frames before it are kept)
+    # One demux per stream, kept across calls (and seeks) and run to its end by `finish`: PyAV
+    # (18.1) leaks ~150 bytes of native memory per demux generator left before its end, and frame
+    # pickers stop early on every clip (BENCHMARKS.md, the soak).
+    _packets: Iterator | None = field(default=None, repr=False, compare=False)
 
     def frames(self, c, stream):
-        """c.decode(stream), counting as it goes. A decoder error after some frames ends the stream
+        """The stream's frames, counting as they come; a later call goes on where the last one
+        stopped (or where a seek since moved to). A decoder error after some frames ends the stream
         there (a damaged tail, kept and reported, as for audio); one before any frame is raised."""
+        if self._packets is None:
+            self._packets = c.demux(stream)
         try:
-            for frame in c.decode(stream):
-                self.decoded += 1
-                self.corrupt += frame.is_corrupt
-                if frame.time is not None:
-                    self.last_s = frame.time
-                yield frame
+            for packet in self._packets:
+                for frame in packet.decode():   # the last packet (empty) flushes the decoder
+                    self.decoded += 1
+                    self.corrupt += frame.is_corrupt
+                    if frame.time is not None:
+                        self.last_s = frame.time
+                    yield frame
+            self._packets = None   # ran to its end: nothing left to finish
         except av.FFmpegError as e:
             if not self.decoded:
                 raise
             self.failed = e.strerror or str(e)
         self.ran_out = True
+
+    def finish(self) -> None:
+        """Demux the rest of the stream without decoding it (see _packets); read errors there are no
+        damage to the frames already taken."""
+        packets, self._packets = self._packets, None
+        if packets is not None:
+            with contextlib.suppress(av.FFmpegError):
+                for _ in packets:
+                    pass
 
     def damage(self, info: MediaInfo) -> list[str]:
         """Frames the decoder flagged; a stream that ran out far before its declared duration."""
@@ -438,6 +456,8 @@ def opened_video(src: Source, name: str, limits: Limits):
             yield c, info, stream, tally
         except av.FFmpegError as e:
             raise MediaError(name, "undecodable", f"video stream cannot be decoded ({e.strerror or e})") from None
+        finally:
+            tally.finish()
         info.damage += tally.damage(info)
 
 
@@ -551,10 +571,13 @@ def decode_still(src: Source, name: str, limits: Limits) -> tuple[av.VideoFrame,
         info = container_info(c, name)
         info.duration_s = None   # a still image has no duration (its demuxer may report one frame's)
         check_limits(info, limits)
+        tally = FrameTally()
         try:
-            frame = next(iter(c.decode(video_stream(c))), None)
+            frame = next(tally.frames(c, video_stream(c)), None)
         except av.FFmpegError as e:
             raise MediaError(name, "undecodable", f"image cannot be decoded ({e.strerror or e})") from None
+        finally:
+            tally.finish()
     if frame is None:
         raise MediaError(name, "undecodable", "image holds no decodable picture")
     return frame, info
