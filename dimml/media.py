@@ -486,7 +486,12 @@ def pick_frames(c, stream, targets: list[float], tally: FrameTally | None = None
     Decodes forward; when the next target is more than SEEK_GAP_S ahead it seeks (to the
     keyframe before the target); it stops right after the last target's frame.
     """
-    tally = tally or FrameTally()
+    if tally is None:   # a tally of its own, run to its end (see FrameTally._packets)
+        tally = FrameTally()
+        try:
+            return pick_frames(c, stream, targets, tally)
+        finally:
+            tally.finish()
     picked: list[av.VideoFrame] = []
     prev = None
     tried_seek = set()
@@ -524,6 +529,12 @@ def consecutive_frames(c, stream, start_s: float, count: int, tally: FrameTally 
     A stream that ends early repeats its last frame; an empty one gives []. Seeks (to the
     keyframe before start_s) when start_s is more than SEEK_GAP_S in.
     """
+    if tally is None:   # a tally of its own, run to its end (see FrameTally._packets)
+        tally = FrameTally()
+        try:
+            return consecutive_frames(c, stream, start_s, count, tally)
+        finally:
+            tally.finish()
     if start_s > SEEK_GAP_S:
         try:
             c.seek(int(start_s / stream.time_base), stream=stream, backward=True)
@@ -531,7 +542,7 @@ def consecutive_frames(c, stream, start_s: float, count: int, tally: FrameTally 
             pass   # not seekable: decode through
     picked: list[av.VideoFrame] = []
     prev = None
-    for frame in (tally or FrameTally()).frames(c, stream):
+    for frame in tally.frames(c, stream):
         if picked:
             picked.append(frame)
         elif frame.time is not None and frame.time <= start_s + 1e-6:
