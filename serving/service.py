@@ -31,7 +31,7 @@ import bentoml
 import numpy as np
 from pydantic import Field
 
-from dimml.media import Clip, MediaError, MediaInfo
+from dimml.media import Clip, MediaError, MediaInfo, set_codec_threads
 from dimml.modalities import VIDEO_FIELD, PreprocessConfig
 from dimml.predict import decode_files
 from serving import allocator, bentoml_fixes
@@ -237,6 +237,7 @@ class DIMML:
     def __init__(self) -> None:
         allocator.configure(SETTINGS.malloc_arenas, SETTINGS.malloc_trim_s,
                             SETTINGS.malloc_mmap_threshold)   # before the decode threads
+        set_codec_threads(SETTINGS.codec_threads)   # the decode threads fill the cores: no FFmpeg threads
         self._meta: dict[str, Any] | None = None
         self._cfg: PreprocessConfig | None = None
         self._decode_limiter = anyio.CapacityLimiter(SETTINGS.decode_threads)

@@ -27,6 +27,8 @@ class Settings:
     max_batch_videos: int = 64        # DIMML_MAX_BATCH_VIDEOS: videos per /predict_batch request
     max_duration_s: float = 0.0       # DIMML_MAX_DURATION_S: media length limit; 0 = the bundle's own
     decode_threads: int = 4           # DIMML_DECODE_THREADS: concurrent decodes per API worker
+    codec_threads: int = 1            # DIMML_CODEC_THREADS: FFmpeg's threads per decode (dimml.media.set_codec_threads);
+                                      # 0 = FFmpeg's choice; 1: the decode threads already fill the cores
     infer_threads: int = 0            # DIMML_INFER_THREADS: ONNX Runtime intra-op threads of the inference
                                       # service; 0 = ONNX Runtime's default (one per core)
     api_workers: int = 1              # DIMML_API_WORKERS: processes that accept uploads and decode
@@ -111,6 +113,8 @@ class Settings:
         if self.malloc_arenas < 0 or self.malloc_trim_s < 0 or not 0 <= self.malloc_mmap_threshold <= 32 * 2**20:
             raise ValueError("DIMML_MALLOC_ARENAS and DIMML_MALLOC_TRIM_S must be >= 0, "
                              "DIMML_MALLOC_MMAP_THRESHOLD between 0 and 33554432 (glibc's maximum, 32 MiB)")
+        if self.codec_threads < 0:
+            raise ValueError(f"DIMML_CODEC_THREADS must be >= 0 (0: FFmpeg's choice), got {self.codec_threads}")
         if self.infer_threads < 0:
             raise ValueError(f"DIMML_INFER_THREADS must be >= 0 (0: ONNX Runtime's default), got {self.infer_threads}")
         if self.max_upload_mb <= 0:

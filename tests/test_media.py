@@ -572,3 +572,49 @@ def test_decoding_that_stops_early_keeps_no_memory(tmp_path, setting):
                        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert float(r.stdout.strip()) < 50, f"{r.stdout.strip()} bytes kept per decode"
+
+
+THREADS_PROGRAM = r"""
+import json, os, sys, threading, time
+import numpy as np
+from dimml import media
+from dimml.modalities import preprocess_for
+
+setting, files, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+cfg = preprocess_for("tiny", setting)
+media.set_codec_threads(threads)
+media.decode_sample(files, cfg)                # warm: imports, first-use set-up
+seen, stop = set(), threading.Event()
+def watch():                                   # FFmpeg's threads are native: /proc sees them, threading does not
+    while not stop.is_set():
+        seen.update(os.listdir("/proc/self/task"))
+        time.sleep(0.0002)
+before = set(os.listdir("/proc/self/task"))
+w = threading.Thread(target=watch)
+w.start()
+arrays = [media.decode_sample(files, cfg).arrays for _ in range(20)]
+stop.set()
+w.join()
+np.savez(sys.argv[4], **arrays[-1])
+print(len(seen - before - {str(w.native_id)}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc/self/task")
+@pytest.mark.parametrize("setting", [s for s in SETTINGS if s != "front:image,rear:image"])   # video: FFmpeg threads
+def test_codec_threads_one_starts_no_thread_and_decodes_the_same(tmp_path, setting):
+    """set_codec_threads(1) (the service's default, DIMML_CODEC_THREADS) decodes on the calling thread:
+    no FFmpeg thread starts, where FFmpeg's own choice starts some per file (its video decoder's and
+    the audio filter graph's), and the arrays are identical."""
+    files = write_sample(tmp_path, setting, seconds=3.0)
+    started, arrays = {}, {}
+    for threads in (0, 1):
+        out = tmp_path / f"threads{threads}.npz"
+        r = subprocess.run([sys.executable, "-c", THREADS_PROGRAM, setting, json.dumps(files), str(threads), str(out)],
+                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        started[threads], arrays[threads] = int(r.stdout.strip()), dict(np.load(out))
+    assert started[1] == 0, f"{started[1]} threads started with codec threads 1"
+    assert started[0] > 0, "FFmpeg's own choice started no thread here: the check would not see one"
+    assert arrays[0].keys() == arrays[1].keys()
+    assert all(np.array_equal(arrays[0][k], arrays[1][k]) for k in arrays[0])

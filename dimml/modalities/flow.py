@@ -101,8 +101,8 @@ class Flow(Kind):
             for f in frames:
                 if id(f) not in grey:
                     # contiguous: PyAV returns a view into padded rows for some widths, the flow needs dense ones
-                    grey[id(f)] = np.ascontiguousarray(f.to_ndarray(
-                        format="gray", width=w, height=h, interpolation="BICUBIC" if p.measure_side else "BILINEAR"))
+                    grey[id(f)] = np.ascontiguousarray(media.frame_array(
+                        f, format="gray", width=w, height=h, interpolation="BICUBIC" if p.measure_side else "BILINEAR"))
         return fit_planes(flow_stack([grey[id(f)] for f in frames], p.bound, p.algorithm), p), info
 
     def source_files(self, path: str) -> list[str]:
@@ -180,7 +180,7 @@ def read_extracted(u_dir: Path, p: FlowParams, limits, name: str):
             frame, frame_info = media.decode_still(folder / fname, str(folder / fname), limits)
             info = info or frame_info
             try:
-                pair.append(frame.to_ndarray(format="gray"))
+                pair.append(media.frame_array(frame, format="gray"))
             except av.FFmpegError as e:
                 raise media.MediaError(str(folder / fname), "undecodable",
                                        f"image cannot be converted ({e.strerror or e})") from None

@@ -41,6 +41,6 @@ class Frames(Kind):
             # unknown duration: every target at t=0 -> the first frame N times
             targets = media.frame_times(media.video_duration(stream_info), p.num_frames)
             frames = media.some_frames(media.pick_frames(c, stream, targets, tally), name)
-            out = np.stack([f.to_ndarray(format="rgb24", width=p.width, height=p.height,
-                                         interpolation="BILINEAR") for f in frames])
+            out = np.stack([media.frame_array(f, format="rgb24", width=p.width, height=p.height,
+                                              interpolation="BILINEAR") for f in frames])
         return out, stream_info

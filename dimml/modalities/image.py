@@ -35,7 +35,7 @@ class Image(Kind):
         from dimml import media
         frame, info = media.decode_still(src, name, limits)
         try:
-            rgb = frame.to_ndarray(format="rgb24", width=p.width, height=p.height, interpolation="BILINEAR")
+            rgb = media.frame_array(frame, format="rgb24", width=p.width, height=p.height, interpolation="BILINEAR")
         except av.FFmpegError as e:
             raise media.MediaError(name, "undecodable", f"image cannot be converted ({e.strerror or e})") from None
         return rgb[None], info
