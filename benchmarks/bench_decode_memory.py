@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/bench_decode_memory.py --minutes 4 --threads 4 --json decode_memory.json
 
-Each variant runs in a fresh process: the serving workers' allocator settings (serving/allocator.py:
-2 arenas, malloc_trim every 10 s), then --threads threads decode the soak's 3 s clip (the tiny
-bundle's preprocessing, dimml.predict.decode_files, as the API worker does per upload) in a closed
+Each variant runs in a fresh process with the API worker's default settings (serving/allocator.py:
+2 arenas, malloc_trim every 10 s; FFmpeg's threads per decode: 1), then --threads threads decode the
+soak's 3 s clip (the tiny bundle's preprocessing, dimml.predict.decode_files, as the API worker does per upload) in a closed
 loop for --minutes, sampling the process's RSS every --sample-s seconds. Variants (--thresholds):
 glibc's moving mmap threshold (the default) and a fixed threshold of 128 KiB. Reported
 per variant: decodes, decodes/s, CPU ms per decode, RSS at the start / middle / end and the slope
@@ -64,10 +64,14 @@ def child(bundle: str, clip: str, threads: int, minutes: float, sample_s: float,
 
     sys.path.insert(0, str(REPO))
     from dimml.bundle import load_bundle
+    from dimml.media import set_codec_threads
     from dimml.predict import decode_files
     from serving import allocator
+    from serving.settings import Settings
 
-    allocator.configure(2, 10.0, mmap_threshold)
+    service = Settings()   # the API worker's defaults
+    allocator.configure(service.malloc_arenas, service.malloc_trim_s, mmap_threshold)
+    set_codec_threads(service.codec_threads)
     def where() -> dict[str, float]:
         """RSS split: malloc's heaps (in use, free), its mapped blocks, pymalloc's arenas (MiB)."""
         m = allocator.mallinfo()
