@@ -189,8 +189,12 @@ class DIMMLInference:
                     f" (GPU {self.device_id} of CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'all')})")
 
     def _warm_up(self) -> None:
-        """One full-model call at start-up, so a broken engine fails here and not on a request."""
-        self.predictor.predict_arrays({s.name: np.zeros((1, *s.shape), s.dtype)
+        """A full batch (DIMML_MAX_BATCH_SIZE clips) through the whole model at start-up: a broken engine,
+        or one that cannot take a full batch, fails here and not on a request, and the backend's memory
+        pools grow at once to what the largest batch needs (under load the worker's memory then stays
+        level, instead of stepping up the first time adaptive batching fills a batch)."""
+        n = SETTINGS.max_batch_size
+        self.predictor.predict_arrays({s.name: np.zeros((n, *s.shape), s.dtype)
                                        for s in self.bundle.preprocess.modalities})
 
     # DIMML_MAX_BATCH_SIZE=1 turns adaptive batching off (BentoML refuses max_batch_size 1)
