@@ -10,12 +10,16 @@ buffers (frames, spectrograms, uploads) leave fragmented free memory behind in e
 `configure` caps the arenas (fewer heaps to fragment) and starts a thread that calls
 malloc_trim(0) every few seconds, which returns the free pages of every arena to the OS.
 
-That left a slower creep (+0.7 to +0.9 MiB/min in the API worker over 30-minute soaks), not
-located yet. One suspect was glibc's *moving* mmap threshold: a block of 128 KiB or more starts
+That left a slower creep (+0.7 to +0.9 MiB/min in the API worker over 30-minute soaks), which went
+with two changes to the decoders, not to malloc's settings: PyAV leaked ~150 bytes per demux left
+before its end (fixed in dimml.media.FrameTally and decode_audio), and FFmpeg started and stopped
+~8 threads per upload (now none: dimml.media.set_codec_threads). The soaks with them are level
+(BENCHMARKS.md).
+One suspect on the way was glibc's *moving* mmap threshold: a block of 128 KiB or more starts
 as a mapping of its own, but each free of one raises the threshold to its size (up to 32 MiB), so
 the decoders' 200-820 KiB buffers then come from the heaps. `mmap_threshold` fixes the threshold
 (mallopt M_MMAP_THRESHOLD; DIMML_MALLOC_MMAP_THRESHOLD), at ~+10% CPU per decode; a 30-minute
-soak with it set to 128 KiB still grew +0.91 MiB/min (BENCHMARKS.md), so it is off by default.
+soak with it set to 128 KiB still grew +0.91 MiB/min, so it is off by default.
 Elsewhere than glibc (musl, macOS) it does nothing.
 """
 from __future__ import annotations
