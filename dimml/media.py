@@ -43,7 +43,7 @@ SHORT_FRACTION = 0.75
 SHORT_MIN_S = 0.5
 
 # FFmpeg threads per video decoder, frame scaler and audio filter graph (set_codec_threads): 0 lets FFmpeg
-# choose, which suits a lone decode (a 10 s 1080p clip in 23-25% less time on 2 cores); 1 decodes on the
+# choose, which suits a lone decode (a 10 s 1080p clip in 22-24% less time on 2 cores); 1 decodes on the
 # calling thread, which suits a process decoding many files at once (the service's API worker).
 _codec_threads = 0
 
@@ -52,7 +52,7 @@ def set_codec_threads(n: int) -> None:
     """FFmpeg's threads per video decoder, frame scaler and audio filter graph here (0: FFmpeg's choice).
 
     A process decoding several files at once gains nothing from FFmpeg's own threads (the cores are
-    already busy: 4 decode threads on 2 cores ran 13% more decodes/s with 1) and FFmpeg starts and
+    already busy: 4 decode threads on 2 cores ran 24-29% more decodes/s with 1) and FFmpeg starts and
     stops them for every file (~8 for an upload of audio and two frames), churning threads and memory.
     """
     global _codec_threads
