@@ -293,6 +293,15 @@ def decode_waveform(src: Source, p: AudioParams | None = None, *, limits: Limits
         return decode_audio(c, stream, p.sample_rate, name, max_samples)
 
 
+def demux_to_end(packets: Iterator) -> None:
+    """Run a demux generator to its end without decoding (read errors there are ignored): PyAV (18.1)
+    leaks ~150 bytes of native memory per demux generator left before its end, and decoders stop
+    early on every upload (the first seconds of audio, the frames wanted; BENCHMARKS.md, the soak)."""
+    with contextlib.suppress(av.FFmpegError):
+        for _ in packets:
+            pass
+
+
 def frame_array(frame: av.VideoFrame, **reformat) -> np.ndarray:
     """frame.to_ndarray(**reformat) scaled with set_codec_threads' threads (PyAV's default, FFmpeg's
     choice, starts the scaler's threads anew for every frame converted)."""
@@ -347,13 +356,9 @@ def decode_audio(c, stream, sample_rate: int, name: str, max_samples: int | None
     chunks: list[np.ndarray] = []
     have = corrupt = 0
     enough, failed = False, None
+    packets = c.demux(stream)
     try:
-        # Every packet is demuxed, the ones past max_samples without decoding: PyAV (18.1) leaks
-        # ~150 bytes of native memory per demux generator left before its end, which a service
-        # decoding every upload's first seconds grew by (BENCHMARKS.md, the soak's remainder).
-        for packet in c.demux(stream):
-            if enough:
-                continue
+        for packet in packets:
             for frame in packet.decode():   # the last packet (empty) flushes the decoder
                 corrupt += frame.is_corrupt
                 frame.pts = None  # let the resampler count samples; broken pts must not drop audio
@@ -361,8 +366,10 @@ def decode_audio(c, stream, sample_rate: int, name: str, max_samples: int | None
                     chunks.append(out.to_ndarray().reshape(-1))
                     have += chunks[-1].size
                 if max_samples is not None and have >= max_samples:
-                    enough = True   # the rest is only demuxed
+                    enough = True
                     break
+            if enough:
+                break
         if not enough:
             for out in resampler.resample(None):
                 chunks.append(out.to_ndarray().reshape(-1))
@@ -370,8 +377,9 @@ def decode_audio(c, stream, sample_rate: int, name: str, max_samples: int | None
     except av.FFmpegError as e:
         if not chunks:
             raise MediaError(name, "undecodable", f"audio stream cannot be decoded ({e.strerror or e})") from None
-        if not enough:   # an error past the samples wanted (only demuxed) is no damage to them
-            failed = e.strerror or str(e)
+        failed = e.strerror or str(e)
+    finally:
+        demux_to_end(packets)   # the rest only demuxed: an error there is no damage to the samples taken
     wave = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     if wave.size == 0:
         raise MediaError(name, "empty", "audio stream holds no samples")
@@ -445,9 +453,8 @@ class FrameTally:
     last_s: float | None = None
     ran_out: bool = False          # the stream ended before decoding stopped on its own
     failed: str | None = None      # the decoder's error part way (the frames before it are kept)
-    # One demux per stream, kept across calls (and seeks) and run to its end by `finish`: PyAV
-    # (18.1) leaks ~150 bytes of native memory per demux generator left before its end, and frame
-    # pickers stop early on every clip (BENCHMARKS.md, the soak).
+    # One demux per stream, kept across calls (and seeks) and run to its end by `finish`
+    # (demux_to_end: frame pickers stop early on every clip).
     _packets: Iterator | None = field(default=None, repr=False, compare=False)
 
     def frames(self, c, stream):
@@ -472,13 +479,10 @@ class FrameTally:
         self.ran_out = True
 
     def finish(self) -> None:
-        """Demux the rest of the stream without decoding it (see _packets); read errors there are no
-        damage to the frames already taken."""
+        """Demux the rest of the stream without decoding it (see _packets)."""
         packets, self._packets = self._packets, None
         if packets is not None:
-            with contextlib.suppress(av.FFmpegError):
-                for _ in packets:
-                    pass
+            demux_to_end(packets)
 
     def damage(self, info: MediaInfo) -> list[str]:
         """Frames the decoder flagged; a stream that ran out far before its declared duration."""
@@ -729,5 +733,5 @@ __all__ = ["MediaError", "MediaInfo", "StreamInfo", "Clip", "Source", "decode_sa
            "open_media", "read_bytes", "container_info", "check_limits", "checked_info", "as_limits",
            "video_stream", "audio_stream", "decode_audio", "video_duration", "pick_frames",
            "consecutive_frames", "decode_still", "FrameTally", "audio_damage", "cut_short", "wav_declared_s",
-           "set_codec_threads", "frame_array", "MonoResampler",
+           "set_codec_threads", "frame_array", "MonoResampler", "demux_to_end",
            "SEEK_GAP_S"]

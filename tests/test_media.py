@@ -542,6 +542,14 @@ def test_damaged_media_are_flagged_and_clean_media_never(tmp_path):
     assert "cut.wav: the audio stream ends at" in w and "of the 3.00 s declared" in w
 
 
+def run_program(program: str, *args: str) -> str:
+    """`python -c program args...` from the repository root, in a fresh process; its stdout."""
+    r = subprocess.run([sys.executable, "-c", program, *args], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip()
+
+
 LEAK_PROGRAM = r"""
 import json, sys
 from dimml.media import decode_sample
@@ -568,10 +576,8 @@ def test_decoding_that_stops_early_keeps_no_memory(tmp_path, setting):
     (measured before the fix, 1000 decodes: 152 audio+frames, 332 frames+flow, 296 two images, 320
     all three; after: 2 to 23, falling towards 0 over more decodes, a one-off growth spread thin)."""
     files = write_sample(tmp_path, setting, seconds=3.0)
-    r = subprocess.run([sys.executable, "-c", LEAK_PROGRAM, setting, json.dumps(files), "400"],
-                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert float(r.stdout.strip()) < 50, f"{r.stdout.strip()} bytes kept per decode"
+    kept = float(run_program(LEAK_PROGRAM, setting, json.dumps(files), "400"))
+    assert kept < 50, f"{kept} bytes kept per decode"
 
 
 THREADS_PROGRAM = r"""
@@ -610,10 +616,8 @@ def test_codec_threads_one_starts_no_thread_and_decodes_the_same(tmp_path, setti
     started, arrays = {}, {}
     for threads in (0, 1):
         out = tmp_path / f"threads{threads}.npz"
-        r = subprocess.run([sys.executable, "-c", THREADS_PROGRAM, setting, json.dumps(files), str(threads), str(out)],
-                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-        started[threads], arrays[threads] = int(r.stdout.strip()), dict(np.load(out))
+        started[threads] = int(run_program(THREADS_PROGRAM, setting, json.dumps(files), str(threads), str(out)))
+        arrays[threads] = dict(np.load(out))
     assert started[1] == 0, f"{started[1]} threads started with codec threads 1"
     assert started[0] > 0, "FFmpeg's own choice started no thread here: the check would not see one"
     assert arrays[0].keys() == arrays[1].keys()
